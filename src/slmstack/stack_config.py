@@ -1,0 +1,171 @@
+"""The stack definition: a base model and an ordered list of prompted stages, read from YAML.
+
+Templates are Python format strings. ``{input}`` is the user's input and ``{NAME}`` is the output
+of the earlier stage ``NAME``; write ``{{`` and ``}}`` for literal braces. References to unknown or
+later stages are rejected when the file is loaded, not when it runs.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from slmstack.config import apply_overrides, build_dataclass, dataclass_to_dict, load_yaml
+from slmstack.errors import ConfigError
+from slmstack.io import atomic_write_text
+
+__all__ = [
+    "GenerationSettings",
+    "StackConfig",
+    "StageConfig",
+    "default_stack_path",
+    "load_stack_config",
+    "save_stack_config",
+]
+
+INPUT_FIELD = "input"
+
+
+@dataclass(kw_only=True)
+class GenerationSettings:
+    """How one stage decodes. Greedy (``do_sample: false``) is deterministic; sampling uses ``seed``."""
+
+    max_new_tokens: int = field(default=64, metadata={"help": "upper bound on generated tokens"})
+    do_sample: bool = field(default=False, metadata={"help": "false = greedy decoding"})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = field(default=0, metadata={"help": "torch seed set before sampling"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "strings that end generation"})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample: false for greedy")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One stage: a role (system prompt), a template, decoding settings and an optional LoRA adapter."""
+
+    name: str = field(metadata={"help": "identifier used by later templates as {name}"})
+    role: str = field(default="", metadata={"help": "what this stage does; used as the system prompt"})
+    template: str = field(metadata={"help": "prompt with {input} and {earlier_stage} fields"})
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    adapter: str | None = field(default=None, metadata={"help": "peft LoRA directory, relative to the YAML"})
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name == INPUT_FIELD:
+            raise ValueError(f"stage name {self.name!r} must be a Python identifier other than 'input'")
+
+
+@dataclass(kw_only=True)
+class StackConfig:
+    """A stack of stages sharing one base model.
+
+    Example:
+        >>> cfg = load_stack_config(default_stack_path())
+        >>> [s.name for s in cfg.stages]
+        ['restate', 'recall', 'reason', 'answer']
+    """
+
+    name: str = "stack"
+    description: str = ""
+    model: str = field(default="default", metadata={"help": "model reference: default, a .gguf, a dir, a hub id"})
+    device: str = "auto"
+    dtype: str = "auto"
+    chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"})
+    batch_size: int = 8
+    max_input_tokens: int | None = field(default=None, metadata={"help": "default: context window - max_new"})
+    on_overflow: Literal["truncate", "error"] = "truncate"
+    stages: list[StageConfig] = field(default_factory=list)
+    source: Path | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("stages: a stack needs at least one stage")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        _check_templates(self.stages)
+
+    def stage(self, name: str) -> StageConfig:
+        """Return the stage called ``name``."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"no stage {name!r}; stages are {', '.join(s.name for s in self.stages)}")
+
+    def adapter_path(self, stage: StageConfig) -> Path | None:
+        """The stage's adapter directory, resolved relative to the YAML file it came from."""
+        if stage.adapter is None:
+            return None
+        path = Path(stage.adapter).expanduser()
+        if not path.is_absolute() and self.source is not None:
+            path = self.source.parent / path
+        return path
+
+
+def template_fields(template: str) -> list[str]:
+    """Names referenced by a template, e.g. ``['input', 'recall']``."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"template is not a valid format string ({exc}); write {{{{ and }}}} for braces") from None
+    return [name for _, name, _, _ in parsed if name is not None]
+
+
+def _check_templates(stages: list[StageConfig]) -> None:
+    seen: list[str] = []
+    all_names = [s.name for s in stages]
+    for i, stage in enumerate(stages):
+        if stage.name in seen:
+            raise ValueError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
+        try:
+            names = template_fields(stage.template)
+        except ValueError as exc:
+            raise ValueError(f"stages[{i}].template ({stage.name}): {exc}") from None
+        for ref in names:
+            if ref == INPUT_FIELD or ref in seen:
+                continue
+            if ref in all_names:
+                problem = f"refers to {{{ref}}}, a later stage; a stage can use only earlier stages' outputs"
+            elif ref == "":
+                problem = "has an empty {} field; name it {input} or an earlier stage"
+            else:
+                allowed = ", ".join("{" + n + "}" for n in [INPUT_FIELD, *seen])
+                problem = f"refers to unknown field {{{ref}}}; allowed here: {allowed}"
+            raise ValueError(f"stages[{i}].template ({stage.name}) {problem}")
+        seen.append(stage.name)
+
+
+def default_stack_path() -> Path:
+    """The packaged 4-stage default stack (restate -> recall -> reason -> answer)."""
+    return Path(str(resources.files("slmstack") / "configs" / "default_stack.yaml"))
+
+
+def load_stack_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StackConfig:
+    """Load and validate a stack YAML (the default stack when ``path`` is None).
+
+    Raises:
+        ConfigError: naming the file and the field, for unknown/missing fields, wrong types and bad templates.
+    """
+    path = Path(path) if path is not None else default_stack_path()
+    data = apply_overrides(load_yaml(path), overrides or [])
+    config = build_dataclass(StackConfig, data, source=path)
+    config.source = path.resolve()
+    return config
+
+
+def save_stack_config(config: StackConfig, path: str | Path) -> Path:
+    """Write ``config`` as YAML atomically; :func:`load_stack_config` reads it back equal."""
+    text = yaml.safe_dump(dataclass_to_dict(config), sort_keys=False, allow_unicode=True, width=100)
+    return atomic_write_text(Path(path), text)
