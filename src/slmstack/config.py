@@ -47,7 +47,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. stages.0.generation.max_new_tokens=32")
+            raise ConfigError(
+                f"override {item!r}: expected key.path=value, e.g. stages.0.generation.max_new_tokens=32"
+            )
         node: Any = data
         parts = key.split(".")
         for part in parts[:-1]:

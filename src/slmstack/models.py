@@ -247,8 +247,13 @@ def load_model(ref: str | Path, device: str = "auto", dtype: str = "auto") -> Lo
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    identity = {"ref": resolved.ref, "kind": resolved.kind, "location": resolved.location,
-                "model_type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters())}
+    identity = {
+        "ref": resolved.ref,
+        "kind": resolved.kind,
+        "location": resolved.location,
+        "model_type": model.config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     seconds = time.perf_counter() - start
     logger.info("loaded %s (%s) on %s in %.1fs", resolved.ref, model.config.model_type, torch_device, seconds)
     return LoadedModel(model, tokenizer, resolved, torch_device, seconds, identity)
@@ -261,6 +266,7 @@ def list_cached_models() -> list[dict[str, Any]]:
     for marker in sorted(models.glob(f"*/{_CACHE_MARKER}")) if models.is_dir() else []:
         info = json.loads(marker.read_text())
         size = sum(p.stat().st_size for p in marker.parent.iterdir() if p.is_file())
-        entries.append({"path": str(marker.parent), "source": info.get("source"), "sha256": info.get("sha256"),
-                        "bytes": size})
+        entries.append(
+            {"path": str(marker.parent), "source": info.get("source"), "sha256": info.get("sha256"), "bytes": size}
+        )
     return entries

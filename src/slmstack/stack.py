@@ -78,12 +78,11 @@ class Stack:
         self.tokenizer = self.loaded.tokenizer
         adapters = {s.name: path for s in config.stages if (path := config.adapter_path(s)) is not None}
         self.model = attach_adapters(self.loaded.model, adapters, base_ref=config.model)
+        self._chat = config.chat_template and bool(getattr(self.tokenizer, "chat_template", None))
         self._adapter_of = {s.name: (s.name if s.name in adapters else BASE_ADAPTER) for s in config.stages}
 
     @classmethod
-    def from_config(
-        cls, path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any
-    ) -> Stack:
+    def from_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Stack:
         """Load a stack YAML (the default stack when ``path`` is None) and its model."""
         return cls(load_stack_config(path, overrides), **kwargs)
 
@@ -93,6 +92,7 @@ class Stack:
         return cls.from_config(None, **kwargs)
 
     def __call__(self, text: str) -> StackResult:
+        """Answer one input; same as ``run_batch([text])[0]``."""
         return self.run_batch([text])[0]
 
     def render(self, stage: StageConfig, values: dict[str, str]) -> str:
@@ -138,7 +138,7 @@ class Stack:
             outs = generate_batch(
                 self.model, self.tokenizer, inputs, stage.generation,
                 adapter_names=[adapter] * len(inputs), max_input_tokens=self.config.max_input_tokens,
-                on_overflow=self.config.on_overflow, chat=self.config.chat_template and bool(self.tokenizer.chat_template),
+                on_overflow=self.config.on_overflow, chat=self._chat,
             )  # fmt: skip
             seconds = time.perf_counter() - start
             logger.debug("stage %s: %d inputs in %.2fs", stage.name, len(texts), seconds)

@@ -1,0 +1,125 @@
+"""Shared fixtures: a tiny random llama with a char-level tokenizer, built in the test, never downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+CHARS = list(" abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"-\n{}()")
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests never reach a model hub; make any accidental hub access fail fast.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(16)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unit tests get a private cache; the slow tests on the real model set their own.
+    if "SLMSTACK_TEST_REAL_CACHE" not in os.environ:
+        monkeypatch.setenv("SLMSTACK_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llama(hidden: int = 32, vocab: int = 96, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=1024, initializer_range=0.2,
+        bos_token_id=1, eos_token_id=5, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny_model(path: Path, hidden: int = 32) -> Path:
+    build_tiny_llama(hidden=hidden).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_random_adapter(model_dir: Path, out: Path, seed: int, targets=("q_proj", "v_proj"), r: int = 4) -> Path:
+    """A LoRA adapter with non-zero random A and B, so it really changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                 init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "first": save_random_adapter(tiny_model_dir, root / "first", seed=1),
+        "third": save_random_adapter(tiny_model_dir, root / "third", seed=3, targets=("q_proj", "down_proj")),
+    }
+
+
+def stack_dict(model: Path | str, adapters: dict[str, Path] | None = None, max_new: int = 12) -> dict:
+    """A 3-stage stack: two stages with random LoRA adapters and one base stage in between."""
+    adapters = adapters or {}
+    gen = {"max_new_tokens": max_new}
+    return {
+        "name": "tiny",
+        "model": str(model),
+        "batch_size": 4,
+        "stages": [
+            {"name": "first", "role": "restate", "template": "Q: {input}", "generation": gen,
+             "adapter": str(adapters["first"]) if "first" in adapters else None},
+            {"name": "second", "role": "recall", "template": "Q: {input} A: {first}", "generation": gen},
+            {"name": "third", "role": "answer", "template": "{first} / {second}: {input}", "generation": gen,
+             "adapter": str(adapters["third"]) if "third" in adapters else None},
+        ],
+    }  # fmt: skip
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+QUESTIONS = ["what is two plus two?", "name a red fruit.", "why is the sky blue? tell me", "hi"]

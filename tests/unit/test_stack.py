@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import QUESTIONS, save_random_adapter, save_tiny_model, stack_dict, write_yaml
+
+from slmstack.config import build_dataclass
+from slmstack.errors import AdapterMismatchError, InputError
+from slmstack.stack import Stack
+from slmstack.stack_config import StackConfig
+
+
+@pytest.fixture()
+def stack(tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path) -> Stack:
+    return Stack.from_config(write_yaml(tmp_path / "stack.yaml", stack_dict(tiny_model_dir, tiny_adapters)))
+
+
+def test_batched_equals_one_at_a_time_under_greedy(stack: Stack) -> None:
+    # Execute
+    batched = stack.run_batch(QUESTIONS, batch_size=len(QUESTIONS))
+    single = [stack(q) for q in QUESTIONS]
+    # Assert: every stage's text and token counts agree, row by row
+    for b, s in zip(batched, single, strict=True):
+        assert [(t.stage, t.output, t.tokens_in, t.tokens_out) for t in b.trace] == [
+            (t.stage, t.output, t.tokens_in, t.tokens_out) for t in s.trace
+        ]
+    # The adapters really change the text (otherwise the equality above proves little).
+    assert len({r.trace[0].output for r in batched}) > 1
+
+
+def test_adapters_change_outputs_versus_base(stack: Stack, tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain = Stack.from_config(write_yaml(tmp_path / "plain.yaml", stack_dict(tiny_model_dir)))
+    with_adapters = stack.run_batch(QUESTIONS)
+    without = plain.run_batch(QUESTIONS)
+    assert [r.trace[0].output for r in with_adapters] != [r.trace[0].output for r in without]
+
+
+def test_trace_is_complete_and_wired(stack: Stack) -> None:
+    result = stack("name a red fruit.")
+    assert [t.stage for t in result.trace] == ["first", "second", "third"]
+    first, second, third = result.trace
+    assert first.prompt == "Q: name a red fruit."
+    assert second.prompt == f"Q: name a red fruit. A: {first.output}"
+    assert third.prompt == f"{first.output} / {second.output}: name a red fruit."
+    assert result.answer == third.output
+    assert [t.adapter for t in result.trace] == ["first", None, "third"]
+    for t in result.trace:
+        text = stack.model_input(stack.config.stage(t.stage), {"input": "name a red fruit.", **result.outputs})
+        # char-level tokenizer: one token per char, special tokens count as one
+        assert t.tokens_in == len(stack.tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert 1 <= t.tokens_out <= 12
+        assert t.seconds > 0
+    as_json = result.to_dict()
+    assert set(as_json["trace"][0]) >= {"stage", "prompt", "output", "tokens_in", "tokens_out", "seconds"}
+
+
+def test_all_stages_share_one_base_model(stack: Stack, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    # Prepare: the parameter count of one fresh copy of the base
+    one_copy = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    # Execute
+    lora = sum(p.numel() for n, p in stack.model.named_parameters() if "lora_" in n)
+    base_only = sum(p.numel() for n, p in stack.model.named_parameters() if "lora_" not in n)
+    # Assert: exactly one copy of the base weights, wrapped in place, plus two small adapters
+    assert stack.model.get_base_model() is stack.loaded.model
+    assert base_only == one_copy
+    assert set(stack.model.peft_config) == {"first", "third"}
+    assert 0 < lora < 0.2 * one_copy
+
+
+def test_sampling_is_seeded(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = stack_dict(tiny_model_dir)
+    for s in data["stages"]:
+        s["generation"] = {"max_new_tokens": 10, "do_sample": True, "temperature": 1.5, "seed": 7}
+    st = Stack.from_config(write_yaml(tmp_path / "s.yaml", data))
+    a, b = st.run_batch(QUESTIONS), st.run_batch(QUESTIONS)
+    assert [r.answer for r in a] == [r.answer for r in b]
+    data["stages"][0]["generation"]["seed"] = 8
+    other = Stack(build_dataclass(StackConfig, data), loaded=st.loaded).run_batch(QUESTIONS)
+    assert [r.trace[0].output for r in other] != [r.trace[0].output for r in a]
+
+
+def test_overlong_input_is_truncated_from_the_left_with_a_warning(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = stack_dict(tiny_model_dir) | {"max_input_tokens": 40}
+    st = Stack.from_config(write_yaml(tmp_path / "s.yaml", data))
+    long_q = "x" * 30 + " the end"
+    with caplog.at_level("WARNING"):
+        result = st(long_q)
+    assert result.trace[0].tokens_in == 40 and result.trace[0].truncated
+    assert "keeping its last 40" in caplog.text
+
+
+def test_overlong_input_is_refused_when_configured(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = stack_dict(tiny_model_dir) | {"max_input_tokens": 40, "on_overflow": "error"}
+    st = Stack.from_config(write_yaml(tmp_path / "s.yaml", data))
+    with pytest.raises(InputError, match="over the 40-token limit"):
+        st("y" * 60)
+
+
+@pytest.mark.parametrize("bad", [[""], ["ok", "   "], []])
+def test_empty_input_is_refused(stack: Stack, bad: list[str]) -> None:
+    with pytest.raises(InputError):
+        stack.run_batch(bad)
+
+
+def test_adapter_with_wrong_shapes_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: an adapter trained on a wider (hidden=64) model
+    wide = save_tiny_model(tmp_path / "wide", hidden=64)
+    bad = save_random_adapter(wide, tmp_path / "bad_adapter", seed=0)
+    data = stack_dict(tiny_model_dir, {"first": bad})
+    # Execute / Assert
+    with pytest.raises(AdapterMismatchError, match=r"stage 'first'.*bad_adapter.*shape"):
+        Stack.from_config(write_yaml(tmp_path / "s.yaml", data))
+
+
+def test_adapter_for_missing_modules_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=96)).save_pretrained(gpt2)
+    bad = save_random_adapter(gpt2, tmp_path / "gpt2_adapter", seed=0, targets=("c_attn",))
+    with pytest.raises(AdapterMismatchError, match="does not have"):
+        Stack.from_config(write_yaml(tmp_path / "s.yaml", stack_dict(tiny_model_dir, {"first": bad})))
+
+
+def test_missing_or_pickle_adapter_is_refused(tiny_model_dir: Path, tiny_adapters: dict, tmp_path: Path) -> None:
+    with pytest.raises(AdapterMismatchError, match="does not exist"):
+        Stack.from_config(write_yaml(tmp_path / "a.yaml", stack_dict(tiny_model_dir, {"first": tmp_path / "nope"})))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((tiny_adapters["first"] / "adapter_config.json").read_text())
+    torch.save({}, pickled / "adapter_model.bin")
+    with pytest.raises(AdapterMismatchError, match="never pickle"):
+        Stack.from_config(write_yaml(tmp_path / "b.yaml", stack_dict(tiny_model_dir, {"first": pickled})))
+
+
+def test_relative_adapter_paths_resolve_against_the_yaml(tiny_model_dir: Path, tmp_path: Path) -> None:
+    save_random_adapter(tiny_model_dir, tmp_path / "adapters" / "first", seed=1)
+    data = stack_dict(tiny_model_dir)
+    data["stages"][0]["adapter"] = "adapters/first"
+    elsewhere = tmp_path / "cfg"
+    elsewhere.mkdir()
+    (elsewhere / "adapters").symlink_to(tmp_path / "adapters")
+    st = Stack.from_config(write_yaml(elsewhere / "s.yaml", data))
+    assert st("hi").trace[0].adapter == "first"
