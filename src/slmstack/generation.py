@@ -137,8 +137,12 @@ def generate_batch(
     device = next(model.parameters()).device
     batch = _left_pad(rows, pad_id, device)
     extra: dict[str, Any] = {}
-    if adapter_names is not None and any(name != BASE_ADAPTER for name in adapter_names):
+    if adapter_names is not None and hasattr(model, "peft_config"):
+        # Always route explicitly: without adapter_names peft would apply its "active" adapter,
+        # also to rows meant for the bare base model.
         extra["adapter_names"] = list(adapter_names)
+    elif adapter_names is not None and any(name != BASE_ADAPTER for name in adapter_names):
+        raise ValueError(f"adapters {sorted(set(adapter_names))} requested, but the model has no adapters loaded")
     if settings.stop:
         extra["tokenizer"] = tokenizer
     if settings.do_sample:

@@ -148,3 +148,17 @@ def test_relative_adapter_paths_resolve_against_the_yaml(tiny_model_dir: Path, t
     (elsewhere / "adapters").symlink_to(tmp_path / "adapters")
     st = Stack.from_config(write_yaml(elsewhere / "s.yaml", data))
     assert st("hi").trace[0].adapter == "first"
+
+
+def test_base_stages_bypass_the_loaded_adapters(tiny_model_dir: Path, tiny_adapters: dict, tmp_path: Path) -> None:
+    # Prepare: only the last stage has an adapter, so peft's "active adapter" is that one
+    only_last = Stack.from_config(
+        write_yaml(tmp_path / "a.yaml", stack_dict(tiny_model_dir, {"third": tiny_adapters["third"]}))
+    )
+    plain = Stack.from_config(write_yaml(tmp_path / "b.yaml", stack_dict(tiny_model_dir)))
+    # Execute
+    a, b = only_last.run_batch(QUESTIONS), plain.run_batch(QUESTIONS)
+    # Assert: the two base stages match the adapter-free stack exactly; the adapter stage differs
+    assert [r.trace[0].output for r in a] == [r.trace[0].output for r in b]
+    assert [r.trace[1].output for r in a] == [r.trace[1].output for r in b]
+    assert [r.trace[2].output for r in a] != [r.trace[2].output for r in b]

@@ -1,0 +1,144 @@
+"""Stack inference: sequential vs batched, and the memory of a stack vs its base model alone.
+
+Runs each mode in its own subprocess so peak RSS (VmHWM) is measured cleanly:
+
+* ``sequential``: the default 4-stage stack with a LoRA adapter on every stage, one question at a time;
+* ``batched``:    the same stack, all questions through each stage in one batch;
+* ``base``:       the base model alone (no peft, no adapters) generating the same stage prompts, batched.
+
+The adapters are freshly initialised peft LoRA adapters (r=8 on every attention and MLP projection,
+B = 0 as peft initialises them), so the text equals the untrained stack's while every token pays
+the adapter cost. Writes JSON and prints a table.
+
+    python benchmarks/stack_inference.py --data ../shared/data/arc_easy/arc_easy.jsonl --n 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_questions(path: Path, n: int) -> list[str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["query"].removeprefix("Question: ").strip() for r in rows[:n]]
+
+
+def make_adapters(out: Path, stages: list[str], rank: int) -> dict[str, str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from slmstack.arch import get_arch
+    from slmstack.models import load_model
+
+    paths = {}
+    for i, name in enumerate(stages):
+        torch.manual_seed(i)
+        lm = load_model("default", device="cpu")
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=get_arch(lm.model).lora_targets)
+        get_peft_model(lm.model, cfg).save_pretrained(out / name)
+        paths[name] = str(out / name)
+    return paths
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    from slmstack.stack import Stack
+
+    torch.set_num_threads(args.threads)
+    questions = load_questions(args.data, args.n)
+    stack = Stack.from_config(args.stack)
+    start = time.perf_counter()
+    if args.mode == "sequential":
+        results = [stack(q) for q in questions]
+    else:
+        results = stack.run_batch(questions, batch_size=args.batch_size)
+    wall = time.perf_counter() - start
+    tokens = sum(t.tokens_out for r in results for t in r.trace)
+    report = {
+        "mode": args.mode, "questions": len(questions), "generated_tokens": tokens, "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "answers": [r.answer for r in results],
+    }  # fmt: skip
+    print(json.dumps(report))
+
+
+def run_child(mode: str, stack_yaml: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--stack", str(stack_yaml), "--data", str(args.data),
+           "--n", str(args.n), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=HERE.parent.parent / "shared/data/arc_easy/arc_easy.jsonl")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="per stage, to bound the sequential run")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "stack_inference.json")
+    p.add_argument("--child", choices=["sequential", "batched", "base"])
+    p.add_argument("--stack", type=Path)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.mode = args.child
+        return child(args)
+
+    from slmstack.io import atomic_write_json
+    from slmstack.stack_config import load_stack_config
+
+    work = Path(tempfile.mkdtemp(prefix="slmstack-bench-"))
+    base_cfg = yaml.safe_load(Path(load_stack_config().source).read_text())
+    for stage in base_cfg["stages"]:
+        stage["generation"]["max_new_tokens"] = args.max_new_tokens
+    (work / "base.yaml").write_text(yaml.safe_dump(base_cfg))
+    adapters = make_adapters(work / "adapters", [s["name"] for s in base_cfg["stages"]], args.rank)
+    for stage in base_cfg["stages"]:
+        stage["adapter"] = adapters[stage["name"]]
+    (work / "stack.yaml").write_text(yaml.safe_dump(base_cfg))
+
+    runs = {mode: run_child(mode, work / ("base.yaml" if mode == "base" else "stack.yaml"), args)
+            for mode in ("base", "batched", "sequential")}  # fmt: skip
+    seq, bat, base = runs["sequential"], runs["batched"], runs["base"]
+    summary = {
+        "batched_over_sequential_tokens_per_s": round(bat["tokens_per_s"] / seq["tokens_per_s"], 2),
+        "stack_over_base_peak_rss": round(bat["peak_rss_mb"] / base["peak_rss_mb"], 3),
+        "sequential_stack_over_base_peak_rss": round(seq["peak_rss_mb"] / base["peak_rss_mb"], 3),
+        "same_answers_batched_vs_sequential": bat["answers"] == seq["answers"],
+        "same_answers_stack_vs_base": bat["answers"] == base["answers"],
+    }
+    settings = {k: getattr(args, k) for k in ("n", "batch_size", "max_new_tokens", "rank", "threads")}
+    report = {"benchmark": "stack_inference", "model": "default (SmolLM2-135M-Instruct Q4_1, dequantized fp32)",
+              "data": str(args.data), "settings": settings, "runs": runs, "summary": summary}  # fmt: skip
+    atomic_write_json(args.out, report)
+    print(f"{'mode':<12}{'tokens':>8}{'wall s':>9}{'tok/s':>8}{'peak RSS MB':>13}")
+    for mode, r in runs.items():
+        print(f"{mode:<12}{r['generated_tokens']:>8}{r['wall_s']:>9}{r['tokens_per_s']:>8}{r['peak_rss_mb']:>13}")
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
