@@ -81,3 +81,8 @@ def test_overrides_apply_before_validation(tmp_path: Path) -> None:
 
 def test_template_fields() -> None:
     assert template_fields("a {input} {{literal}} {x}") == ["input", "x"]
+
+
+@pytest.mark.parametrize("path", sorted(default_stack_path().parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_packaged_config_loads(path: Path) -> None:
+    assert load_stack_config(path).stages
