@@ -1,0 +1,349 @@
+"""LoRA-train every stage of a stack on its distilled data, on one shared base model.
+
+Each stage gets its own peft LoRA adapter on the same base (added, trained, saved, then unloaded so
+the next stage starts from the clean base). Loss falls only on target tokens; batches are
+length-grouped; the run is seeded, checkpointed atomically every N steps, and resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from slmstack.arch import get_arch
+from slmstack.checkpoint import load_latest, save_checkpoint
+from slmstack.config import dataclass_to_dict
+from slmstack.errors import ConfigError
+from slmstack.io import atomic_write_json, atomic_write_text
+from slmstack.models import load_model
+from slmstack.stack_config import StackConfig, StageConfig, save_stack_config
+from slmstack.train_data import collate, load_stage_records, make_batches, tokenize_example
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "train_stack"]
+
+RUN_FILE = "run.json"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """LoRA training settings, shared by every stage."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = field(default=None, metadata={"help": "default: attention + MLP"})
+    lr: float = 2e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    epochs: int = 1
+    max_steps: int | None = field(default=None, metadata={"help": "overrides epochs"})
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    eval_fraction: float = 0.1
+    eval_every: int = field(default=0, metadata={"help": "steps between eval losses; 0 = only at the end"})
+    checkpoint_every: int = 50
+    group_by_length: bool = True
+    seed: int = 0
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "alpha", "epochs", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+
+
+def _sha_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.read_bytes() if p.is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+def _claim_out_dir(out: Path, run: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    path = out / RUN_FILE
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        if old != run:
+            raise ConfigError(
+                f"{out} already holds a different training run (stack, data or settings differ). "
+                "Use another --out, or pass --overwrite to replace it."
+            )
+        if not resume:
+            raise ConfigError(
+                f"{out} already holds this run. Pass --resume to continue it, or --overwrite to restart."
+            )
+    elif path.is_file() and overwrite:
+        shutil.rmtree(out)
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} is not empty and holds no slmstack run. Use another --out or pass --overwrite.")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, run)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _masked_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    # position t predicts token t+1, so shift labels left by one
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    n = int((labels != -100).sum())
+    return loss / max(n, 1), n
+
+
+class _StageTrainer:
+    """Trains one stage's adapter; split out so :func:`train_stack` reads top to bottom."""
+
+    def __init__(self, model: Any, tokenizer: Any, stage: StageConfig, cfg: TrainConfig, out: Path, chat: bool):
+        self.model, self.tok, self.stage, self.cfg, self.out, self.chat = model, tokenizer, stage, cfg, out, chat
+        self.device = next(model.parameters()).device
+
+    def split(self, data_dir: Path) -> tuple[list, list]:
+        records = load_stage_records(data_dir / f"{self.stage.name}.jsonl", skip_bad=self.cfg.skip_bad)
+        examples = [tokenize_example(self.tok, self.stage.role, r.prompt, r.completion, self.cfg.max_length, self.chat)
+                    for r in records]  # fmt: skip
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        n_eval = int(round(len(examples) * self.cfg.eval_fraction)) if len(examples) >= 5 else 0
+        return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+    def evaluate(self, examples: list) -> float | None:
+        if not examples:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(examples), self.cfg.batch_size):
+                batch = {k: v.to(self.device) for k, v in collate(examples[s : s + self.cfg.batch_size],
+                                                                  self.tok.pad_token_id).items()}  # fmt: skip
+                loss, n = _masked_loss(self.model, batch)
+                total, count = total + float(loss) * n, count + n
+        self.model.train()
+        return total / max(count, 1)
+
+    def run(self, data_dir: Path, resume: bool, on_step: Callable[[int], None] | None) -> dict[str, Any]:
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        cfg, stage_dir = self.cfg, self.out / self.stage.name
+        train, evals = self.split(data_dir)
+        lengths = [len(e.input_ids) for e in train]
+        n_batches = math.ceil(len(train) / cfg.batch_size)
+        total = cfg.max_steps or cfg.epochs * math.ceil(n_batches / cfg.grad_accum)
+        torch.manual_seed(cfg.seed)
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                          target_modules=cfg.target_modules or get_arch(self.model).lora_targets)  # fmt: skip
+        self.model = peft = get_peft_model(self.model, lora)
+        params = [p for p in peft.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        scheduler = _scheduler(optimizer, cfg, total)
+        start, tokens, elapsed = 0, 0, 0.0
+        ckpt = load_latest(stage_dir / "checkpoints") if resume else None
+        if ckpt is not None:
+            set_peft_model_state_dict(peft, ckpt.adapter)
+            optimizer.load_state_dict(ckpt.optimizer)
+            scheduler.load_state_dict(ckpt.scheduler)
+            torch.set_rng_state(ckpt.rng)
+            start, tokens, elapsed = ckpt.step, ckpt.extra["tokens"], ckpt.extra["seconds"]
+            logger.info("stage %s: resuming at step %d of %d", self.stage.name, start, total)
+        metrics = _Metrics(stage_dir, start)
+        epoch_cache: dict[int, list[list[int]]] = {}
+        peft.train()
+        bar = tqdm(total=total, initial=start, desc=f"train {self.stage.name}", unit="step")
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                epoch, pos = divmod(step * cfg.grad_accum + micro, n_batches)
+                if epoch not in epoch_cache:
+                    epoch_cache = {epoch: make_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)}
+                rows = [train[i] for i in epoch_cache[epoch][pos]]
+                batch = {k: v.to(self.device) for k, v in collate(rows, self.tok.pad_token_id).items()}
+                loss, _ = _masked_loss(peft, batch)
+                (loss / cfg.grad_accum).backward()
+                step_loss += float(loss) / cfg.grad_accum
+                tokens += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed += time.perf_counter() - t0
+            row: dict[str, Any] = {"step": step + 1, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
+                                   "tokens": tokens, "seconds": round(elapsed, 3)}  # fmt: skip
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                row["eval_loss"] = self.evaluate(evals)
+            metrics.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                save_checkpoint(stage_dir / "checkpoints", step + 1, get_peft_model_state_dict(peft), optimizer,
+                                scheduler, {"tokens": tokens, "seconds": elapsed})  # fmt: skip
+            if on_step is not None:
+                on_step(step + 1)
+        bar.close()
+        eval_loss = self.evaluate(evals)
+        metrics.log({"step": total, "eval_loss": eval_loss, "final": True})
+        peft.save_pretrained(stage_dir / "adapter", safe_serialization=True)
+        metrics.plot(self.stage.name)
+        summary = {"stage": self.stage.name, "steps": total, "train_examples": len(train),
+                   "eval_examples": len(evals), "final_loss": metrics.last_loss, "eval_loss": eval_loss,
+                   "tokens": tokens, "train_seconds": round(elapsed, 2),
+                   "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None}  # fmt: skip
+        atomic_write_json(stage_dir / "done.json", summary)
+        self.model = peft.unload()  # drop the LoRA layers; the clean base serves the next stage
+        return summary
+
+
+class _Metrics:
+    """metrics.jsonl (rewritten up to the resume step, then appended), TensorBoard if installed, loss PNG."""
+
+    def __init__(self, stage_dir: Path, start: int) -> None:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self.path = stage_dir / "metrics.jsonl"
+        self.rows = []
+        if self.path.is_file() and start:
+            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= start
+                         and not r.get("final")]  # fmt: skip
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.writer = _tensorboard(stage_dir / "tensorboard")
+
+    @property
+    def last_loss(self) -> float | None:
+        losses = [r["loss"] for r in self.rows if "loss" in r]
+        return losses[-1] if losses else None
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "eval_loss", "lr"):
+                if row.get(key) is not None:
+                    self.writer.add_scalar(key, row[key], row["step"])
+
+    def plot(self, name: str) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            logger.warning("matplotlib is not installed; no loss curve for %s", name)
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in self.rows if r.get("eval_loss") is not None]
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+        ax.set(xlabel="step", ylabel="loss (target tokens)", title=f"stage {name}")
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.path.with_name(".loss.png.tmp")
+        fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        tmp.replace(self.path.with_name("loss.png"))
+
+
+def _tensorboard(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def train_stack(
+    stack: StackConfig,
+    data_dir: str | Path,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    stages: list[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> Path:
+    """Train a LoRA adapter for each (chosen) stage and write a stack YAML that uses them.
+
+    Args:
+        stack: the stack to train (its base model, roles and templates).
+        data_dir: a directory with ``<stage>.jsonl`` files (``prompt``, ``completion``), e.g. from distill.
+        out: output directory; ``<stage>/adapter`` per stage and ``trained_stack.yaml``.
+        config: LoRA and optimisation settings.
+        stages: train only these stages (default: all).
+        resume: continue an interrupted run in ``out`` from its latest checkpoints.
+        overwrite: replace whatever ``out`` holds.
+        on_step: called with the global step after each optimiser step (and its checkpoint).
+
+    Returns:
+        The path of the new stack YAML, ready for ``slmstack run --stack``.
+    """
+    cfg = config or TrainConfig()
+    out, data_dir = Path(out), Path(data_dir)
+    chosen = [stack.stage(name) for name in stages] if stages else list(stack.stages)
+    files = [data_dir / f"{s.name}.jsonl" for s in chosen]
+    run = {"stack": dataclass_to_dict(stack), "data": _sha_files(files), "stages": [s.name for s in chosen],
+           "train": {k: v for k, v in dataclass_to_dict(cfg).items() if k != "skip_bad"}}  # fmt: skip
+    for f in files:
+        load_stage_records(f, skip_bad=cfg.skip_bad)  # fail on bad data before loading the model
+    _claim_out_dir(out, run, resume, overwrite)
+    loaded = load_model(stack.model, device=stack.device, dtype="float32" if stack.dtype == "auto" else stack.dtype)
+    chat = stack.chat_template and bool(getattr(loaded.tokenizer, "chat_template", None))
+    model = loaded.model
+    summaries = []
+    for i, stage in enumerate(chosen):
+        done = out / stage.name / "done.json"
+        if done.is_file() and (out / stage.name / "adapter" / "adapter_model.safetensors").is_file():
+            logger.info("stage %s: already trained, skipping", stage.name)
+            summaries.append(json.loads(done.read_text()))
+            continue
+        trainer = _StageTrainer(model, loaded.tokenizer, stage, replace(cfg, seed=cfg.seed + i), out, chat)
+        summaries.append(trainer.run(data_dir, resume, on_step))
+        model = trainer.model
+    return _write_trained_stack(stack, out, [s.name for s in chosen], summaries)
+
+
+def _write_trained_stack(stack: StackConfig, out: Path, trained: list[str], summaries: list[dict]) -> Path:
+    new = replace(stack, stages=[replace(s, adapter=f"{s.name}/adapter" if s.name in trained else s.adapter)
+                                 for s in stack.stages])  # fmt: skip
+    for s in new.stages:  # adapters that were not trained here keep pointing where they did
+        if s.name not in trained and s.adapter:
+            s.adapter = str(stack.adapter_path(s))
+    model_path = Path(stack.model).expanduser()
+    if stack.source is not None and not model_path.is_absolute() and (stack.source.parent / model_path).exists():
+        new.model = str((stack.source.parent / model_path).resolve())
+    new.name = f"{stack.name}-trained"
+    atomic_write_json(out / "train_summary.json", {"stages": summaries})
+    return save_stack_config(new, out / "trained_stack.yaml")
