@@ -1,0 +1,54 @@
+"""The ``slmstack`` command line. Each verb parses its flags, builds typed config, and calls the library.
+
+Verbs register in :data:`VERBS` (one module per group of verbs); the library never sees argparse.
+Every :class:`SlmstackError` is shown as one clear line on stderr with exit status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from slmstack.cli import run, train  # noqa: F401  (registers the verbs)
+from slmstack.cli.common import VERBS
+from slmstack.errors import SlmstackError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per registered verb."""
+    parser = argparse.ArgumentParser(prog="slmstack", description="Stacks of small language models.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (add_args, handler, helptext) in VERBS.items():
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        add_args(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``slmstack`` console script."""
+    args = build_parser().parse_args(argv)
+    level = logging.INFO - 10 * min(args.verbose, 1) if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("slmstack").setLevel(logging.INFO if args.handler in _CHATTY or args.verbose else level)
+    for noisy in ("transformers", "huggingface_hub", "peft", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.handler(args)
+    except SlmstackError as exc:
+        print(f"slmstack {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is saved (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+# long-running verbs report their progress at INFO level by default
+_CHATTY = {train.distill_cmd, train.train_cmd}
+
+if __name__ == "__main__":
+    sys.exit(main())
