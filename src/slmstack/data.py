@@ -53,9 +53,11 @@ _REQUIRED = ("instruction",)
 
 
 def _detect(record: dict[str, Any], where: str) -> str:
-    for name, mapping in DATA_FORMATS.items():
-        if mapping["instruction"] in record and (mapping.get("output") in record or name == "alpaca"):
+    for name, mapping in DATA_FORMATS.items():  # the format whose instruction and output keys are both present
+        if mapping["instruction"] in record and mapping.get("output") in record:
             return name
+    if "instruction" in record:  # instructions without reference outputs
+        return "alpaca"
     raise InputError(
         f"{where}: cannot tell the data format from keys {sorted(record)}. Pass a format "
         f"({', '.join(DATA_FORMATS)}) or a column mapping such as instruction=question,output=answer."

@@ -43,6 +43,7 @@ class DistillConfig:
     batch_size: int = field(default=16, metadata={"help": "instructions per teacher batch"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "override every stage's limit"})
     max_chars: int = field(default=2000, metadata={"help": "longer outputs are dropped as over_long"})
+    drop_unfinished: bool = field(default=True, metadata={"help": "drop outputs cut at max_new_tokens"})
     final_target: Literal["reference", "teacher"] = field(
         default="reference", metadata={"help": "last stage's target: the data's own output when it has one"}
     )
@@ -64,12 +65,12 @@ class DistillReport:
 _WORD = re.compile(r"\w+")
 
 
-def find_problem(reply: TeacherReply, max_chars: int) -> str | None:
+def find_problem(reply: TeacherReply, max_chars: int, drop_unfinished: bool = True) -> str | None:
     """Why an output is unusable (``empty``, ``degenerate``, ``over_long``), or None if it is fine."""
     text = reply.text.strip()
     if not text:
         return "empty"
-    if len(text) > max_chars or not reply.finished:
+    if len(text) > max_chars or (drop_unfinished and not reply.finished):
         return "over_long"
     words = _WORD.findall(text.lower())
     if len(words) >= 20 and len(set(words)) / len(words) < 0.3:
@@ -120,7 +121,7 @@ def _run_item_batch(stack: StackConfig, teacher: Teacher, batch: list[Example], 
         replies = dict(zip(asked, teacher.generate([(stage.role, prompts[i]) for i in asked], settings), strict=True))
         for i in alive:
             reply = TeacherReply(batch[i].output or "") if i in use_ref else replies[i]
-            problem = find_problem(reply, cfg.max_chars if i not in use_ref else 10**9)
+            problem = None if i in use_ref else find_problem(reply, cfg.max_chars, cfg.drop_unfinished)
             if problem:
                 rows[i].update(ok=False, reason=problem, stage=stage.name)
                 continue
@@ -161,8 +162,8 @@ def distill(
     cfg = config or DistillConfig()
     out = Path(out)
     start = time.perf_counter()
-    meta = {"teacher": teacher.identity, "stack": dataclass_to_dict(stack), "config": dataclass_to_dict(cfg),
-            "examples": _sha(json.dumps([dataclass_to_dict(e) for e in examples]))}  # fmt: skip
+    # The data itself is not part of the identity: a rerun with a larger --limit extends the same run.
+    meta = {"teacher": teacher.identity, "stack": dataclass_to_dict(stack), "config": dataclass_to_dict(cfg)}
     meta["config"].pop("overwrite")
     _check_out_dir(out, meta, cfg.overwrite)
     save_stack_config(stack, out / "stack.yaml")

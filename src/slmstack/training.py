@@ -192,14 +192,15 @@ class _StageTrainer:
                 batch = {k: v.to(self.device) for k, v in collate(rows, self.tok.pad_token_id).items()}
                 loss, _ = _masked_loss(peft, batch)
                 (loss / cfg.grad_accum).backward()
-                step_loss += float(loss) / cfg.grad_accum
+                step_loss += float(loss.detach()) / cfg.grad_accum
                 tokens += int(batch["attention_mask"].sum())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed += time.perf_counter() - t0
-            row: dict[str, Any] = {"step": step + 1, "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
+            row: dict[str, Any] = {"step": step + 1, "loss": round(step_loss, 5), "lr": lr,
                                    "tokens": tokens, "seconds": round(elapsed, 3)}  # fmt: skip
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 row["eval_loss"] = self.evaluate(evals)

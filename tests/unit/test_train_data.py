@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import torch
+from tests.conftest import build_tiny_llama, build_tokenizer
+
+from slmstack.train_data import IGNORE_INDEX, collate, make_batches, tokenize_example
+
+
+def test_labels_mask_the_prompt_exactly() -> None:
+    # Prepare: char-level tokenizer, so ids are hand-computable
+    tok = build_tokenizer()
+    vocab = tok.get_vocab()
+    # Execute: no chat template -> the model input is "r\n\nab\n", the target "cd" + EOS
+    ex = tokenize_example(tok, "r", "ab", "cd", max_length=64, chat=False)
+    # Assert
+    prompt_ids = [vocab[c] for c in "r\n\nab\n"]
+    target_ids = [vocab["c"], vocab["d"], vocab["<|im_end|>"]]
+    assert ex.input_ids == prompt_ids + target_ids
+    assert ex.labels == [IGNORE_INDEX] * 6 + target_ids
+    assert ex.n_targets == 3
+
+
+def test_overlong_example_keeps_target_and_cuts_prompt_from_left() -> None:
+    tok = build_tokenizer()
+    ex = tokenize_example(tok, "", "abcdefghij", "xyz", max_length=6, chat=False)
+    vocab = tok.get_vocab()
+    assert ex.input_ids == [vocab["i"], vocab["j"], vocab["x"], vocab["y"], vocab["z"], vocab["<|im_end|>"]]
+    assert ex.labels[:2] == [IGNORE_INDEX] * 2
+
+
+def test_batches_cover_every_row_once_and_group_by_length() -> None:
+    lengths = [5, 50, 6, 48, 7, 52, 4, 49] * 4
+    batches = make_batches(lengths, batch_size=4, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    spans = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    assert max(spans) <= 4  # short rows never share a batch with long ones here
+    assert batches == make_batches(lengths, batch_size=4, seed=1, epoch=0)
+    assert batches != make_batches(lengths, batch_size=4, seed=1, epoch=1)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    naive = sum(max(lengths[i] for i in b) * len(b) for b in make_batches(lengths, 4, 1, 0, group=False))
+    assert padded < 0.8 * naive
+
+
+def test_rows_of_a_batch_never_attend_to_each_other() -> None:
+    # Prepare: three examples of different lengths in one right-padded batch
+    model = build_tiny_llama().float()
+    tok = build_tokenizer()
+    examples = [
+        tokenize_example(tok, "r", p, c, 64, chat=True) for p, c in [("a", "bcd"), ("hello there", "x"), ("q", "yy")]
+    ]
+    batch = collate(examples, tok.pad_token_id)
+    # Execute
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples]
+    # Assert: each row's logits on its real tokens equal the logits of that example run alone
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        torch.testing.assert_close(together[i, :n], alone[i], atol=1e-5, rtol=1e-4)
+    assert batch["labels"][batch["attention_mask"] == 0].eq(IGNORE_INDEX).all()
