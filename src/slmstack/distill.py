@@ -123,7 +123,7 @@ def _run_item_batch(stack: StackConfig, teacher: Teacher, batch: list[Example], 
             reply = TeacherReply(batch[i].output or "") if i in use_ref else replies[i]
             problem = None if i in use_ref else find_problem(reply, cfg.max_chars, cfg.drop_unfinished)
             if problem:
-                rows[i].update(ok=False, reason=problem, stage=stage.name)
+                rows[i].update(ok=False, reason=problem, stage=stage.name, rejected=reply.text[:500])
                 continue
             values[i][stage.name] = reply.text
             rows[i]["outputs"][stage.name] = reply.text

@@ -140,3 +140,23 @@ def test_checkpoint_round_trips_optimizer_state(tmp_path: Path) -> None:
     torch.testing.assert_close(state["exp_avg_sq"], torch.tensor([0.00025, 0.0000625]))
     assert ck.step == 1 and ck.extra == {"tokens": 7} and torch.equal(ck.adapter["w"], p.detach())
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*pickle*"))
+
+
+def test_target_only_loss_equals_the_full_logits_loss(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from slmstack.train_data import collate, tokenize_example
+    from slmstack.training import _masked_loss
+    from tests.conftest import build_tokenizer
+
+    # Prepare
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = build_tokenizer()
+    rows = [tokenize_example(tok, "r", p, c, 64, chat=True) for p, c in [("hello", "abc"), ("a much longer one", "x")]]
+    batch = collate(rows, tok.pad_token_id)
+    # Execute
+    ours, n = _masked_loss(model, batch)
+    reference = model(**batch).loss  # transformers' shifted mean over all labelled positions
+    # Assert
+    assert n == sum(r.n_targets for r in rows) == 6  # "abc" + EOS, "x" + EOS
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)

@@ -41,6 +41,8 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="override every stage's max_new_tokens for the teacher")
     p.add_argument("--final-target", choices=["reference", "teacher"], default="reference",
                    help="last stage's target: the data's output if any (default), or the teacher's")  # fmt: skip
+    p.add_argument("--keep-unfinished", action="store_true", help="keep outputs cut at max_new_tokens")
+    p.add_argument("--max-chars", type=int, default=2000, help="drop longer outputs as over_long")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
     p.add_argument("--overwrite", action="store_true", help="replace a different distillation in --out")
 
@@ -58,8 +60,9 @@ def distill_cmd(args: argparse.Namespace) -> int:
         raise InputError("--teacher-url needs --teacher-model NAME (the model the endpoint serves)")
     stack = load_stack_config(args.stack, args.overrides)
     data = read_examples(args.data, args.format, _columns(args.columns), args.skip_bad, args.limit)
-    cfg = DistillConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        final_target=args.final_target, overwrite=args.overwrite)  # fmt: skip
+    cfg = DistillConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_chars=args.max_chars,
+                        drop_unfinished=not args.keep_unfinished, final_target=args.final_target,
+                        overwrite=args.overwrite)  # fmt: skip
     if args.teacher_url:
         teacher: Any = OpenAITeacher(args.teacher_url, args.teacher_model, args.api_key_env, retries=args.retries)
     else:
@@ -89,6 +92,7 @@ _TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--eval-fraction": ("eval_fraction", float, "held-out share for eval loss"),
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
     "--seed": ("seed", int, "random seed"),
+    "--precision": ("precision", str, "auto, fp32 or bf16 (autocast; LoRA weights stay fp32)"),
 }
 
 
