@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from tests.conftest import build_tiny_llama
 
 from slmstack.arch import ARCHITECTURES, get_arch, get_decoder_layers
 from slmstack.errors import ConfigError
+from tests.conftest import build_tiny_llama
 
 
 def test_llama_layers_and_lora_targets() -> None:

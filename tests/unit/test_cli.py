@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.conftest import stack_dict, write_yaml
 
 from slmstack.cli import main
+from tests.conftest import stack_dict, write_yaml
 
 
 @pytest.fixture()

@@ -6,7 +6,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from tests.conftest import stack_dict, write_yaml
 
 from slmstack.cli import main
 from slmstack.data import Example
@@ -15,6 +14,7 @@ from slmstack.errors import ConfigError
 from slmstack.models import load_model
 from slmstack.stack_config import load_stack_config
 from slmstack.teachers import LocalTeacher, OpenAITeacher, TeacherReply, TeacherUnavailableError
+from tests.conftest import stack_dict, write_yaml
 
 
 class FakeOpenAI:

@@ -3,12 +3,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.conftest import build_tokenizer
 
 from slmstack.errors import InputError
 from slmstack.generation import Generated, _finish, format_prompt, generate_batch, prompt_token_limit
 from slmstack.models import load_model
 from slmstack.stack_config import GenerationSettings
+from tests.conftest import build_tokenizer
 
 
 def test_format_prompt_uses_chat_template_with_role_as_system() -> None:

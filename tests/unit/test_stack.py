@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import QUESTIONS, save_random_adapter, save_tiny_model, stack_dict, write_yaml
 
 from slmstack.config import build_dataclass
 from slmstack.errors import AdapterMismatchError, InputError
 from slmstack.stack import Stack
 from slmstack.stack_config import StackConfig
+from tests.conftest import QUESTIONS, save_random_adapter, save_tiny_model, stack_dict, write_yaml
 
 
 @pytest.fixture()

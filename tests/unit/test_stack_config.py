@@ -3,10 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.conftest import stack_dict, write_yaml
 
 from slmstack.errors import ConfigError
 from slmstack.stack_config import default_stack_path, load_stack_config, save_stack_config, template_fields
+from tests.conftest import stack_dict, write_yaml
 
 
 def test_default_stack_has_four_stages_on_the_default_model() -> None:

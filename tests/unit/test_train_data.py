@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import torch
-from tests.conftest import build_tiny_llama, build_tokenizer
 
 from slmstack.train_data import IGNORE_INDEX, collate, make_batches, tokenize_example
+from tests.conftest import build_tiny_llama, build_tokenizer
 
 
 def test_labels_mask_the_prompt_exactly() -> None:

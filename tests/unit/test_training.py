@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import stack_dict, write_yaml
 
 import slmstack.checkpoint as checkpoint
 from slmstack.errors import ConfigError
 from slmstack.stack import Stack
 from slmstack.stack_config import load_stack_config
 from slmstack.training import TrainConfig, train_stack
+from tests.conftest import stack_dict, write_yaml
 
 WORDS = ["cat", "dog", "sun", "moon", "tree", "rock", "bird", "fish", "star", "rain", "wind", "snow"]
 
