@@ -13,6 +13,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ARCHITECTURES": "slmstack.arch",
+    "DistillConfig": "slmstack.distill",
+    "Example": "slmstack.data",
+    "LocalTeacher": "slmstack.teachers",
+    "OpenAITeacher": "slmstack.teachers",
+    "TrainConfig": "slmstack.training",
+    "distill": "slmstack.distill",
+    "read_examples": "slmstack.data",
+    "train_stack": "slmstack.training",
     "GenerationSettings": "slmstack.stack_config",
     "LoadedModel": "slmstack.models",
     "Registry": "slmstack.registry",

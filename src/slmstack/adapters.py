@@ -57,7 +57,9 @@ def check_adapter(base: nn.Module, path: Path, label: str, base_ref: str | None 
         for key in fh.keys():
             _check_tensor(where, key, fh.get_slice(key).get_shape(), modules)
     named = config.get("base_model_name_or_path")
-    if base_ref and named and named != base_ref:
+    # peft records the directory the base was loaded from (for a GGUF: its cache entry)
+    known = {base_ref, getattr(_unwrap(base), "name_or_path", None)}
+    if base_ref and named and named not in known:
         logger.warning("%s was trained on %r; loading it on %r because the shapes fit", where, named, base_ref)
     return config
 

@@ -17,6 +17,9 @@ from slmstack.errors import InputError
 
 __all__ = ["atomic_write_json", "atomic_write_text", "iter_jsonl", "read_done_jsonl"]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` via a temp file and an atomic rename."""
@@ -28,6 +31,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -162,3 +162,20 @@ def test_base_stages_bypass_the_loaded_adapters(tiny_model_dir: Path, tiny_adapt
     assert [r.trace[0].output for r in a] == [r.trace[0].output for r in b]
     assert [r.trace[1].output for r in a] == [r.trace[1].output for r in b]
     assert [r.trace[2].output for r in a] != [r.trace[2].output for r in b]
+
+
+def test_adapter_naming_another_base_loads_with_a_warning(tiny_model_dir: Path, tiny_adapters: dict, tmp_path, caplog):
+    import json
+    import shutil
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_adapters["first"], renamed)
+    config = json.loads((renamed / "adapter_config.json").read_text())
+    (renamed / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "other/model"}))
+    with caplog.at_level("WARNING"):
+        Stack.from_config(write_yaml(tmp_path / "s.yaml", stack_dict(tiny_model_dir, {"first": renamed})))
+    assert "was trained on 'other/model'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Stack.from_config(write_yaml(tmp_path / "t.yaml", stack_dict(tiny_model_dir, tiny_adapters)))
+    assert "was trained on" not in caplog.text
