@@ -207,6 +207,8 @@ class _StageTrainer:
             start, tokens, elapsed = ckpt.step, ckpt.extra["tokens"], ckpt.extra["seconds"]
             logger.info("stage %s: resuming at step %d of %d", self.stage.name, start, total)
         metrics = _Metrics(stage_dir, start)
+        if start == 0 and evals:  # the untrained adapter's eval loss, so the curve shows the gain
+            metrics.log({"step": 0, "eval_loss": self.evaluate(evals)})
         epoch_cache: dict[int, list[list[int]]] = {}
         peft.train()
         bar = tqdm(total=total, initial=start, desc=f"train {self.stage.name}", unit="step")
