@@ -1,0 +1,295 @@
+"""Task specs: a small YAML plus a data source, in a registry that users extend with their own YAML.
+
+Kinds: ``multiple_choice`` (log-likelihood of each choice; ``acc`` and lm-eval's ``acc_norm``),
+``loglikelihood`` (one target continuation: greedy ``acc`` and ``perplexity``, as LAMBADA),
+``generative`` (greedy generation, answer-extraction regex, exact match) and ``perplexity`` (rolling
+log-likelihood; word, byte and token perplexity). Templates are Jinja2 over the record, as in lm-eval.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from slmstack.config import build_dataclass, dataclass_to_dict, load_yaml
+from slmstack.errors import ConfigError, InputError
+from slmstack.registry import Registry
+
+__all__ = ["PREPROCESSORS", "TASKS", "Doc", "HFSource", "TaskSpec", "get_task", "load_docs", "load_task_file"]
+
+TINY_SIZE = 100
+TINY_SEED = 1234
+
+
+@dataclass(kw_only=True)
+class HFSource:
+    """Where the task lives on the Hugging Face hub (used when no local file is given)."""
+
+    path: str
+    name: str | None = None
+    split: str = "test"
+    preprocess: str | None = field(default=None, metadata={"help": "converts a hub record to the local layout"})
+
+
+@dataclass(kw_only=True)
+class TaskSpec:
+    r"""One evaluation task.
+
+    Example (a user's multiple-choice task in YAML):
+        name: my_task
+        kind: multiple_choice
+        data_file: my_task.jsonl      # fields: question, options (list), label (int)
+        text: "Question: {{question}}\\nAnswer:"
+        choices: options
+        gold: label
+    """
+
+    name: str
+    kind: Literal["multiple_choice", "loglikelihood", "generative", "perplexity"]
+    data_file: str | None = field(default=None, metadata={"help": "path relative to --data-dir (or absolute)"})
+    hf: HFSource | None = None
+    preprocess: str | None = field(default=None, metadata={"help": "a PREPROCESSORS name applied per record"})
+    text: str = field(default="{{query}}", metadata={"help": "Jinja2 template of the context"})
+    choices: str | list[str] = field(default="choices", metadata={"help": "field with the choice list, or a list"})
+    gold: str = field(default="gold", metadata={"help": "field with the gold index (MC) or the answer (generative)"})
+    target_delimiter: str = " "
+    partial: bool = field(default=False, metadata={"help": "WinoGrande-style: the choices are contexts"})
+    continuation: str = field(default="continuation", metadata={"help": "field scored after each context (partial)"})
+    metrics: list[str] = field(default_factory=lambda: ["acc", "acc_norm"])
+    until: list[str] = field(default_factory=lambda: ["\n\n", "Question:"])
+    max_new_tokens: int = 256
+    answer_regex: str | None = field(default=None, metadata={"help": "group 1 = the model's answer"})
+    gold_regex: str | None = field(default=None, metadata={"help": "group 1 = the gold answer in the gold field"})
+    text_field: str = field(default="text", metadata={"help": "perplexity: the field holding the text"})
+    description: str = ""
+
+    def spec_hash(self) -> str:
+        """Short hash of everything that defines the task, recorded with every result."""
+        return hashlib.sha256(json.dumps(dataclass_to_dict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Doc:
+    """One record and where it came from (for error messages)."""
+
+    where: str
+    data: dict[str, Any]
+
+
+# Record converters, by name: a new data layout is one function.
+PREPROCESSORS: Registry[Any] = Registry("preprocessor")
+
+
+def _hellaswag_text(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+@PREPROCESSORS.register("hellaswag")
+def _hellaswag(doc: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's HellaSwag preprocessing (local layout: ``ctx`` already joins activity label and context)."""
+    ctx = doc["ctx"] if "ctx" in doc and "ctx_a" not in doc else doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    if "activity_label" in doc:
+        ctx = doc["activity_label"] + ": " + ctx
+    return {"query": _hellaswag_text(ctx), "choices": [_hellaswag_text(e) for e in doc["endings"]],
+            "gold": int(doc["label"])}  # fmt: skip
+
+
+@PREPROCESSORS.register("arc_hf")
+def _arc_hf(doc: dict[str, Any]) -> dict[str, Any]:
+    """allenai/ai2_arc -> query/choices/gold."""
+    labels = doc["choices"]["label"]
+    return {"query": "Question: " + doc["question"], "choices": doc["choices"]["text"],
+            "gold": labels.index(doc["answerKey"])}  # fmt: skip
+
+
+@PREPROCESSORS.register("labelled_choices")
+def _labelled_choices(doc: dict[str, Any]) -> dict[str, Any]:
+    """CommonsenseQA/OpenBookQA original layout: question.stem, question.choices[{label,text}], answerKey."""
+    question = doc["question"]
+    choices = question["choices"] if isinstance(question, dict) else doc["choices"]
+    stem = question["stem"] if isinstance(question, dict) else question
+    labels = [c["label"] for c in choices]
+    return {"query": stem, "choices": [c["text"] for c in choices], "labels": labels,
+            "gold": labels.index(doc["answerKey"].strip())}  # fmt: skip
+
+
+@PREPROCESSORS.register("piqa_hf")
+def _piqa_hf(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"query": f"Question: {doc['goal']}\n", "choices": [doc["sol1"], doc["sol2"]], "gold": int(doc["label"])}
+
+
+@PREPROCESSORS.register("winogrande_hf")
+def _winogrande_hf(doc: dict[str, Any]) -> dict[str, Any]:
+    idx = doc["sentence"].index("_")
+    options = [doc["option1"], doc["option2"]]
+    return {"context_options": [doc["sentence"][:idx] + o for o in options],
+            "continuation": doc["sentence"][idx + 1 :].strip(), "gold": int(doc["answer"]) - 1}  # fmt: skip
+
+
+@PREPROCESSORS.register("boolq_hf")
+def _boolq_hf(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"query": f"{doc['passage']}\nQuestion: {doc['question']}?", "choices": ["no", "yes"],
+            "gold": int(doc["label"])}  # fmt: skip
+
+
+@PREPROCESSORS.register("copa_hf")
+def _copa_hf(doc: dict[str, Any]) -> dict[str, Any]:
+    connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
+    lower = [c[0].lower() + c[1:] for c in (doc["choice1"], doc["choice2"])]
+    return {"query": doc["premise"].strip()[:-1] + f" {connector}", "choices": lower, "gold": int(doc["label"])}
+
+
+@PREPROCESSORS.register("lambada_hf")
+def _lambada_hf(doc: dict[str, Any]) -> dict[str, Any]:
+    context, _, word = doc["text"].rpartition(" ")
+    return {"context": context, "continuation": word}
+
+
+@PREPROCESSORS.register("wikitext")
+def _wikitext(doc: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's wikitext detokenizer; word counts use the original page."""
+    return {"text": wikitext_detokenize(doc["page"]), "page": doc["page"]}
+
+
+def wikitext_detokenize(string: str) -> str:
+    """lm-eval's ``wikitext_detokenizer``."""
+    string = string.replace("s '", "s'")
+    string = re.sub(r"/' [0-9]/", r"/'[0-9]/", string)
+    string = string.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    string = string.replace(" : ", ": ").replace(" ; ", "; ").replace(" . ", ". ").replace(" ! ", "! ")
+    string = string.replace(" ? ", "? ").replace(" , ", ", ")
+    string = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", string)
+    string = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", string)
+    string = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", string)
+    string = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', string)
+    string = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", string)
+    string = string.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
+    string = string.replace(" " + chr(176) + " ", chr(176))
+    string = string.replace(" \n", "\n").replace("\n ", "\n")
+    string = string.replace(" N ", " 1 ").replace(" 's", "'s")
+    return string
+
+
+TASKS: Registry[TaskSpec] = Registry("task")
+
+
+def load_task_file(path: str | Path) -> TaskSpec:
+    """Read one task YAML (strict: unknown fields are errors naming the file)."""
+    return build_dataclass(TaskSpec, load_yaml(path), source=path)
+
+
+def _register_builtins() -> None:
+    root = resources.files("slmstack.evaluation") / "specs"
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            spec = load_task_file(Path(str(entry)))
+            TASKS.add(spec.name, spec)
+
+
+def get_task(name_or_path: str) -> TaskSpec:
+    """A built-in task by name, or a user's task YAML by path; an unknown name lists the known ones."""
+    if not len(TASKS):
+        _register_builtins()
+    if name_or_path.endswith((".yaml", ".yml")):
+        return load_task_file(name_or_path)
+    return TASKS.get(name_or_path)
+
+
+# ---------------------------------------------------------------- data
+def _read_file(path: Path, kind: str) -> list[Doc]:
+    if not path.is_file():
+        raise InputError(f"{path}: task data file not found")
+    if path.suffix == ".raw" or (kind == "perplexity" and path.suffix == ".txt"):
+        return _split_wiki_pages(path)
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            return [Doc(f"{path}:{i + 2}", row) for i, row in enumerate(csv.DictReader(fh))]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return [Doc(f"{path} record {i}", rec) for i, rec in enumerate(data)]
+    docs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                docs.append(Doc(f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    return docs
+
+
+_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def _split_wiki_pages(path: Path) -> list[Doc]:
+    """Split raw WikiText into articles at top-level headings, as the document-level dataset does."""
+    pages: list[list[str]] = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if _HEADING.match(line.rstrip("\n")) or not pages:
+            pages.append([])
+        pages[-1].append(line)
+    return [Doc(f"{path} page {i}", {"page": "".join(p)}) for i, p in enumerate(pages) if "".join(p).strip()]
+
+
+def load_docs(spec: TaskSpec, data_dir: str | Path | None = None) -> list[Doc]:
+    """Read the task's records: ``data_dir/data_file`` when given, else the hub, then preprocess them."""
+    if spec.data_file and (data_dir is not None or Path(spec.data_file).is_absolute()):
+        docs = _read_file(Path(data_dir or "/") / spec.data_file, spec.kind)
+        convert = spec.preprocess
+    elif spec.hf is not None:
+        docs, convert = _read_hf(spec.hf), spec.hf.preprocess
+    elif spec.data_file:
+        docs, convert = _read_file(Path(spec.data_file), spec.kind), spec.preprocess
+    else:
+        raise ConfigError(f"task {spec.name!r} has neither data_file nor hf; add one to its YAML")
+    if convert:
+        fn = PREPROCESSORS.get(convert)
+        out = []
+        for d in docs:
+            try:
+                out.append(Doc(d.where, fn(d.data)))
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                raise InputError(f"{d.where}: record lacks what task {spec.name!r} needs ({exc!r})") from None
+        docs = out
+    if not docs:
+        raise InputError(f"task {spec.name!r}: the data holds no records")
+    return docs
+
+
+def _read_hf(src: HFSource) -> list[Doc]:
+    try:
+        import datasets
+    except ImportError:
+        raise InputError("loading a task from the hub needs the datasets package; or pass --data-dir") from None
+    try:
+        data = datasets.load_dataset(src.path, src.name, split=src.split)
+    except Exception as exc:  # the hub raises many types; all mean "not loadable here"
+        raise InputError(
+            f"could not load {src.path} ({src.name}) from the Hugging Face hub ({type(exc).__name__}). "
+            "Offline, pass --data-dir with the task files."
+        ) from None
+    return [Doc(f"{src.path} row {i}", dict(row)) for i, row in enumerate(data)]
+
+
+def select_subset(docs: list[Doc], subset: str | None, limit: int | None) -> list[Doc]:
+    """``tiny``: a fixed, seeded 100-record sample (the same on every machine); ``limit``: the first N after that."""
+    if subset == "tiny" and len(docs) > TINY_SIZE:
+        keep = sorted(random.Random(TINY_SEED).sample(range(len(docs)), TINY_SIZE))
+        docs = [docs[i] for i in keep]
+    elif subset not in (None, "tiny", "full"):
+        raise ConfigError(f"--subset {subset!r}: use tiny or full")
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit {limit}: the subset would be empty; use a positive number")
+        docs = docs[:limit]
+    if not docs:
+        raise InputError("the selected subset is empty")
+    return docs
