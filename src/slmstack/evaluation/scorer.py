@@ -69,14 +69,18 @@ class Scorer:
         self.tokens_processed = 0
 
     # ------------------------------------------------------------------ encoding (lm-eval's rules)
-    def tok_encode(self, text: str) -> list[int]:
-        """Encode without special tokens, as HFLM does for causal models (unless the text starts with BOS)."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """HFLM's rule: the tokenizer's default special tokens, except none when the text already starts with BOS."""
+        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        prefix = self.tokenizer.decode([self.prefix_token_id])
+        if add_special_tokens is None and prefix and text.startswith(prefix):
+            kwargs["add_special_tokens"] = False
+        return self.tokenizer.encode(text, **kwargs)
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's ``_encode_pair``: trailing context spaces join the continuation; split the whole encoding."""
         if context == "":
-            cont = self.tok_encode(continuation)
+            cont = self.tok_encode(continuation, add_special_tokens=False)
             if cont and cont[0] == self.prefix_token_id:
                 return cont[:1], cont[1:]
             return [self.prefix_token_id], cont

@@ -1,0 +1,156 @@
+"""What can be evaluated: a model (optionally with one LoRA adapter), or a stack.
+
+A target supplies a :class:`Scorer` and maps a task's context to what the scoring model sees. For a
+stack, an item is scored by the *final* stage (its adapter and prompt) given the question and the
+upstream stages' outputs for it; the upstream stages run once per item, batched and cached, not once
+per choice. Generative tasks use the stack's final answer.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from slmstack.adapters import attach_adapters
+from slmstack.evaluation.scorer import Scorer
+from slmstack.generation import generate_batch
+from slmstack.models import LoadedModel, load_model
+from slmstack.stack import Stack
+from slmstack.stack_config import GenerationSettings
+
+__all__ = ["EvalTarget", "ModelTarget", "StackTarget", "parameter_counts"]
+
+
+class EvalTarget(Protocol):
+    """The contract the harness needs (3 methods + identity)."""
+
+    identity: dict[str, Any]
+
+    def scorer(self, batch_size: int) -> Scorer:
+        """The scorer for log-likelihood requests."""
+        ...
+
+    def prepare(self, contexts: list[str], delimiter: str) -> tuple[list[str], str]:
+        """Map task contexts (and the choice delimiter) to what the scoring model sees."""
+        ...
+
+    def generate(self, contexts: list[str], until: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        """Greedy answers for generative tasks."""
+        ...
+
+
+def parameter_counts(model: Any, active_adapters: int = 1) -> dict[str, int]:
+    """Total, trainable (adapter) and per-token-active (non-zero base weights + one adapter) parameters."""
+    base, adapter, nonzero = 0, 0, 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            adapter += p.numel()
+        else:
+            base += p.numel()
+            nonzero += int(torch.count_nonzero(p))
+    n_adapters = max(1, len(getattr(model, "peft_config", {}) or {}))
+    per_adapter = adapter // n_adapters if adapter else 0
+    return {"total": base + adapter, "trainable": adapter, "active_per_token": nonzero + per_adapter * active_adapters}
+
+
+class ModelTarget:
+    """A model reference, optionally with one peft LoRA adapter (checked against the base)."""
+
+    def __init__(self, loaded: LoadedModel, adapter: str | Path | None = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.adapter_name = None
+        if adapter is not None:
+            self.model = attach_adapters(loaded.model, {"adapter": Path(adapter)}, base_ref=loaded.ref.ref)
+            self.adapter_name = "adapter"
+        self.identity = {"kind": "model", "model": loaded.ref.ref, "adapter": str(adapter) if adapter else None,
+                         **parameter_counts(self.model)}  # fmt: skip
+
+    @classmethod
+    def from_ref(cls, ref: str, adapter: str | Path | None = None, device: str = "auto", dtype: str = "float32"):
+        """Load ``ref`` (and the adapter) and wrap it."""
+        return cls(load_model(ref, device=device, dtype=dtype), adapter)
+
+    def scorer(self, batch_size: int) -> Scorer:
+        """Scores with the model (through the adapter, if any)."""
+        return Scorer(self.model, self.loaded.tokenizer, adapter=self.adapter_name, batch_size=batch_size)
+
+    def prepare(self, contexts: list[str], delimiter: str) -> tuple[list[str], str]:
+        """Plain text, as lm-eval's hf model sees it."""
+        return contexts, delimiter
+
+    def generate(self, contexts: list[str], until: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        """Greedy continuation of the raw context, cut at the first stop string (lm-eval's generate_until)."""
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=list(until))
+        names = [self.adapter_name] if self.adapter_name else None
+        out = []
+        for s in range(0, len(contexts), batch_size):
+            chunk = contexts[s : s + batch_size]
+            out += [g.text for g in generate_batch(self.model, self.loaded.tokenizer, chunk, settings,
+                                                   names * len(chunk) if names else None, chat=False)]  # fmt: skip
+        return out
+
+
+class StackTarget:
+    """A stack: the final stage scores, given the question and the upstream stages' outputs."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.final = stack.config.stages[-1]
+        self._upstream: dict[str, dict[str, str]] = {}
+        adapters = sum(1 for s in stack.config.stages if s.adapter)
+        self.identity = {"kind": "stack", "stack": str(stack.config.source), "name": stack.config.name,
+                         "model": stack.config.model, "stages": [s.name for s in stack.config.stages],
+                         "adapters": adapters, **parameter_counts(stack.model)}  # fmt: skip
+
+    def scorer(self, batch_size: int) -> Scorer:
+        """Scores with the final stage's adapter (or the bare base)."""
+        adapter = self.stack._adapter_of[self.final.name]
+        peft = hasattr(self.stack.model, "peft_config")
+        return Scorer(self.stack.model, self.stack.tokenizer, adapter=adapter if peft else None, batch_size=batch_size)
+
+    def _upstream_outputs(self, questions: list[str]) -> None:
+        todo = sorted({q for q in questions if q not in self._upstream})
+        if not todo:
+            return
+        upstream = [s.name for s in self.stack.config.stages[:-1]]
+        if upstream:
+            for q, result in zip(todo, self.stack.run_batch(todo, stages=upstream), strict=True):
+                self._upstream[q] = result.outputs
+        else:
+            self._upstream.update({q: {} for q in todo})
+
+    def prepare(self, contexts: list[str], delimiter: str) -> tuple[list[str], str]:
+        """The final stage's chat-templated input; the choice follows the assistant header directly."""
+        self._upstream_outputs(contexts)
+        full = [self.stack.model_input(self.final, {"input": q, **self._upstream[q]}) for q in contexts]
+        return full, delimiter.lstrip() if self.stack._chat else delimiter
+
+    def generate(self, contexts: list[str], until: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        """The stack's final answers, cut at the first stop string."""
+        answers = [r.answer for r in self.stack.run_batch(contexts, batch_size=batch_size)]
+        return [_cut(a, until) for a in answers]
+
+
+def _cut(text: str, until: list[str]) -> str:
+    for stop in until:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
+def extract(regex: str | None, text: str, flexible: bool = False) -> str:
+    """lm-eval's strict regex match (group 1), or the flexible 'last number' match."""
+    if flexible:
+        found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+        if not found:
+            return "[invalid]"
+        last = [m for m in found[-1] if m][0]
+        return last.strip().rstrip(".").replace(",", "").replace("$", "")
+    if regex is None:
+        return text.strip()
+    match = re.search(regex, text)
+    return match.group(1).strip().replace(",", "") if match else "[invalid]"
