@@ -1,0 +1,65 @@
+"""``slmstack eval`` and ``slmstack compare``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slmstack.cli.common import VERBS, add_stack_args
+from slmstack.errors import InputError
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    add_stack_args(p)
+    p.add_argument("--model", help="evaluate a model reference instead of a stack")
+    p.add_argument("--adapter", type=Path, help="a peft LoRA adapter to apply to --model")
+    p.add_argument("--tasks", required=True, help="comma-separated task names or task YAML paths")
+    p.add_argument("--data-dir", type=Path, help="folder with the tasks' local files (e.g. ../shared/data)")
+    p.add_argument("--subset", choices=["tiny", "full"], help="tiny = a fixed, seeded 100-item subset per task")
+    p.add_argument("--limit", type=int, help="at most N items per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, required=True, help="results JSON (a .md table is written beside it)")
+
+
+def eval_cmd(args: argparse.Namespace) -> int:
+    """Evaluate a model, model + adapter, or stack and write results."""
+    from slmstack.evaluation.harness import evaluate, markdown_table, write_results
+    from slmstack.evaluation.targets import ModelTarget, StackTarget
+    from slmstack.evaluation.tasks import get_task
+
+    if args.adapter and not args.model:
+        raise InputError("--adapter applies to --model; for a stack, set adapters in its YAML")
+    if args.model and (args.stack or args.overrides):
+        raise InputError("give either --model (with --adapter) or --stack, not both")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in tasks:  # fail on unknown tasks before loading a model
+        get_task(task)
+    if args.model:
+        target = ModelTarget.from_ref(args.model, args.adapter)
+    else:
+        from slmstack.stack import Stack
+
+        target = StackTarget(Stack.from_config(args.stack, args.overrides))
+    results = evaluate(target, tasks, args.data_dir, args.subset, args.limit, args.batch_size)
+    out, md = write_results(results, args.out)
+    print(markdown_table(results) + f"\nwrote {out} and {md}")
+    return 0
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="results JSON files from slmstack eval")
+    p.add_argument("--png", type=Path, default=Path("compare.png"), help="bar chart output (default compare.png)")
+
+
+def compare_cmd(args: argparse.Namespace) -> int:
+    """Print a side-by-side table and write a bar chart."""
+    from slmstack.evaluation.compare import compare_table, load_runs, plot_runs
+
+    runs = load_runs(args.runs)
+    print(compare_table(runs))
+    print(f"wrote {plot_runs(runs, args.png)}")
+    return 0
+
+
+VERBS.add("eval", (_eval_args, eval_cmd, "zero-shot benchmarks for a model, model + adapter, or stack"))
+VERBS.add("compare", (_compare_args, compare_cmd, "compare eval result files side by side, with a bar chart"))
