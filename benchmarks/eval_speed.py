@@ -81,7 +81,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['task']:<12}{r['items']:>6}{r['slmstack_s']:>12}{r['lm_eval_s']:>11}{r['speedup']:>10}"
-            f"{r['slmstack_acc']:>12.2f} / {r['lm_eval_acc']:.2f}{r['slmstack_acc_norm']:>16.2f} / {r['lm_eval_acc_norm']:.2f}"
+            f"{r['slmstack_acc']:>12.2f} / {r['lm_eval_acc']:.2f}"
+            f"{r['slmstack_acc_norm']:>16.2f} / {r['lm_eval_acc_norm']:.2f}"
         )
     print(f"wrote {args.out}")
 
