@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from slmstack.cli import evaluate, run, train  # noqa: F401  (registers the verbs)
+from slmstack.cli import evaluate, prune, run, train  # noqa: F401  (registers the verbs)
 from slmstack.cli.common import VERBS
 from slmstack.errors import SlmstackError
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # long-running verbs report their progress at INFO level by default
-_CHATTY = {train.distill_cmd, train.train_cmd, evaluate.eval_cmd}
+_CHATTY = {train.distill_cmd, train.train_cmd, evaluate.eval_cmd, prune.prune_cmd}
 
 if __name__ == "__main__":
     sys.exit(main())

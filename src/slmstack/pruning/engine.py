@@ -1,0 +1,189 @@
+"""The shared pruning engine: calibration capture, the sequential layer loop, hooks and masks.
+
+Calibration is sequential, as in SparseGPT and Wanda: the calibration batch's inputs to the first
+decoder layer are captured once; then, layer by layer, forward hooks collect each linear layer's input
+statistics, the layer is pruned, and the *pruned* layer's outputs become the next layer's inputs.
+Embeddings and the LM head are never pruned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from slmstack.arch import get_arch, get_decoder_layers
+from slmstack.errors import ConfigError, InputError
+from slmstack.pruning import methods  # noqa: F401  (registers the methods)
+from slmstack.pruning.base import PRUNERS, LayerStats, PruneConfig
+from slmstack.pruning.masks import parse_pattern
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PruneResult", "load_calibration", "prune", "sparsity_report"]
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (pruned in place), its keep-masks by weight name, and a report."""
+
+    model: Any
+    masks: dict[str, torch.Tensor]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stop(Exception):
+    pass
+
+
+def load_calibration(tokenizer: Any, path: str | Path, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` non-overlapping windows of ``seqlen`` tokens from a text file, chosen with ``seed``.
+
+    Raises:
+        InputError: the file is missing, or holds fewer than ``nsamples * seqlen`` tokens (says how many).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: calibration file not found. Pass a plain-text file (e.g. a slice of a corpus).")
+    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    need = nsamples * seqlen
+    if len(ids) < need:
+        raise InputError(
+            f"{path}: holds {len(ids)} tokens, fewer than the {need} requested ({nsamples} samples x {seqlen}). "
+            "Use a longer text, or lower --nsamples/--seqlen."
+        )
+    windows = len(ids) // seqlen
+    order = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:nsamples].tolist()
+    return torch.tensor([ids[w * seqlen : (w + 1) * seqlen] for w in order], dtype=torch.long)  # (nsamples, seqlen)
+
+
+def _linears(layer: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    modules = dict(layer.named_modules())
+    return {name: modules[name] for name in names}
+
+
+def _capture_first_layer(model: Any, layers: Any, calibration: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Inputs (and keyword arguments: masks, rotary embeddings) that the first decoder layer receives."""
+    hidden: list[torch.Tensor] = []
+    captured: dict[str, Any] = {}
+
+    def grab(module: Any, args: tuple, kwargs: dict) -> None:
+        hidden.append(args[0] if args else kwargs["hidden_states"])
+        captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for row in calibration:
+            try:
+                model(input_ids=row[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    captured.pop("past_key_values", None)
+    captured["use_cache"] = False
+    return hidden, captured
+
+
+def _run_layer(layer: Any, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    out = []
+    for h in hidden:
+        result = layer(h, **kwargs)
+        out.append(result[0] if isinstance(result, tuple) else result)
+    return out
+
+
+def prune(
+    model: Any,
+    method: str = "wanda",
+    sparsity: float = 0.5,
+    calibration: torch.Tensor | None = None,
+    pattern: str = "unstructured",
+    config: PruneConfig | None = None,
+    show_progress: bool = False,
+) -> PruneResult:
+    """Prune every attention and MLP projection of ``model`` in memory.
+
+    Args:
+        model: a causal LM of a supported architecture (see ``slmstack.arch``).
+        method: a name in ``PRUNERS``: magnitude, wanda, sparsegpt.
+        sparsity: share of weights to zero in each projection, in [0, 1) (N:M patterns fix it at N/M).
+        calibration: (nsamples, seqlen) token ids; needed by wanda and sparsegpt.
+        pattern: ``unstructured`` or ``N:M`` (zero N of every M consecutive inputs).
+        config: full settings (overrides method/sparsity/pattern when given).
+        show_progress: progress bar over layers.
+
+    Returns:
+        A :class:`PruneResult` with keep-masks keyed by weight name and a sparsity report.
+
+    Example:
+        >>> result = prune(model, "wanda", 0.5, calibration=load_calibration(tok, "calib.txt", 128, 512))
+        >>> result.report["actual_sparsity"]
+    """
+    cfg = config or PruneConfig(method=method, sparsity=sparsity, pattern=pattern)
+    nm = parse_pattern(cfg.pattern)
+    if nm is not None and cfg.sparsity not in (0.0, nm[0] / nm[1]):
+        raise ConfigError(f"pattern {cfg.pattern} zeros {nm[0]}/{nm[1]} of the weights; drop --sparsity or set it to "
+                          f"{nm[0] / nm[1]}")  # fmt: skip
+    if nm is not None:
+        cfg.sparsity = nm[0] / nm[1]
+    pruner = PRUNERS.get(cfg.method)(cfg)
+    spec = get_arch(model)
+    layers = get_decoder_layers(model)
+    names = spec.attention + spec.mlp
+    if nm is not None:
+        for name, lin in _linears(layers[0], names).items():
+            if lin.weight.shape[1] % nm[1]:
+                raise ConfigError(f"pattern {cfg.pattern}: {name} has {lin.weight.shape[1]} inputs, not a multiple "
+                                  f"of {nm[1]}; use another pattern")  # fmt: skip
+    if pruner.stats != "none" and calibration is None:
+        raise ConfigError(f"method {cfg.method!r} needs calibration data: pass --calibration FILE (plain text)")
+    start = time.perf_counter()
+    masks: dict[str, torch.Tensor] = {}
+    prefix = spec.layers
+    with torch.no_grad():
+        if pruner.stats != "none":
+            hidden, kwargs = _capture_first_layer(model, layers, calibration)
+        for i, layer in enumerate(tqdm(layers, desc=f"pruning ({cfg.method})", disable=not show_progress)):
+            linears = _linears(layer, names)
+            stats: dict[str, LayerStats] = {}
+            if pruner.stats != "none":
+                hooks = []
+                for name, lin in linears.items():
+                    stats[name] = LayerStats(lin.weight.shape[1], hessian=pruner.stats == "hessian")
+                    hooks.append(lin.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0])))
+                _run_layer(layer, hidden, kwargs)
+                for h in hooks:
+                    h.remove()
+            for name, lin in linears.items():
+                masks[f"{prefix}.{i}.{name}.weight"] = pruner.prune(lin.weight.data, stats.get(name), nm).cpu()
+            if pruner.stats != "none":
+                hidden = _run_layer(layer, hidden, kwargs)  # the pruned layer feeds the next one
+    report = sparsity_report(masks)
+    report.update(method=cfg.method, pattern=cfg.pattern, requested_sparsity=cfg.sparsity,
+                  seconds=round(time.perf_counter() - start, 2),
+                  calibration={"nsamples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1])}
+                  if calibration is not None else None)  # fmt: skip
+    logger.info("%s: %.1f%% of the projection weights are zero", cfg.method, 100 * report["actual_sparsity"])
+    return PruneResult(model, masks, report)
+
+
+def sparsity_report(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Overall and per-layer share of pruned weights."""
+    per_layer: dict[str, list[int]] = {}
+    for name, mask in masks.items():
+        layer = ".".join(name.split(".")[:3])
+        entry = per_layer.setdefault(layer, [0, 0])
+        entry[0] += int((~mask).sum())
+        entry[1] += mask.numel()
+    zeros = sum(z for z, _ in per_layer.values())
+    total = sum(n for _, n in per_layer.values())
+    return {"actual_sparsity": zeros / total if total else 0.0,
+            "per_layer": {k: round(z / n, 6) for k, (z, n) in per_layer.items()}}  # fmt: skip

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slmstack.cli import main
+from slmstack.errors import ConfigError, InputError
+from slmstack.pruning.base import PRUNERS, LayerStats, PruneConfig
+from slmstack.pruning.engine import load_calibration, prune
+from slmstack.pruning.masks import load_masks, nm_mask, save_masks
+from slmstack.pruning.methods import reconstruction_error
+from tests.conftest import build_tiny_llama, build_tokenizer
+
+W = torch.tensor([[1.0, -2.0, 3.0, -8.0], [6.0, 5.0, -4.0, 7.0]])  # (out=2, in=4)
+SCALES = torch.tensor([10.0, 1.0, 1.0, 0.1])  # calibration: one token per input feature, e_j * s_j
+
+
+def _stats(hessian: bool) -> LayerStats:
+    stats = LayerStats(4, hessian=hessian)
+    stats.add(torch.diag(SCALES))  # 4 tokens; H = 2/4 * diag(s^2), mean x_j^2 = s_j^2 / 4
+    return stats
+
+
+@pytest.mark.parametrize(
+    ("method", "zeroed"),
+    [
+        # |W| over the whole layer: the four smallest are 1, 2, 3 (row 0) and 4 (row 1)
+        ("magnitude", [(0, 0), (0, 1), (0, 2), (1, 2)]),
+        # |W| * ||X_j|| per row: row 0 scores 10, 2, 3, 0.8; row 1 scores 60, 5, 4, 0.7 (norms up to 1/2)
+        ("wanda", [(0, 1), (0, 3), (1, 2), (1, 3)]),
+        # w^2 * (H_jj + damp) with H diagonal (no compensation): row 0 50.1, 2.51, 5.65, 8.48;
+        # row 1 1805, 15.7, 10.0, 6.49 -> the four smallest over the block
+        ("sparsegpt", [(0, 1), (0, 2), (0, 3), (1, 3)]),
+    ],
+)
+def test_hand_computed_two_by_four(method: str, zeroed: list[tuple[int, int]]) -> None:
+    # Prepare
+    weight = W.clone()
+    pruner = PRUNERS.get(method)(PruneConfig(method=method, sparsity=0.5))
+    # Execute
+    mask = pruner.prune(weight, _stats(hessian=method == "sparsegpt"), None)
+    # Assert
+    assert sorted(map(tuple, (~mask).nonzero().tolist())) == zeroed
+    assert torch.equal(weight, W * mask)  # diagonal Hessian: kept weights are not changed
+
+
+def test_sparsegpt_compensates_and_beats_magnitude_on_reconstruction() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(32, 128)
+    mix = torch.randn(128, 128) * 0.1 + torch.eye(128)
+    x = torch.randn(1024, 128) @ mix  # correlated inputs, so compensation matters
+    stats = LayerStats(128, hessian=True)
+    stats.add(x)
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        w = weight.clone()
+        PRUNERS.get(method)(PruneConfig(method=method, sparsity=0.5, blocksize=32)).prune(w, stats, None)
+        assert (w == 0).float().mean() == pytest.approx(0.5)
+        errors[method] = reconstruction_error(weight, w, stats)
+    assert errors["sparsegpt"] <= errors["magnitude"]
+    assert errors["sparsegpt"] <= errors["wanda"]
+    # the error really is ||(W - W')X||^2 / N
+    direct = float(((x @ (weight - w).T) ** 2).sum() / 1024)
+    assert errors["sparsegpt"] == pytest.approx(direct, rel=1e-4)
+
+
+@pytest.fixture()
+def calibration() -> torch.Tensor:
+    return torch.randint(6, 90, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", list(PRUNERS))
+def test_end_to_end_per_method(method: str, calibration: torch.Tensor) -> None:
+    model = build_tiny_llama()
+    embed = model.model.embed_tokens.weight.clone()
+    head = model.lm_head.weight.clone()
+    result = prune(model, method, 0.5, calibration=calibration)
+    assert result.report["actual_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.lm_head.weight, head)
+    assert len(result.masks) == 2 * 7
+    for name, mask in result.masks.items():
+        weight = model.get_parameter(name)
+        assert torch.equal(weight == 0, ~mask), name  # the masks are exactly the zeros
+    assert torch.isfinite(model(input_ids=calibration[:1]).logits).all()
+
+
+def test_wanda_rows_are_exact_and_nm_groups_hold(calibration: torch.Tensor) -> None:
+    model = build_tiny_llama()
+    result = prune(model, "wanda", 0.25, calibration=calibration)
+    for mask in result.masks.values():
+        assert ((~mask).sum(1) == int(mask.shape[1] * 0.25)).all()  # every row: exactly 25 % zeros
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = build_tiny_llama()
+        result = prune(model, method, calibration=calibration, pattern="2:4", sparsity=0.0)
+        for mask in result.masks.values():
+            groups = mask.reshape(mask.shape[0], -1, 4)
+            assert (groups.sum(-1) == 2).all(), method
+
+
+def test_masks_round_trip_bit_packed(tmp_path: Path) -> None:
+    masks = {"a.weight": torch.rand(5, 7) > 0.5, "b.weight": torch.rand(3, 16) > 0.3}
+    path = save_masks(masks, tmp_path / "masks.safetensors")
+    assert path.stat().st_size < 200 + 8 * 64  # 1 bit per weight (plus header)
+    loaded = load_masks(path)
+    assert all(torch.equal(loaded[k], masks[k]) for k in masks)
+    assert nm_mask(torch.tensor([[4.0, 1, 3, 2]]), 2, 4).tolist() == [[True, False, True, False]]
+
+
+def test_bad_inputs(calibration: torch.Tensor, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        PruneConfig(sparsity=1.0)
+    with pytest.raises(ConfigError, match="not a multiple of 5"):
+        prune(build_tiny_llama(), "magnitude", pattern="3:5", sparsity=0.0)
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        prune(build_tiny_llama(), "wanda", 0.5)
+    text = tmp_path / "calib.txt"
+    text.write_text("abc " * 10)
+    with pytest.raises(InputError, match=r"holds 40 tokens, fewer than the 96 requested \(4 samples x 24\)"):
+        load_calibration(build_tokenizer(), text, 4, 24)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ConfigError, match="unsupported architecture 'gpt2'. Supported: gemma3"):
+        prune(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)), "magnitude", 0.5)
+
+
+def test_cli_prune_writes_loadable_dirs(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    argv = ["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.25", "0.5",
+            "--calibration", str(calib), "--nsamples", "4", "--seqlen", "32", "--eval-text", str(calib),
+            "--out", str(tmp_path / "blocks")]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["actual_sparsity"] for r in out["runs"]] == [0.25, 0.5]
+    report = json.loads((tmp_path / "blocks" / "wanda-50" / "prune_report.json").read_text())
+    assert report["perplexity_after"] > 0 and report["perplexity_before"] == out["perplexity_before"]
+    from slmstack.stack import Stack
+    from tests.conftest import stack_dict, write_yaml
+
+    stack = Stack.from_config(write_yaml(tmp_path / "s.yaml", stack_dict(tmp_path / "blocks" / "wanda-50", max_new=3)))
+    assert len(stack("hi").trace) == 3  # a pruned block is a base model for a stack
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
