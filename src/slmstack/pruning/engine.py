@@ -41,6 +41,9 @@ class _Stop(Exception):
     pass
 
 
+_CHUNK = 8  # calibration sequences per forward pass
+
+
 def load_calibration(tokenizer: Any, path: str | Path, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``nsamples`` non-overlapping windows of ``seqlen`` tokens from a text file, chosen with ``seed``.
 
@@ -67,35 +70,34 @@ def _linears(layer: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.
     return {name: modules[name] for name in names}
 
 
-def _capture_first_layer(model: Any, layers: Any, calibration: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
-    """Inputs (and keyword arguments: masks, rotary embeddings) that the first decoder layer receives."""
+def _capture_first_layer(model: Any, layers: Any, calibration: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
+    """Inputs (and keyword arguments: masks, rotary embeddings) that the first decoder layer receives, per chunk."""
     hidden: list[torch.Tensor] = []
-    captured: dict[str, Any] = {}
+    captured: list[dict[str, Any]] = []
 
     def grab(module: Any, args: tuple, kwargs: dict) -> None:
         hidden.append(args[0] if args else kwargs["hidden_states"])
-        captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        extra = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        captured.append(extra | {"use_cache": False})
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     device = next(model.parameters()).device
     try:
-        for row in calibration:
+        for start in range(0, calibration.shape[0], _CHUNK):  # a few sequences per pass: better matmuls
             try:
-                model(input_ids=row[None].to(device), use_cache=False)
+                model(input_ids=calibration[start : start + _CHUNK].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
         handle.remove()
-    captured.pop("past_key_values", None)
-    captured["use_cache"] = False
     return hidden, captured
 
 
-def _run_layer(layer: Any, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+def _run_layer(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
     out = []
-    for h in hidden:
-        result = layer(h, **kwargs)
+    for h, kw in zip(hidden, kwargs, strict=True):
+        result = layer(h, **kw)
         out.append(result[0] if isinstance(result, tuple) else result)
     return out
 

@@ -143,3 +143,52 @@ def test_cli_prune_writes_loadable_dirs(tiny_model_dir: Path, tmp_path: Path, ca
     stack = Stack.from_config(write_yaml(tmp_path / "s.yaml", stack_dict(tmp_path / "blocks" / "wanda-50", max_new=3)))
     assert len(stack("hi").trace) == 3  # a pruned block is a base model for a stack
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_structured_ratio_zero_is_identical_and_half_is_smaller(calibration: torch.Tensor, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from slmstack.pruning.structured import prune_structured
+
+    model = build_tiny_llama()
+    x = calibration[:2]
+    with torch.no_grad():
+        reference = model(input_ids=x).logits
+        same, _ = prune_structured(model, 0.0, calibration)
+        torch.testing.assert_close(same(input_ids=x).logits, reference, atol=1e-6, rtol=0)
+        half, report = prune_structured(model, 0.5, calibration)
+    assert report["parameters_after"] < report["parameters_before"]
+    assert (
+        report["kv_heads"] == [2, 1]
+        and report["attention_heads"] == [4, 2]
+        and report["intermediate_size"] == [64, 32]
+    )
+    half.save_pretrained(tmp_path / "half")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "half")
+    assert sum(p.numel() for p in loaded.parameters()) == report["parameters_after"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, half(input_ids=x).logits)
+
+
+def test_structured_keeps_the_most_active_channels(calibration: torch.Tensor) -> None:
+    from slmstack.pruning.structured import prune_structured
+
+    model = build_tiny_llama(layers=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, :32] *= 100  # channels 0..31 dominate ||W_down[:, j]||
+        small, _ = prune_structured(model, 0.5, calibration)
+    torch.testing.assert_close(
+        small.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight[:, :32]
+    )
+
+
+def test_calibration_chunking_does_not_change_the_result(monkeypatch) -> None:
+    import slmstack.pruning.engine as engine
+
+    calib = torch.randint(6, 90, (10, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for chunk in (1, 8):  # 8 gives chunks of 8 and 2 sequences
+        monkeypatch.setattr(engine, "_CHUNK", chunk)
+        torch.manual_seed(3)
+        results.append(prune(build_tiny_llama(), "sparsegpt", 0.5, calibration=calib).masks)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
