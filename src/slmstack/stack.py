@@ -95,6 +95,15 @@ class Stack:
         """Answer one input; same as ``run_batch([text])[0]``."""
         return self.run_batch([text])[0]
 
+    @property
+    def uses_chat_template(self) -> bool:
+        """Whether prompts are wrapped in the tokenizer's chat template."""
+        return self._chat
+
+    def adapter_for(self, stage: str) -> str:
+        """The peft adapter name a stage runs under (``"__base__"`` for the bare base model)."""
+        return self._adapter_of[stage]
+
     def render(self, stage: StageConfig, values: dict[str, str]) -> str:
         """The stage's prompt with ``{input}`` and earlier outputs filled in."""
         return stage.template.format(**values)

@@ -159,7 +159,7 @@ def evaluate(
             metrics = _loglikelihood(spec, docs, target, scorer)
         elif spec.kind == "generative":
             metrics = _generative(spec, docs, target, batch_size)
-            generated_tokens += len(docs) * spec.max_new_tokens  # upper bound; generation is not the main cost
+            generated_tokens += len(docs) * spec.max_new_tokens
         else:
             if target.identity.get("kind") == "stack":
                 raise InputError(f"task {spec.name!r} measures perplexity of a model; evaluate --model, not a stack")
@@ -168,9 +168,9 @@ def evaluate(
         results[spec.name] = {**metrics, "n": len(docs), "spec_hash": spec.spec_hash(), "subset": subset or "full",
                               "seed": TINY_SEED if subset == "tiny" else None, "seconds": seconds}  # fmt: skip
     wall = time.perf_counter() - start
-    tokens = scorer.tokens_processed + generated_tokens
+    tokens = scorer.tokens_processed + getattr(target, "upstream_tokens", 0)
     cost = {"parameters": {k: target.identity[k] for k in ("total", "trainable", "active_per_token")},
-            "tokens_processed": tokens, "wall_seconds": round(wall, 2),
+            "tokens_processed": tokens, "generated_tokens_at_most": generated_tokens, "wall_seconds": round(wall, 2),
             "tokens_per_second": round(tokens / wall, 1) if wall else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
     target_id = {k: v for k, v in target.identity.items() if k not in ("total", "trainable", "active_per_token")}

@@ -42,7 +42,7 @@ class SlmstackLM(LM):
         """Log-likelihood of each continuation; for a stack, under the final stage."""
         contexts = [r.args[0] for r in requests]
         prepared, _ = self.target.prepare(contexts, " ")
-        stack = isinstance(self.target, StackTarget) and self.target.stack._chat
+        stack = isinstance(self.target, StackTarget) and self.target.stack.uses_chat_template
         pairs = [(ctx, r.args[1].lstrip() if stack else r.args[1]) for ctx, r in zip(prepared, requests, strict=True)]
         return self.scorer.loglikelihood(pairs)
 

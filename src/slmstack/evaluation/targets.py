@@ -101,6 +101,7 @@ class StackTarget:
         self.stack = stack
         self.final = stack.config.stages[-1]
         self._upstream: dict[str, dict[str, str]] = {}
+        self.upstream_tokens = 0  # tokens in and out of the upstream stages (part of the cost)
         adapters = sum(1 for s in stack.config.stages if s.adapter)
         self.identity = {"kind": "stack", "stack": str(stack.config.source), "name": stack.config.name,
                          "model": stack.config.model, "stages": [s.name for s in stack.config.stages],
@@ -108,7 +109,7 @@ class StackTarget:
 
     def scorer(self, batch_size: int) -> Scorer:
         """Scores with the final stage's adapter (or the bare base)."""
-        adapter = self.stack._adapter_of[self.final.name]
+        adapter = self.stack.adapter_for(self.final.name)
         peft = hasattr(self.stack.model, "peft_config")
         return Scorer(self.stack.model, self.stack.tokenizer, adapter=adapter if peft else None, batch_size=batch_size)
 
@@ -120,6 +121,7 @@ class StackTarget:
         if upstream:
             for q, result in zip(todo, self.stack.run_batch(todo, stages=upstream), strict=True):
                 self._upstream[q] = result.outputs
+                self.upstream_tokens += sum(t.tokens_in + t.tokens_out for t in result.trace)
         else:
             self._upstream.update({q: {} for q in todo})
 
@@ -127,7 +129,7 @@ class StackTarget:
         """The final stage's chat-templated input; the choice follows the assistant header directly."""
         self._upstream_outputs(contexts)
         full = [self.stack.model_input(self.final, {"input": q, **self._upstream[q]}) for q in contexts]
-        return full, delimiter.lstrip() if self.stack._chat else delimiter
+        return full, delimiter.lstrip() if self.stack.uses_chat_template else delimiter
 
     def generate(self, contexts: list[str], until: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
         """The stack's final answers, cut at the first stop string."""
