@@ -93,8 +93,8 @@ class Scorer:
         return ctx, whole[len(ctx) :]
 
     # ------------------------------------------------------------------ model calls
-    def _forward(self, input_ids: torch.Tensor, past: Any = None) -> tuple[torch.Tensor, Any]:
-        kwargs: dict[str, Any] = {"use_cache": True}
+    def _forward(self, input_ids: torch.Tensor, past: Any = None, cache: bool = False) -> tuple[torch.Tensor, Any]:
+        kwargs: dict[str, Any] = {"use_cache": cache or past is not None}
         if past is not None:
             kwargs["past_key_values"] = past
         if self.adapter is not None:
@@ -155,7 +155,7 @@ class Scorer:
         past = None
         with torch.inference_mode():
             if head:
-                _, past = self._forward(torch.tensor([head], device=self.device))
+                _, past = self._forward(torch.tensor([head], device=self.device), cache=True)
             out: list[tuple[float, bool]] = []
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start : start + self.batch_size]
