@@ -46,3 +46,18 @@ def test_default_stack_batch_equals_sequential(real_cache: Path, monkeypatch) ->
     single = [stack(q) for q in questions]
     # Padding changes float32 rounding a little; on the real model the greedy text still matches.
     assert [r.answer for r in batched] == [r.answer for r in single]
+
+
+def test_pruned_default_model_is_a_stack_base(real_cache: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SLMSTACK_CACHE", str(real_cache))
+    assert (
+        main(["prune", "--model", "default", "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path)])
+        == 0
+    )
+    run = json.loads(capsys.readouterr().out)["runs"][0]
+    assert run["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    block = tmp_path / "magnitude-50"
+    overrides = [f"--set=model={block}"] + [f"--set=stages.{i}.generation.max_new_tokens=6" for i in range(4)]
+    assert main(["run", "--json", *overrides, "Name a colour."]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["trace"]) == 4 and all(t["tokens_out"] > 0 for t in out["trace"])
