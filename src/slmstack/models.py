@@ -43,6 +43,7 @@ __all__ = [
     "pick_device",
     "pick_dtype",
     "resolve_model_ref",
+    "resolve_precision",
 ]
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,6 +150,19 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported. Use auto, {', '.join(_DTYPES)}.")
     return _DTYPES[dtype]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast where the hardware runs it natively (CUDA, or a CPU with AVX512-BF16/AMX)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return "bf16" if native else "fp32"
 
 
 def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -26,7 +26,7 @@ from slmstack.checkpoint import load_latest, save_checkpoint
 from slmstack.config import dataclass_to_dict
 from slmstack.errors import ConfigError
 from slmstack.io import atomic_write_json, atomic_write_text
-from slmstack.models import load_model
+from slmstack.models import load_model, resolve_precision
 from slmstack.stack_config import StackConfig, StageConfig, save_stack_config
 from slmstack.train_data import collate, load_stage_records, make_batches, tokenize_example
 
@@ -136,19 +136,6 @@ def _masked_loss(model: Any, batch: dict[str, torch.Tensor], precision: str = "f
     n = int(keep.sum())
     loss = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss / max(n, 1), n
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast where the hardware runs it natively (CUDA, or a CPU with AVX512-BF16/AMX)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    native = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
-    return "bf16" if native else "fp32"
 
 
 class _StageTrainer:

@@ -23,6 +23,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", help="calibration forwards: auto (bf16 where native), fp32, bf16")
     p.add_argument("--eval-text", type=Path, help="plain text for perplexity before and after")
     p.add_argument("--out", type=Path, required=True, help="folder; one model directory per sparsity inside")
     p.add_argument("--overwrite", action="store_true")

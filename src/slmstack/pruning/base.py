@@ -26,10 +26,15 @@ class PruneConfig:
     seed: int = 0
     blocksize: int = field(default=128, metadata={"help": "SparseGPT column block"})
     percdamp: float = field(default=0.01, metadata={"help": "SparseGPT dampening, share of the mean Hessian diagonal"})
+    precision: str = field(
+        default="auto", metadata={"help": "calibration forwards: auto (bf16 autocast where native), fp32, bf16"}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from slmstack.arch import get_arch, get_decoder_layers
 from slmstack.errors import ConfigError, InputError
+from slmstack.models import resolve_precision
 from slmstack.pruning import methods  # noqa: F401  (registers the methods)
 from slmstack.pruning.base import PRUNERS, LayerStats, PruneConfig
 from slmstack.pruning.masks import parse_pattern
@@ -94,11 +95,15 @@ def _capture_first_layer(model: Any, layers: Any, calibration: torch.Tensor) -> 
     return hidden, captured
 
 
-def _run_layer(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+def _run_layer(layer: Any, hidden: list[torch.Tensor], kwargs: list[dict], bf16: bool = False) -> list[torch.Tensor]:
     out = []
+    device_type = hidden[0].device.type
     for h, kw in zip(hidden, kwargs, strict=True):
-        result = layer(h, **kw)
-        out.append(result[0] if isinstance(result, tuple) else result)
+        # Calibration activations may run in bf16 (the papers used fp16 on GPUs); statistics and the
+        # pruning maths themselves are accumulated in float64.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            result = layer(h, **kw)
+        out.append((result[0] if isinstance(result, tuple) else result).float())
     return out
 
 
@@ -150,6 +155,7 @@ def prune(
     start = time.perf_counter()
     masks: dict[str, torch.Tensor] = {}
     prefix = spec.layers
+    bf16 = resolve_precision(cfg.precision, next(model.parameters()).device) == "bf16"
     with torch.no_grad():
         if pruner.stats != "none":
             hidden, kwargs = _capture_first_layer(model, layers, calibration)
@@ -161,15 +167,15 @@ def prune(
                 for name, lin in linears.items():
                     stats[name] = LayerStats(lin.weight.shape[1], hessian=pruner.stats == "hessian")
                     hooks.append(lin.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0])))
-                _run_layer(layer, hidden, kwargs)
+                _run_layer(layer, hidden, kwargs, bf16)
                 for h in hooks:
                     h.remove()
             for name, lin in linears.items():
                 masks[f"{prefix}.{i}.{name}.weight"] = pruner.prune(lin.weight.data, stats.get(name), nm).cpu()
             if pruner.stats != "none":
-                hidden = _run_layer(layer, hidden, kwargs)  # the pruned layer feeds the next one
+                hidden = _run_layer(layer, hidden, kwargs, bf16)  # the pruned layer feeds the next one
     report = sparsity_report(masks)
-    report.update(method=cfg.method, pattern=cfg.pattern, requested_sparsity=cfg.sparsity,
+    report.update(method=cfg.method, pattern=cfg.pattern, requested_sparsity=cfg.sparsity, bf16_calibration=bf16,
                   seconds=round(time.perf_counter() - start, 2),
                   calibration={"nsamples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1])}
                   if calibration is not None else None)  # fmt: skip

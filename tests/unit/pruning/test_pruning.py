@@ -190,5 +190,6 @@ def test_calibration_chunking_does_not_change_the_result(monkeypatch) -> None:
     for chunk in (1, 8):  # 8 gives chunks of 8 and 2 sequences
         monkeypatch.setattr(engine, "_CHUNK", chunk)
         torch.manual_seed(3)
-        results.append(prune(build_tiny_llama(), "sparsegpt", 0.5, calibration=calib).masks)
+        cfg = PruneConfig(method="sparsegpt", sparsity=0.5, precision="fp32")  # bf16 rounding depends on shapes
+        results.append(prune(build_tiny_llama(), config=cfg, calibration=calib).masks)
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
