@@ -44,11 +44,13 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-chars", type=int, default=100_000)
+    p.add_argument("--precision", default="fp32", help="calibration forwards: fp32 (default here), bf16, auto")
     p.add_argument("--out", type=Path, default=HERE / "results" / "prune_quality.json")
     args = p.parse_args()
 
     from slmstack.io import atomic_write_json
     from slmstack.models import load_model
+    from slmstack.pruning.base import PruneConfig
     from slmstack.pruning.engine import load_calibration, prune
     from slmstack.pruning.structured import prune_structured
 
@@ -63,7 +65,8 @@ def main() -> None:
         for s in map(float, args.sparsities.split(",")):
             lm = load_model("default", device="cpu", dtype="float32")
             start = time.perf_counter()
-            result = prune(lm.model, method, s, calibration=None if method == "magnitude" else calibration)
+            cfg = PruneConfig(method=method, sparsity=s, precision=args.precision)
+            result = prune(lm.model, config=cfg, calibration=None if method == "magnitude" else calibration)
             seconds = round(time.perf_counter() - start, 1)
             ppl = perplexity(lm.model, lm.tokenizer, text, args.seqlen)
             actual = round(result.report["actual_sparsity"], 4)
@@ -73,7 +76,7 @@ def main() -> None:
     dense_speed = decode_tokens_per_s(base.model, base.tokenizer)
     structured = [{"ratio": 0.0, "parameters": sum(p.numel() for p in base.model.parameters()),
                    "perplexity": dense_ppl, "decode_tokens_per_s": dense_speed}]  # fmt: skip
-    for r in map(float, args.structured.split(",")):
+    for r in [float(x) for x in args.structured.split(",") if x]:
         start = time.perf_counter()
         small, report = prune_structured(base.model, r, calibration)
         seconds = round(time.perf_counter() - start, 1)
@@ -84,6 +87,7 @@ def main() -> None:
     report = {"benchmark": "prune_quality", "model": "default (SmolLM2-135M-Instruct, fp32)",
               "calibration": f"{args.nsamples} x {args.seqlen} tokens of {calib_file.name} (WikiText-2 validation)",
               "eval": f"first {args.eval_chars} chars of wiki.test.raw, {args.seqlen}-token windows",
+              "precision": args.precision,
               "unstructured": rows, "structured": structured, "scratch": tempfile.gettempdir()}  # fmt: skip
     atomic_write_json(args.out, report)
     print(f"\n{'method':<11}{'sparsity':>9}{'perplexity':>12}{'prune s':>9}")

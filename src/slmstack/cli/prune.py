@@ -59,6 +59,7 @@ def prune_cmd(args: argparse.Namespace) -> int:
                 nsamples=args.nsamples,
                 seqlen=args.seqlen,
                 seed=args.seed,
+                precision=args.precision,
             )
             for s in args.sparsity
         ]
