@@ -26,12 +26,14 @@ class ArchSpec:
         attention: names of the attention projections inside one layer (relative paths).
         mlp: names of the MLP projections inside one layer (relative paths).
         embeddings: dotted path to the input embedding (never pruned).
+        shared_inputs: groups of projections that read the same input (their calibration statistics are equal).
     """
 
     layers: str
     attention: tuple[str, ...]
     mlp: tuple[str, ...]
     embeddings: str
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
 
     @property
     def lora_targets(self) -> list[str]:
@@ -44,6 +46,7 @@ _LLAMA_LIKE = ArchSpec(
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     embeddings="model.embed_tokens",
+    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
 )
 
 ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
@@ -58,6 +61,7 @@ ARCHITECTURES.add(
         attention=_LLAMA_LIKE.attention,
         mlp=_LLAMA_LIKE.mlp,
         embeddings="model.language_model.embed_tokens",
+        shared_inputs=_LLAMA_LIKE.shared_inputs,
     ),
 )
 ARCHITECTURES.add(

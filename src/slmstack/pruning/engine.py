@@ -165,8 +165,13 @@ def prune(
             if pruner.stats != "none":
                 hooks = []
                 for name, lin in linears.items():
+                    if name in stats:  # reads the same input as an earlier projection: share its statistics
+                        continue
                     stats[name] = LayerStats(lin.weight.shape[1], hessian=pruner.stats == "hessian")
                     hooks.append(lin.register_forward_hook(lambda m, a, o, s=stats[name]: s.add(a[0])))
+                    for group in spec.shared_inputs:
+                        if name in group:
+                            stats.update(dict.fromkeys(group, stats[name]))
                 _run_layer(layer, hidden, kwargs, bf16)
                 for h in hooks:
                     h.remove()

@@ -53,7 +53,7 @@ class SparseGPTPruner(Pruner):
         """Prune ``weight`` in place with error compensation; returns the keep-mask."""
         assert stats is not None and stats.hessian is not None
         W = weight.detach().to(torch.float64).clone()  # (out, in)
-        H = stats.hessian.clone()  # (in, in)
+        H = stats.hessian.to(torch.float64)  # (in, in), a copy
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
@@ -98,4 +98,5 @@ def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, stats: Laye
     """||W X - W' X||_F^2 / N, computed from the Hessian: tr((W - W') H (W - W')^T) / 2."""
     assert stats.hessian is not None
     delta = (weight - pruned).to(torch.float64)
-    return float(torch.trace(delta @ stats.hessian @ delta.T) / 2) if math.isfinite(float(delta.sum())) else math.inf
+    hessian = stats.hessian.to(torch.float64)
+    return float(torch.trace(delta @ hessian @ delta.T) / 2) if math.isfinite(float(delta.sum())) else math.inf
