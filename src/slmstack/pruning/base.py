@@ -48,8 +48,8 @@ class LayerStats:
 
     def __init__(self, in_features: int, hessian: bool) -> None:
         self.norm_sq = torch.zeros(in_features, dtype=torch.float64)
-        # float32 Hessian, as the SparseGPT reference; the inverse is taken in float64 later
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+        # float64 running sum of float32 chunk products: fast matmuls, no drift across many chunks
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -61,7 +61,7 @@ class LayerStats:
         if self.hessian is not None:
             self.hessian.mul_(self.tokens / total)
             scaled = x.float() * (2.0 / total) ** 0.5
-            self.hessian.add_(scaled.T @ scaled)
+            self.hessian.add_((scaled.T @ scaled).double())
         self.tokens = total
 
 

@@ -53,14 +53,11 @@ class SparseGPTPruner(Pruner):
         """Prune ``weight`` in place with error compensation; returns the keep-mask."""
         assert stats is not None and stats.hessian is not None
         W = weight.detach().to(torch.float64).clone()  # (out, in)
-        H = stats.hessian.to(torch.float64)  # (in, in), a copy
+        H = stats.hessian.clone()  # (in, in), float64
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
-        damp = self.config.percdamp * torch.mean(torch.diag(H))
-        H += damp * torch.eye(H.shape[0], dtype=H.dtype)
-        # Upper Cholesky factor of H^-1: row i holds what column i's error does to the later columns.
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        Hinv = _damped_inverse_cholesky(H, self.config.percdamp)
         out_features, cols = W.shape
         keep = torch.ones_like(W, dtype=torch.bool)
         block = self.config.blocksize
@@ -92,6 +89,23 @@ class SparseGPTPruner(Pruner):
         W[~keep] = 0.0
         weight.copy_(W.to(weight.dtype))
         return keep
+
+
+def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float, tries: int = 5) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1; row i says what column i's error does to later columns.
+
+    Dampening is ``percdamp`` times the mean diagonal; if H is still not numerically positive definite
+    (models with massive activations), it is raised tenfold, as SparseGPT implementations do.
+    """
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    mean_diag = torch.mean(torch.diag(H))
+    for attempt in range(tries):
+        try:
+            damped = H + percdamp * 10**attempt * mean_diag * eye
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {percdamp * 10 ** (tries - 1)}")
 
 
 def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, stats: LayerStats) -> float:
