@@ -193,3 +193,14 @@ def test_calibration_chunking_does_not_change_the_result(monkeypatch) -> None:
         cfg = PruneConfig(method="sparsegpt", sparsity=0.5, precision="fp32")  # bf16 rounding depends on shapes
         results.append(prune(build_tiny_llama(), config=cfg, calibration=calib).masks)
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_dampening_is_raised_until_the_hessian_factorises() -> None:
+    from slmstack.pruning.methods import _damped_inverse_cholesky
+
+    H = torch.diag(torch.tensor([1.0, 1.0, -0.05], dtype=torch.float64))  # mean diag 0.65: 1% damp is too little
+    U = _damped_inverse_cholesky(H, 0.01)
+    expected = torch.diag(1 / torch.sqrt(torch.tensor([1.065, 1.065, 0.015], dtype=torch.float64)))  # 10% damp
+    torch.testing.assert_close(U, expected)
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
+        _damped_inverse_cholesky(-torch.eye(3, dtype=torch.float64), 0.01)
