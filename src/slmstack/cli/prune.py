@@ -45,7 +45,7 @@ def prune_cmd(args: argparse.Namespace) -> int:
     from slmstack.pruning.base import PruneConfig
     from slmstack.pruning.engine import PruneResult, load_calibration, prune
     from slmstack.pruning.export import save_pruned
-    from slmstack.pruning.structured import prune_structured
+    from slmstack.pruning.structured import decode_tokens_per_s, prune_structured
 
     structured = args.method == "structured"
     configs = (
@@ -77,6 +77,8 @@ def prune_cmd(args: argparse.Namespace) -> int:
     for i, ratio in enumerate(args.sparsity):
         if structured:
             small, report = prune_structured(base.model, ratio, calibration)
+            report["decode_tokens_per_s"] = [decode_tokens_per_s(base.model, base.tokenizer),
+                                             decode_tokens_per_s(small, base.tokenizer)]  # fmt: skip
             result, tag, tok = PruneResult(small, {}, report), f"structured-{round(ratio * 100)}", base.tokenizer
         else:
             lm = load_model(args.model, device="cpu", dtype="float32")

@@ -20,7 +20,7 @@ from slmstack.errors import ConfigError
 from slmstack.pruning.base import LayerStats
 from slmstack.pruning.engine import _capture_first_layer, _run_layer
 
-__all__ = ["STRUCTURED_ARCHS", "prune_structured"]
+__all__ = ["STRUCTURED_ARCHS", "decode_tokens_per_s", "prune_structured"]
 
 STRUCTURED_ARCHS = ("llama", "qwen2", "gemma3_text")
 
@@ -113,3 +113,15 @@ def _slice(state: dict[str, torch.Tensor], module: str, index: torch.Tensor, dim
         key = f"{module}.{suffix}"
         if key in state and (suffix == "weight" or dim == 0):
             state[key] = state[key].index_select(dim, index).contiguous()
+
+
+def decode_tokens_per_s(model: Any, tokenizer: Any, new_tokens: int = 32) -> float:
+    """Greedy decode speed at batch 1 (after a short warm-up), for comparing a pruned model with its original."""
+    ids = tokenizer("The history of the city begins", return_tensors="pt").input_ids.to(
+        next(model.parameters()).device
+    )
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return round((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start), 2)

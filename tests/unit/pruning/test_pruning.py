@@ -204,3 +204,36 @@ def test_dampening_is_raised_until_the_hessian_factorises() -> None:
     torch.testing.assert_close(U, expected)
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         _damped_inverse_cholesky(-torch.eye(3, dtype=torch.float64), 0.01)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
+def test_other_architectures_through_the_same_table(arch: str) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    calib = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    if arch == "gpt_neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, vocab_size=64))  # fmt: skip
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=64))  # fmt: skip
+    for method in PRUNERS:
+        result = prune(model.eval(), method, 0.5, calibration=calib)
+        assert result.report["actual_sparsity"] == pytest.approx(0.5, abs=0.01), method
+    if arch == "qwen2":  # q/k/v carry biases: they are sliced with their rows
+        from slmstack.pruning.structured import prune_structured
+
+        small, report = prune_structured(model, 0.5, calib)
+        assert report["kv_heads"] == [2, 1] and torch.isfinite(small(input_ids=calib[:1]).logits).all()
+
+
+def test_cli_structured_reports_size_and_speed(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 5)
+    argv = ["prune", "--model", str(tiny_model_dir), "--method", "structured", "--sparsity", "0.5", "--calibration",
+            str(calib), "--nsamples", "2", "--seqlen", "16", "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "s" / "structured-50" / "prune_report.json").read_text())
+    assert report["parameters_after"] < report["parameters_before"]
+    assert len(report["decode_tokens_per_s"]) == 2 and min(report["decode_tokens_per_s"]) > 0
+    assert main(argv[:7] + ["--out", str(tmp_path / "t")]) == 2  # structured needs calibration
