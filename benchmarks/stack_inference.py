@@ -61,7 +61,7 @@ def make_adapters(out: Path, stages: list[str], rank: int) -> dict[str, str]:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from slmstack.stack import Stack
+    from slmstack.stack.runtime import Stack
 
     torch.set_num_threads(args.threads)
     questions = load_questions(args.data, args.n)
@@ -106,7 +106,7 @@ def main() -> None:
         return child(args)
 
     from slmstack.io import atomic_write_json
-    from slmstack.stack_config import load_stack_config
+    from slmstack.stack.config import load_stack_config
 
     work = Path(tempfile.mkdtemp(prefix="slmstack-bench-"))
     base_cfg = yaml.safe_load(Path(load_stack_config().source).read_text())

@@ -31,8 +31,8 @@ def write_stage_data(src: Path, n: int, out: Path) -> Path:
 
 
 def run_ours(data: Path, work: Path, args: argparse.Namespace, precision: str) -> dict:
-    from slmstack.stack_config import GenerationSettings, StackConfig, StageConfig
-    from slmstack.training import TrainConfig, train_stack
+    from slmstack.stack.config import GenerationSettings, StackConfig, StageConfig
+    from slmstack.training.trainer import TrainConfig, train_stack
 
     stack = StackConfig(model="default", stages=[StageConfig(name="answer", role="", template="{input}",
                                                              generation=GenerationSettings())])  # fmt: skip
@@ -51,7 +51,7 @@ def run_hf(data: Path, work: Path, args: argparse.Namespace, precision: str) -> 
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from slmstack.models import load_model
-    from slmstack.train_data import collate, load_stage_records, tokenize_example
+    from slmstack.training.train_data import collate, load_stage_records, tokenize_example
 
     lm = load_model("default", device="cpu", dtype="float32")
     records = load_stage_records(data / "answer.jsonl")

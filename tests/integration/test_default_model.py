@@ -35,7 +35,7 @@ def test_default_stack_answers_with_four_stage_trace(real_cache: Path, monkeypat
 
 
 def test_default_stack_batch_equals_sequential(real_cache: Path, monkeypatch) -> None:
-    from slmstack.stack import Stack
+    from slmstack.stack.runtime import Stack
 
     monkeypatch.setenv("SLMSTACK_CACHE", str(real_cache))
     stack = Stack.default()

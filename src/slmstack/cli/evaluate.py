@@ -37,7 +37,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     if args.model:
         target = ModelTarget.from_ref(args.model, args.adapter)
     else:
-        from slmstack.stack import Stack
+        from slmstack.stack.runtime import Stack
 
         target = StackTarget(Stack.from_config(args.stack, args.overrides))
     results = evaluate(target, tasks, args.data_dir, args.subset, args.limit, args.batch_size)

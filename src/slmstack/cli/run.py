@@ -24,7 +24,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from slmstack.stack import Stack
+    from slmstack.stack.runtime import Stack
 
     if args.input is None and args.question is None:
         raise InputError("nothing to answer: give a question, or --input FILE --output FILE")
@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("the question is empty; give some text")
     stack = Stack.from_config(args.stack, args.overrides, show_progress=False)
     if args.input is not None:
-        from slmstack.batch_io import run_file
+        from slmstack.stack.batch_io import run_file
 
         summary = run_file(stack, args.input, args.output, field=args.field, batch_size=args.batch_size)
         print(json.dumps(summary) if args.json else f"wrote {summary['written']} results to {args.output} "
@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
     else:
-        from slmstack.render import print_cards
+        from slmstack.stack.render import print_cards
 
         print_cards(result, plain=args.plain)
     return 0

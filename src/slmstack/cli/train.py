@@ -49,10 +49,10 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
 
 def distill_cmd(args: argparse.Namespace) -> int:
     """Run the teacher through the stack's stages and write per-stage datasets."""
-    from slmstack.data import read_examples
-    from slmstack.distill import DistillConfig, distill
-    from slmstack.stack_config import load_stack_config
-    from slmstack.teachers import LocalTeacher, OpenAITeacher
+    from slmstack.stack.config import load_stack_config
+    from slmstack.training.data import read_examples
+    from slmstack.training.distill import DistillConfig, distill
+    from slmstack.training.teachers import LocalTeacher, OpenAITeacher
 
     if bool(args.teacher) == bool(args.teacher_url):
         raise InputError("give exactly one teacher: --teacher REF, or --teacher-url URL --teacher-model NAME")
@@ -114,7 +114,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace) -> Any:
     """YAML (``--config``) < flags < ``--train-set`` overrides, into a validated :class:`TrainConfig`."""
     from slmstack.config import apply_overrides, build_dataclass, load_yaml
-    from slmstack.training import TrainConfig
+    from slmstack.training.trainer import TrainConfig
 
     data: dict[str, Any] = load_yaml(args.config) if args.config else {}
     for flag, (name, _, _) in _TRAIN_FLAGS.items():
@@ -129,8 +129,8 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
 
 def train_cmd(args: argparse.Namespace) -> int:
     """LoRA-train each stage and write the trained stack YAML."""
-    from slmstack.stack_config import load_stack_config
-    from slmstack.training import train_stack
+    from slmstack.stack.config import load_stack_config
+    from slmstack.training.trainer import train_stack
 
     stack = load_stack_config(args.stack, args.overrides)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None

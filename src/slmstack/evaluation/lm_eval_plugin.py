@@ -32,7 +32,7 @@ class SlmstackLM(LM):
         if model is not None:
             self.target: Any = ModelTarget.from_ref(model, adapter)
         else:
-            from slmstack.stack import Stack
+            from slmstack.stack.runtime import Stack
 
             self.target = StackTarget(Stack.from_config(stack))
         self.batch_size = int(batch_size)

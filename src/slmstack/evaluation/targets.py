@@ -14,12 +14,12 @@ from typing import Any, Protocol
 
 import torch
 
-from slmstack.adapters import attach_adapters
 from slmstack.evaluation.scorer import Scorer
-from slmstack.generation import generate_batch
 from slmstack.models import LoadedModel, load_model
-from slmstack.stack import Stack
-from slmstack.stack_config import GenerationSettings
+from slmstack.stack.adapters import attach_adapters
+from slmstack.stack.config import GenerationSettings
+from slmstack.stack.generation import generate_batch
+from slmstack.stack.runtime import Stack
 
 __all__ = ["EvalTarget", "ModelTarget", "StackTarget", "parameter_counts"]
 

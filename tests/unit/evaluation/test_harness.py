@@ -14,7 +14,7 @@ from slmstack.evaluation.scorer import Scorer
 from slmstack.evaluation.targets import StackTarget, extract
 from slmstack.evaluation.tasks import Doc, get_task, select_subset
 from slmstack.models import load_model
-from slmstack.stack import Stack
+from slmstack.stack.runtime import Stack
 from tests.conftest import save_random_adapter, save_tiny_model, stack_dict, write_yaml
 
 

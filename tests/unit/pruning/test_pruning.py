@@ -137,7 +137,7 @@ def test_cli_prune_writes_loadable_dirs(tiny_model_dir: Path, tmp_path: Path, ca
     assert [r["actual_sparsity"] for r in out["runs"]] == [0.25, 0.5]
     report = json.loads((tmp_path / "blocks" / "wanda-50" / "prune_report.json").read_text())
     assert report["perplexity_after"] > 0 and report["perplexity_before"] == out["perplexity_before"]
-    from slmstack.stack import Stack
+    from slmstack.stack.runtime import Stack
     from tests.conftest import stack_dict, write_yaml
 
     stack = Stack.from_config(write_yaml(tmp_path / "s.yaml", stack_dict(tmp_path / "blocks" / "wanda-50", max_new=3)))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from slmstack.errors import InputError
-from slmstack.stack_config import GenerationSettings
+from slmstack.stack.config import GenerationSettings
 
 logger = logging.getLogger(__name__)
 

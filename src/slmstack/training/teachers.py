@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from slmstack.errors import SlmstackError
-from slmstack.generation import format_prompt, generate_batch
 from slmstack.models import LoadedModel
-from slmstack.stack_config import GenerationSettings
+from slmstack.stack.config import GenerationSettings
+from slmstack.stack.generation import format_prompt, generate_batch
 
 logger = logging.getLogger(__name__)
 

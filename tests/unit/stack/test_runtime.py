@@ -7,8 +7,8 @@ import torch
 
 from slmstack.config import build_dataclass
 from slmstack.errors import AdapterMismatchError, InputError
-from slmstack.stack import Stack
-from slmstack.stack_config import StackConfig
+from slmstack.stack.config import StackConfig
+from slmstack.stack.runtime import Stack
 from tests.conftest import QUESTIONS, save_random_adapter, save_tiny_model, stack_dict, write_yaml
 
 

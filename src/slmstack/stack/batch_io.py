@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from slmstack.errors import InputError
 from slmstack.io import iter_jsonl, read_done_jsonl
-from slmstack.stack import Stack
+from slmstack.stack.runtime import Stack
 
 logger = logging.getLogger(__name__)
 

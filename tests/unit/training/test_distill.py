@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from slmstack.cli import main
-from slmstack.data import Example
-from slmstack.distill import DistillConfig, distill, find_problem
 from slmstack.errors import ConfigError
 from slmstack.models import load_model
-from slmstack.stack_config import load_stack_config
-from slmstack.teachers import LocalTeacher, OpenAITeacher, TeacherReply, TeacherUnavailableError
+from slmstack.stack.config import load_stack_config
+from slmstack.training.data import Example
+from slmstack.training.distill import DistillConfig, distill, find_problem
+from slmstack.training.teachers import LocalTeacher, OpenAITeacher, TeacherReply, TeacherUnavailableError
 from tests.conftest import stack_dict, write_yaml
 
 

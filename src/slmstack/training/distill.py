@@ -22,11 +22,11 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from slmstack.config import dataclass_to_dict
-from slmstack.data import Example
 from slmstack.errors import ConfigError
 from slmstack.io import atomic_write_json, atomic_write_text, read_done_jsonl
-from slmstack.stack_config import INPUT_FIELD, StackConfig, save_stack_config
-from slmstack.teachers import Teacher, TeacherReply
+from slmstack.stack.config import INPUT_FIELD, StackConfig, save_stack_config
+from slmstack.training.data import Example
+from slmstack.training.teachers import Teacher, TeacherReply
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def distill(
     Args:
         stack: the stack whose roles and templates define each stage's prompt.
         teacher: a :class:`LocalTeacher`, :class:`OpenAITeacher` or anything with ``generate``.
-        examples: the instructions (see :func:`slmstack.data.read_examples`).
+        examples: the instructions (see :func:`slmstack.training.data.read_examples`).
         out: output directory: ``<stage>.jsonl`` per stage, ``stack.yaml``, ``distill_report.json``.
         config: batching, filtering and target settings.
         show_progress: show a progress bar.

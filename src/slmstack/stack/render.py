@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from slmstack.stack import StackResult
+from slmstack.stack.runtime import StackResult
 
 __all__ = ["format_cards", "print_cards"]
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from slmstack.errors import InputError
-from slmstack.generation import Generated, _finish, format_prompt, generate_batch, prompt_token_limit
 from slmstack.models import load_model
-from slmstack.stack_config import GenerationSettings
+from slmstack.stack.config import GenerationSettings
+from slmstack.stack.generation import Generated, _finish, format_prompt, generate_batch, prompt_token_limit
 from tests.conftest import build_tokenizer
 
 

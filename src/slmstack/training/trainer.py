@@ -22,13 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from slmstack.arch import get_arch
-from slmstack.checkpoint import load_latest, save_checkpoint
 from slmstack.config import dataclass_to_dict
 from slmstack.errors import ConfigError
 from slmstack.io import atomic_write_json, atomic_write_text
 from slmstack.models import load_model, resolve_precision
-from slmstack.stack_config import StackConfig, StageConfig, save_stack_config
-from slmstack.train_data import collate, load_stage_records, make_batches, tokenize_example
+from slmstack.stack.config import StackConfig, StageConfig, save_stack_config
+from slmstack.training.checkpoint import load_latest, save_checkpoint
+from slmstack.training.train_data import collate, load_stage_records, make_batches, tokenize_example
 
 logger = logging.getLogger(__name__)
 

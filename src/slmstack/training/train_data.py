@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from slmstack.errors import InputError
-from slmstack.generation import format_prompt
 from slmstack.io import iter_jsonl
+from slmstack.stack.generation import format_prompt
 
 __all__ = ["IGNORE_INDEX", "StageRecord", "TokenizedExample", "collate", "load_stage_records", "make_batches",
            "tokenize_example"]  # fmt: skip

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import slmstack.checkpoint as checkpoint
+import slmstack.training.checkpoint as checkpoint
 from slmstack.errors import ConfigError
-from slmstack.stack import Stack
-from slmstack.stack_config import load_stack_config
-from slmstack.training import TrainConfig, train_stack
+from slmstack.stack.config import load_stack_config
+from slmstack.stack.runtime import Stack
+from slmstack.training.trainer import TrainConfig, train_stack
 from tests.conftest import stack_dict, write_yaml
 
 WORDS = ["cat", "dog", "sun", "moon", "tree", "rock", "bird", "fish", "star", "rain", "wind", "snow"]
@@ -145,8 +145,8 @@ def test_checkpoint_round_trips_optimizer_state(tmp_path: Path) -> None:
 def test_target_only_loss_equals_the_full_logits_loss(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from slmstack.train_data import collate, tokenize_example
-    from slmstack.training import _masked_loss
+    from slmstack.training.train_data import collate, tokenize_example
+    from slmstack.training.trainer import _masked_loss
     from tests.conftest import build_tokenizer
 
     # Prepare

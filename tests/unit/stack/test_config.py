@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from slmstack.errors import ConfigError
-from slmstack.stack_config import default_stack_path, load_stack_config, save_stack_config, template_fields
+from slmstack.stack.config import default_stack_path, load_stack_config, save_stack_config, template_fields
 from tests.conftest import stack_dict, write_yaml
 
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from slmstack.adapters import attach_adapters
 from slmstack.errors import InputError
-from slmstack.generation import BASE_ADAPTER, format_prompt, generate_batch
 from slmstack.models import LoadedModel, load_model
-from slmstack.stack_config import INPUT_FIELD, StackConfig, StageConfig, load_stack_config
+from slmstack.stack.adapters import attach_adapters
+from slmstack.stack.config import INPUT_FIELD, StackConfig, StageConfig, load_stack_config
+from slmstack.stack.generation import BASE_ADAPTER, format_prompt, generate_batch
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from slmstack.train_data import IGNORE_INDEX, collate, make_batches, tokenize_example
+from slmstack.training.train_data import IGNORE_INDEX, collate, make_batches, tokenize_example
 from tests.conftest import build_tiny_llama, build_tokenizer
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from slmstack.data import read_examples
 from slmstack.errors import InputError
+from slmstack.training.data import read_examples
 
 
 def _jsonl(path: Path, rows: list) -> Path:

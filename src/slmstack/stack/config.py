@@ -149,7 +149,7 @@ def _check_templates(stages: list[StageConfig]) -> None:
 
 def default_stack_path() -> Path:
     """The packaged 4-stage default stack (restate -> recall -> reason -> answer)."""
-    return Path(str(resources.files("slmstack") / "configs" / "default_stack.yaml"))
+    return Path(str(resources.files("slmstack.stack") / "configs" / "default_stack.yaml"))
 
 
 def load_stack_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StackConfig:

@@ -1,0 +1,31 @@
+"""The stack runtime: a base model shared by prompted stages, each with an optional LoRA adapter.
+
+Modules: ``config`` (the stack YAML), ``adapters`` (peft adapters on one base), ``generation``
+(batched, per-row adapter routing), ``runtime`` (:class:`Stack`), ``batch_io`` (resumable JSONL runs)
+and ``render`` (stage cards). Names are imported lazily, so ``import slmstack.stack`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GenerationSettings": "slmstack.stack.config",
+    "Stack": "slmstack.stack.runtime",
+    "StackConfig": "slmstack.stack.config",
+    "StackResult": "slmstack.stack.runtime",
+    "StageConfig": "slmstack.stack.config",
+    "StageTrace": "slmstack.stack.runtime",
+    "attach_adapters": "slmstack.stack.adapters",
+    "load_stack_config": "slmstack.stack.config",
+    "save_stack_config": "slmstack.stack.config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'slmstack.stack' has no attribute {name!r}")
