@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from slmstack.errors import ConfigError
+from slmstack.io import read_text
 
 T = TypeVar("T")
 
@@ -26,10 +27,11 @@ __all__ = ["apply_overrides", "build_dataclass", "dataclass_to_dict", "load_yaml
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping from ``path``; raise :class:`ConfigError` naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: config file not found. Check the path, or omit the option to use the default.")
+    text = read_text(path, "config file (YAML)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -10,15 +10,114 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from slmstack.errors import InputError
+from slmstack.errors import InputError, SlmstackError
 
-__all__ = ["atomic_write_json", "atomic_write_text", "iter_jsonl", "read_done_jsonl"]
+__all__ = [
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_output_dir",
+    "check_output_file",
+    "check_input_file",
+    "guard_read",
+    "iter_jsonl",
+    "read_done_jsonl",
+    "read_json",
+    "read_text",
+]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def check_input_file(path: Path, what: str, fix: str = "") -> Path:
+    """``path`` if it is an existing regular file, else an :class:`InputError` naming it and the fix."""
+    path = Path(path)
+    fix = f" {fix}" if fix else ""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, but the {what} must be a file.{fix}")
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found. Check the path.{fix}")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file; the {what} must be a file.{fix}")
+    return path
+
+
+@contextmanager
+def guard_read(path: Path, what: str, fix: str = "", error: type[SlmstackError] = InputError) -> Iterator[None]:
+    """Turn any failure while reading ``path`` (unreadable, corrupt, wrong format) into one :class:`InputError`.
+
+    File formats are parsed by other libraries (gguf, safetensors, json, yaml), each with its own
+    exception types; at this boundary every one of them means "this file cannot be used", so they
+    all become the same clear message naming the file and the fix.
+
+    Example:
+        >>> with guard_read(path, "adapter weights", "re-save the adapter"):
+        ...     tensors = load_file(path)
+    """
+    try:
+        yield
+    except SlmstackError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (see the docstring: a corrupt file raises anything)
+        reason = _reason(exc)
+        raise error(f"{path}: cannot read the {what} ({reason}).{f' {fix}' if fix else ''}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) < 160 else text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_text(path: Path, what: str, fix: str = "") -> str:
+    """The UTF-8 text of a file, or an :class:`InputError` naming the path, what it should be, and the fix."""
+    path = check_input_file(path, what, fix)
+    with guard_read(path, what, fix):
+        return path.read_text(encoding="utf-8")
+
+
+def read_json(path: Path, what: str, fix: str = "") -> Any:
+    """Parse a JSON file; a malformed one raises :class:`InputError` with the file and line."""
+    text = read_text(path, what, fix)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        suffix = f" {fix}" if fix else ""
+        raise InputError(f"{path}:{exc.lineno}: the {what} is not valid JSON ({exc.msg}).{suffix}") from None
+
+
+def check_output_file(path: Path, what: str) -> Path:
+    """``path`` if a file can be written there: not a directory, and no parent is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; the {what} must be a file path (e.g. {path / 'results.jsonl'}).")
+    _check_parents(path, what)
+    return path
+
+
+def check_output_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a directory or can become one: an existing file there is refused, never replaced."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a directory; the {what} must be a directory. Use another path.")
+    _check_parents(path, what)
+    return path
+
+
+def _check_parents(path: Path, what: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{path}: {parent} is a file, so the {what} cannot be created there.")
+            return
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -50,24 +149,23 @@ def iter_jsonl(path: Path, skip_bad: bool = False) -> Iterator[tuple[int, dict[s
     Raises:
         InputError: naming the file and line of a malformed line (unless ``skip_bad``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: input file not found")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
+    path = check_input_file(path, "input file")
+    with guard_read(path, "input file"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if skip_bad:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if skip_bad:
-                    continue
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}). Fix or remove the line.") from None
-            if not isinstance(record, dict):
-                if skip_bad:
-                    continue
-                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}). Fix or remove the line.") from None
+        if not isinstance(record, dict):
+            if skip_bad:
+                continue
+            raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def read_done_jsonl(path: Path, key: str) -> set[Any]:
@@ -76,19 +174,20 @@ def read_done_jsonl(path: Path, key: str) -> set[Any]:
     A process killed mid-append can leave a partial last line; it is cut off so that the item is
     simply redone on resume.
     """
-    path = Path(path)
-    if not path.is_file():
+    path = check_output_file(path, "results file")
+    if not path.exists():
         return set()
-    data = path.read_bytes()
+    with guard_read(path, "results file", "Pass another output path, or remove the file to start over."):
+        data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end != len(data):
         with path.open("r+b") as fh:
             fh.truncate(end)
     done = set()
-    for line in data[:end].decode("utf-8").splitlines():
+    for line in data[:end].decode("utf-8", errors="replace").splitlines():
         if line.strip():
             try:
                 done.add(json.loads(line)[key])
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 raise InputError(f"{path}: not a results file written by slmstack (line lacks {key!r})") from None
     return done

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from slmstack.errors import ConfigError, ModelNotFoundError
+from slmstack.errors import ConfigError, InputError, ModelNotFoundError
+from slmstack.io import guard_read, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,19 @@ class LoadedModel:
 
 
 def cache_root() -> Path:
-    """The slmstack cache directory: ``$SLMSTACK_CACHE``, else ``$XDG_CACHE_HOME/slmstack``, else ``~/.cache``."""
+    """The slmstack cache directory: ``$SLMSTACK_CACHE``, else ``$XDG_CACHE_HOME/slmstack``, else ``~/.cache``.
+
+    Raises:
+        ConfigError: the chosen path exists and is not a directory.
+    """
     if os.environ.get("SLMSTACK_CACHE"):
-        return Path(os.environ["SLMSTACK_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "slmstack"
+        root, source = Path(os.environ["SLMSTACK_CACHE"]).expanduser(), "SLMSTACK_CACHE"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root, source = Path(xdg).expanduser() / "slmstack", "XDG_CACHE_HOME"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: the slmstack cache ({source}) is not a directory. Point {source} at a folder.")
+    return root
 
 
 def default_gguf_path() -> Path:
@@ -180,7 +189,9 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     processes converting at once never leave a half-written cache entry: the loser of the rename
     race discards its copy and uses the winner's.
     """
-    digest = _file_sha256(gguf)
+    _check_gguf_magic(gguf)
+    with guard_read(gguf, "GGUF model file", error=ModelNotFoundError):
+        digest = _file_sha256(gguf)
     models = cache_root() / "models"
     final = models / digest[:24]
     if (final / _CACHE_MARKER).is_file():
@@ -189,7 +200,8 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     logger.info("first load of %s: dequantizing to safetensors in %s (once)", gguf.name, final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:24]}-", dir=models))
     try:
-        _convert_gguf(gguf, tmp)
+        with guard_read(gguf, "GGUF model file", _GGUF_FIX, error=ModelNotFoundError):
+            _convert_gguf(gguf, tmp)
         marker = {"source": str(gguf), "sha256": digest, "created": time.time()}
         (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2))
         try:
@@ -201,6 +213,16 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+_GGUF_FIX = "The file is corrupt or truncated: download it again, or use another model reference."
+
+
+def _check_gguf_magic(gguf: Path) -> None:
+    with guard_read(gguf, "GGUF model file", error=ModelNotFoundError), gguf.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelNotFoundError(f"{gguf}: not a GGUF file (it does not start with the GGUF magic bytes). {_GGUF_FIX}")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -246,17 +268,13 @@ def load_model(ref: str | Path, device: str = "auto", dtype: str = "auto") -> Lo
     source = resolved.location
     if resolved.kind == "gguf":
         source = str(_gguf_cache_dir(Path(resolved.location)))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        if resolved.kind != "hub":
-            raise ModelNotFoundError(f"{resolved.location}: could not load the model: {exc}") from None
-        raise ModelNotFoundError(
-            f"could not load {resolved.ref!r} from the Hugging Face hub (offline or unreachable?): "
-            f"{str(exc).splitlines()[0]} Download it where the hub is reachable and pass the local "
-            "directory, pass a .gguf file, or use 'default'."
-        ) from None
+    if resolved.kind != "hub":
+        fix = "Re-save it with save_pretrained (safetensors), or pass another model reference."
+        with guard_read(Path(source), "model directory", fix, error=ModelNotFoundError):
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True)
+    else:
+        tokenizer, model = _load_hub(resolved, torch_dtype)
     model.to(torch_device).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -273,12 +291,28 @@ def load_model(ref: str | Path, device: str = "auto", dtype: str = "auto") -> Lo
     return LoadedModel(model, tokenizer, resolved, torch_device, seconds, identity)
 
 
+def _load_hub(resolved: ResolvedRef, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location)
+        return tokenizer, AutoModelForCausalLM.from_pretrained(resolved.location, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"could not load {resolved.ref!r} from the Hugging Face hub (offline or unreachable?): "
+            f"{str(exc).splitlines()[0]} Download it where the hub is reachable and pass the local "
+            "directory, pass a .gguf file, or use 'default'."
+        ) from None
+
+
 def list_cached_models() -> list[dict[str, Any]]:
     """Describe every complete entry in the GGUF cache (source, hash, size on disk)."""
     models = cache_root() / "models"
     entries = []
     for marker in sorted(models.glob(f"*/{_CACHE_MARKER}")) if models.is_dir() else []:
-        info = json.loads(marker.read_text())
+        info = read_json(marker, "cache entry marker", f"Delete the damaged cache entry {marker.parent}.")
+        if not isinstance(info, dict):
+            raise InputError(f"{marker}: the cache entry marker is not a JSON object. Delete {marker.parent}.")
         size = sum(p.stat().st_size for p in marker.parent.iterdir() if p.is_file())
         entries.append(
             {"path": str(marker.parent), "source": info.get("source"), "sha256": info.get("sha256"), "bytes": size}

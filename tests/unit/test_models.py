@@ -99,7 +99,7 @@ def test_two_processes_filling_the_cache_do_not_corrupt_it(tmp_path: Path) -> No
 
 def test_cache_is_reused_and_failed_conversion_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"other content")
+    gguf.write_bytes(b"GGUF other content")
     calls = []
 
     def failing(g: Path, out: Path) -> None:
@@ -107,7 +107,7 @@ def test_cache_is_reused_and_failed_conversion_leaves_nothing(tmp_path: Path, mo
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(models, "_convert_gguf", failing)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(ModelNotFoundError, match="m.gguf: cannot read the GGUF model file .RuntimeError: disk full"):
         models._gguf_cache_dir(gguf)
     assert list((models.cache_root() / "models").iterdir()) == []
     monkeypatch.setattr(models, "_convert_gguf", lambda g, out: calls.append(out))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from slmstack.cli import evaluate, prune, run, train  # noqa: F401  (registers the verbs)
 from slmstack.cli.common import VERBS
@@ -17,9 +18,17 @@ from slmstack.errors import SlmstackError
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where help is), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line naming the problem and the help command, then exit 2."""
+        self.exit(2, f"{self.prog}: error: {message}. See: {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per registered verb."""
-    parser = argparse.ArgumentParser(prog="slmstack", description="Stacks of small language models.")
+    parser = _Parser(prog="slmstack", description="Stacks of small language models.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (add_args, handler, helptext) in VERBS.items():
@@ -41,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except SlmstackError as exc:
         print(f"slmstack {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no (permissions, disk full, a path of the wrong kind)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"slmstack {args.verb}: error: {where}{exc.strerror or exc}. Check the path.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is saved (rerun the same command to resume)", file=sys.stderr)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from slmstack.cli.common import VERBS, add_stack_args
 from slmstack.errors import InputError
+from slmstack.io import check_output_file
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -32,8 +33,16 @@ def eval_cmd(args: argparse.Namespace) -> int:
     if args.model and (args.stack or args.overrides):
         raise InputError("give either --model (with --adapter) or --stack, not both")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for task in tasks:  # fail on unknown tasks before loading a model
+    if not tasks:
+        raise InputError("--tasks is empty; name tasks such as arc_easy,hellaswag or task YAML paths")
+    for task in tasks:  # fail on unknown tasks and bad paths before loading a model
         get_task(task)
+    check_output_file(args.out, "--out results file")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise InputError(f"{args.data_dir}: --data-dir is not a directory; pass the folder holding the tasks' files")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} {value}: must be at least 1")
     if args.model:
         target = ModelTarget.from_ref(args.model, args.adapter)
     else:
@@ -55,6 +64,9 @@ def compare_cmd(args: argparse.Namespace) -> int:
     """Print a side-by-side table and write a bar chart."""
     from slmstack.evaluation.compare import compare_table, load_runs, plot_runs
 
+    check_output_file(args.png, "--png chart")
+    if args.png.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise InputError(f"{args.png}: --png must end in .png, .pdf or .svg")
     runs = load_runs(args.runs)
     print(compare_table(runs))
     print(f"wrote {plot_runs(runs, args.png)}")

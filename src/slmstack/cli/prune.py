@@ -10,6 +10,7 @@ from typing import Any
 
 from slmstack.cli.common import VERBS
 from slmstack.errors import ConfigError
+from slmstack.io import check_input_file, check_output_dir, read_text
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +36,7 @@ def _perplexity(model: Any, tok: Any, text_path: Path | None, seqlen: int) -> fl
 
     if text_path is None:
         return None
-    ll, n = Scorer(model, tok, max_length=seqlen).loglikelihood_rolling(text_path.read_text())
+    ll, n = Scorer(model, tok, max_length=seqlen).loglikelihood_rolling(read_text(text_path, "--eval-text file"))
     return math.exp(-ll / n)
 
 
@@ -66,6 +67,12 @@ def prune_cmd(args: argparse.Namespace) -> int:
     )  # fmt: skip  (validates every sparsity before any work)
     if structured and args.calibration is None:
         raise ConfigError("structured pruning ranks channels by their activations: pass --calibration FILE")
+    if structured and (any(not 0 <= r < 1 for r in args.sparsity) or args.nsamples < 1 or args.seqlen < 2):
+        raise ConfigError("structured: --sparsity ratios must be in [0, 1), --nsamples >= 1 and --seqlen >= 2")
+    check_output_dir(args.out, "--out folder")  # fail on bad paths before loading a model
+    for flag, path in (("--calibration", args.calibration), ("--eval-text", args.eval_text)):
+        if path is not None:
+            check_input_file(path, f"{flag} file")
     base = load_model(args.model, device="cpu", dtype="float32")
     calibration = None
     if args.calibration is not None:

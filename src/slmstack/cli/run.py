@@ -9,6 +9,7 @@ from typing import Any
 
 from slmstack.cli.common import VERBS, add_stack_args
 from slmstack.errors import InputError, SlmstackError
+from slmstack.io import check_input_file, check_output_file
 
 
 # ---------------------------------------------------------------- run
@@ -32,6 +33,11 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("--input needs --output FILE for the results (JSONL)")
     if args.question is not None and not args.question.strip():
         raise InputError("the question is empty; give some text")
+    if args.input is not None:  # fail on bad paths before loading a model
+        check_input_file(args.input, "--input file")
+        check_output_file(args.output, "--output results file")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be at least 1")
     stack = Stack.from_config(args.stack, args.overrides, show_progress=False)
     if args.input is not None:
         from slmstack.stack.batch_io import run_file

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from slmstack.cli.common import VERBS, add_stack_args
 from slmstack.errors import ConfigError, InputError
+from slmstack.io import check_output_dir
 
 
 def _columns(text: str | None) -> dict[str, str] | None:
@@ -41,7 +43,15 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="override every stage's max_new_tokens for the teacher")
     p.add_argument("--final-target", choices=["reference", "teacher"], default="reference",
                    help="last stage's target: the data's output if any (default), or the teacher's")  # fmt: skip
-    p.add_argument("--keep-unfinished", action="store_true", help="keep outputs cut at max_new_tokens")
+    p.add_argument(
+        "--unfinished",
+        choices=["trim", "keep", "drop"],
+        default=None,
+        help="outputs cut at the token limit: trim to the last sentence (default), keep, or drop",
+    )
+    p.add_argument("--keep-unfinished", action="store_true", help="same as --unfinished keep")
+    p.add_argument("--min-kept", type=float, default=0.5,
+                   help="warn (last line) when less than this share of the items is kept")  # fmt: skip
     p.add_argument("--max-chars", type=int, default=2000, help="drop longer outputs as over_long")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
     p.add_argument("--overwrite", action="store_true", help="replace a different distillation in --out")
@@ -51,17 +61,19 @@ def distill_cmd(args: argparse.Namespace) -> int:
     """Run the teacher through the stack's stages and write per-stage datasets."""
     from slmstack.stack.config import load_stack_config
     from slmstack.training.data import read_examples
-    from slmstack.training.distill import DistillConfig, distill
+    from slmstack.training.distill import DistillConfig, distill, keep_advice
     from slmstack.training.teachers import LocalTeacher, OpenAITeacher
 
     if bool(args.teacher) == bool(args.teacher_url):
         raise InputError("give exactly one teacher: --teacher REF, or --teacher-url URL --teacher-model NAME")
     if args.teacher_url and not args.teacher_model:
         raise InputError("--teacher-url needs --teacher-model NAME (the model the endpoint serves)")
+    check_output_dir(args.out, "--out directory")
     stack = load_stack_config(args.stack, args.overrides)
     data = read_examples(args.data, args.format, _columns(args.columns), args.skip_bad, args.limit)
     cfg = DistillConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_chars=args.max_chars,
-                        drop_unfinished=not args.keep_unfinished, final_target=args.final_target,
+                        unfinished=args.unfinished or ("keep" if args.keep_unfinished else "trim"),
+                        final_target=args.final_target,
                         overwrite=args.overwrite)  # fmt: skip
     if args.teacher_url:
         teacher: Any = OpenAITeacher(args.teacher_url, args.teacher_model, args.api_key_env, retries=args.retries)
@@ -75,6 +87,10 @@ def distill_cmd(args: argparse.Namespace) -> int:
     summary = {"kept": report.kept, "total": report.total, "dropped": report.dropped,
                "skipped_bad_records": len(data.skipped), "seconds": report.seconds, "out": str(args.out)}  # fmt: skip
     print(json.dumps(summary))
+    if report.kept == 0:
+        raise InputError(f"nothing usable to train on: {keep_advice(report)}")
+    if report.kept < args.min_kept * report.total:
+        print(f"slmstack distill: warning: only {keep_advice(report)}", file=sys.stderr)
     return 0
 
 
@@ -132,6 +148,10 @@ def train_cmd(args: argparse.Namespace) -> int:
     from slmstack.stack.config import load_stack_config
     from slmstack.training.trainer import train_stack
 
+    if not args.data.is_dir():
+        what = "is a file" if args.data.exists() else "does not exist"
+        raise InputError(f"{args.data}: --data {what}; pass the directory slmstack distill wrote (<stage>.jsonl).")
+    check_output_dir(args.out, "--out directory")
     stack = load_stack_config(args.stack, args.overrides)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     if stages:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from slmstack.errors import InputError
 from slmstack.evaluation.harness import main_metric
+from slmstack.io import read_json
 
 __all__ = ["compare_table", "load_runs", "plot_runs"]
 
@@ -16,11 +16,8 @@ def load_runs(paths: list[str | Path]) -> list[tuple[str, dict[str, Any]]]:
     """(label, results) for each file; the label is the file's stem."""
     runs = []
     for p in map(Path, paths):
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{p}: not a readable results file ({exc})") from None
-        if "tasks" not in data:
+        data = read_json(p, "results file", "Pass the JSON that slmstack eval --out wrote.")
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
             raise InputError(f"{p}: not an slmstack eval results file (no 'tasks')")
         runs.append((p.stem, data))
     if not runs:

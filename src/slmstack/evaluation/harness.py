@@ -50,7 +50,23 @@ def _field(doc: Doc, name: str, task: str) -> Any:
 
 
 def _choices(spec: TaskSpec, doc: Doc) -> list[str]:
-    return list(spec.choices) if isinstance(spec.choices, list) else list(_field(doc, spec.choices, spec.name))
+    choices = spec.choices if isinstance(spec.choices, list) else _field(doc, spec.choices, spec.name)
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+        raise InputError(f"{doc.where}: task {spec.name!r} needs a non-empty list of text choices, got {choices!r}")
+    return list(choices)
+
+
+def _gold_index(spec: TaskSpec, doc: Doc, n_choices: int) -> int:
+    """The gold choice index; an index that is not an integer in range is an error, never scored."""
+    gold = _field(doc, spec.gold, spec.name)
+    if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
+        gold = int(gold)
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < n_choices:
+        raise InputError(
+            f"{doc.where}: task {spec.name!r}: gold {gold!r} (field {spec.gold!r}) is not a choice index; "
+            f"it must be an integer from 0 to {n_choices - 1}. Fix the record or the task's 'gold' field."
+        )
+    return gold
 
 
 def _accuracy(values: dict[str, list[float]]) -> dict[str, float]:
@@ -73,7 +89,7 @@ def _multiple_choice(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer
             spans.append((len(pairs), len(pairs) + n))
             pairs += [(next(it), delim + cont) for _ in range(n)]
             lengths.append([float(len(cont))] * n)
-            golds.append(int(_field(d, spec.gold, spec.name)))
+            golds.append(_gold_index(spec, d, n))
     else:
         prepared, delim = target.prepare([_render(spec.text, d, spec.name) for d in docs], spec.target_delimiter)
         for d, ctx in zip(docs, prepared, strict=True):
@@ -81,7 +97,7 @@ def _multiple_choice(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer
             spans.append((len(pairs), len(pairs) + len(choices)))
             pairs += [(ctx, delim + c) for c in choices]
             lengths.append([float(len(c)) for c in choices])  # lm-eval normalises by characters
-            golds.append(int(_field(d, spec.gold, spec.name)))
+            golds.append(_gold_index(spec, d, len(choices)))
     lls = [ll for ll, _ in scorer.loglikelihood(pairs)]
     acc, acc_norm = [], []
     for (a, b), gold, lens in zip(spans, golds, lengths, strict=True):

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from slmstack.config import build_dataclass, dataclass_to_dict, load_yaml
 from slmstack.errors import ConfigError, InputError
+from slmstack.io import check_input_file, guard_read, read_json, read_text
 from slmstack.registry import Registry
 
 __all__ = ["PREPROCESSORS", "TASKS", "Doc", "HFSource", "TaskSpec", "get_task", "load_docs", "load_task_file"]
@@ -206,18 +207,19 @@ def get_task(name_or_path: str) -> TaskSpec:
 
 # ---------------------------------------------------------------- data
 def _read_file(path: Path, kind: str) -> list[Doc]:
-    if not path.is_file():
-        raise InputError(f"{path}: task data file not found")
+    check_input_file(path, "task data file", "Check --data-dir, or the task's data_file.")
     if path.suffix == ".raw" or (kind == "perplexity" and path.suffix == ".txt"):
         return _split_wiki_pages(path)
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
+        with guard_read(path, "task data file (CSV)"), path.open(newline="", encoding="utf-8") as fh:
             return [Doc(f"{path}:{i + 2}", row) for i, row in enumerate(csv.DictReader(fh))]
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, "task data file")
+        if not isinstance(data, list):
+            raise InputError(f"{path}: a .json task data file must hold a list of records")
         return [Doc(f"{path} record {i}", rec) for i, rec in enumerate(data)]
     docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "task data file").splitlines(), start=1):
         if line.strip():
             try:
                 docs.append(Doc(f"{path}:{number}", json.loads(line)))
@@ -232,7 +234,7 @@ _HEADING = re.compile(r"^ = [^=].* = $")
 def _split_wiki_pages(path: Path) -> list[Doc]:
     """Split raw WikiText into articles at top-level headings, as the document-level dataset does."""
     pages: list[list[str]] = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    for line in read_text(path, "text file").splitlines(keepends=True):
         if _HEADING.match(line.rstrip("\n")) or not pages:
             pages.append([])
         pages[-1].append(line)

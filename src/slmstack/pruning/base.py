@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from slmstack.errors import ConfigError
 from slmstack.pruning.masks import layer_mask, nm_mask, row_mask
 from slmstack.registry import Registry
 
@@ -32,11 +33,11 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.nsamples < 1 or self.seqlen < 2:
-            raise ValueError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+            raise ConfigError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
 
 
 class LayerStats:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from slmstack.arch import get_arch, get_decoder_layers
 from slmstack.errors import ConfigError, InputError
+from slmstack.io import read_text
 from slmstack.models import resolve_precision
 from slmstack.pruning import methods  # noqa: F401  (registers the methods)
 from slmstack.pruning.base import PRUNERS, LayerStats, PruneConfig
@@ -52,9 +53,8 @@ def load_calibration(tokenizer: Any, path: str | Path, nsamples: int, seqlen: in
         InputError: the file is missing, or holds fewer than ``nsamples * seqlen`` tokens (says how many).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: calibration file not found. Pass a plain-text file (e.g. a slice of a corpus).")
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    text = read_text(path, "calibration file", "Pass a plain-text file (e.g. a slice of a corpus).")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     need = nsamples * seqlen
     if len(ids) < need:
         raise InputError(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from slmstack.errors import ConfigError
-from slmstack.io import atomic_write_json
+from slmstack.io import atomic_write_json, check_output_dir, read_json
 from slmstack.pruning.engine import PruneResult
 from slmstack.pruning.masks import save_masks
 
@@ -24,7 +23,7 @@ def save_pruned(result: PruneResult, tokenizer: Any, out: Path, overwrite: bool 
     The directory is written under a temp name and renamed into place. An existing directory that is
     not a previous slmstack prune output is refused unless ``overwrite``.
     """
-    out = Path(out)
+    out = check_output_dir(Path(out), "pruned model directory")
     if out.exists():
         ours = (out / REPORT).is_file()
         if not overwrite or not ours:
@@ -48,4 +47,4 @@ def save_pruned(result: PruneResult, tokenizer: Any, out: Path, overwrite: bool 
 
 def read_report(path: Path) -> dict[str, Any]:
     """The ``prune_report.json`` of a pruned model directory."""
-    return json.loads((Path(path) / REPORT).read_text())
+    return read_json(Path(path) / REPORT, "prune report")

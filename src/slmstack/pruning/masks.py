@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slmstack.errors import ConfigError
+from slmstack.io import check_input_file, guard_read
 
 __all__ = ["load_masks", "parse_pattern", "row_mask", "save_masks", "nm_mask", "layer_mask"]
 
@@ -72,7 +73,8 @@ def save_masks(masks: dict[str, torch.Tensor], path: Path) -> Path:
 def load_masks(path: Path) -> dict[str, torch.Tensor]:
     """Inverse of :func:`save_masks`: boolean keep-masks (True = the weight was kept)."""
     masks = {}
-    with safe_open(str(path), framework="pt") as fh:
+    path = check_input_file(Path(path), "masks file", "Point at a slmstack prune output directory.")
+    with guard_read(path, "masks file", "Prune again to rewrite it."), safe_open(str(path), framework="pt") as fh:
         shapes = json.loads(fh.metadata()["shapes"])
         for name in fh.keys():
             shape = shapes[name]

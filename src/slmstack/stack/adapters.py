@@ -7,7 +7,6 @@ shape. A mismatch raises :class:`AdapterMismatchError` naming the stage, the fil
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from slmstack.errors import AdapterMismatchError
+from slmstack.io import guard_read, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,19 @@ def check_adapter(base: nn.Module, path: Path, label: str, base_ref: str | None 
             f"{where} has no {ADAPTER_WEIGHTS}. slmstack loads weights only from safetensors, never pickle "
             "(.bin); re-save it with save_pretrained(safe_serialization=True)."
         )
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    fix = "Re-save the adapter with save_pretrained, or retrain it (slmstack train)."
+    config = read_json(path / ADAPTER_CONFIG, "adapter config", fix)
+    if not isinstance(config, dict):
+        raise AdapterMismatchError(f"{where}: {ADAPTER_CONFIG} is not a JSON object. {fix}")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterMismatchError(f"{where} is a {config.get('peft_type')} adapter; only LoRA is supported.")
     modules = dict(_unwrap(base).named_modules())
-    with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as fh:
-        for key in fh.keys():
-            _check_tensor(where, key, fh.get_slice(key).get_shape(), modules)
+    weights = path / ADAPTER_WEIGHTS
+    with guard_read(weights, "adapter weights (safetensors)", fix, error=AdapterMismatchError):
+        with safe_open(str(weights), framework="pt") as fh:
+            shapes = {key: fh.get_slice(key).get_shape() for key in fh.keys()}
+    for key, shape in shapes.items():
+        _check_tensor(where, key, shape, modules)
     named = config.get("base_model_name_or_path")
     # peft records the directory the base was loaded from (for a GGUF: its cache entry)
     known = {base_ref, getattr(_unwrap(base), "name_or_path", None)}

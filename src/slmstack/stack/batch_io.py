@@ -11,7 +11,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from slmstack.errors import InputError
-from slmstack.io import iter_jsonl, read_done_jsonl
+from slmstack.io import check_output_file, iter_jsonl, read_done_jsonl, read_text
 from slmstack.stack.runtime import Stack
 
 logger = logging.getLogger(__name__)
@@ -29,9 +29,7 @@ def read_inputs(path: Path, field: str | None = None) -> list[tuple[int, str, di
     """
     path = Path(path)
     if path.suffix == ".txt":
-        if not path.is_file():
-            raise InputError(f"{path}: input file not found")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text(path, "input file").splitlines()
         return [(n, line.strip(), {}) for n, line in enumerate(lines, start=1) if line.strip()]
     items = []
     for number, record in iter_jsonl(path):
@@ -56,6 +54,7 @@ def run_file(
     Each batch is appended and fsynced as soon as it is done; items already in the output (matched by
     input line number) are skipped, so a killed run resumes where it stopped.
     """
+    check_output_file(output_path, "--output results file")
     items = read_inputs(input_path, field)
     done = read_done_jsonl(output_path, "line")
     todo = [item for item in items if item[0] not in done]

@@ -46,11 +46,11 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample: false for greedy")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}; use do_sample: false for greedy")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(kw_only=True)
@@ -65,7 +65,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name == INPUT_FIELD:
-            raise ValueError(f"stage name {self.name!r} must be a Python identifier other than 'input'")
+            raise ConfigError(f"stage name {self.name!r} must be a Python identifier other than 'input'")
 
 
 @dataclass(kw_only=True)
@@ -92,9 +92,9 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         if not self.stages:
-            raise ValueError("stages: a stack needs at least one stage")
+            raise ConfigError("stages: a stack needs at least one stage")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         _check_templates(self.stages)
 
     def stage(self, name: str) -> StageConfig:
@@ -119,7 +119,7 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ValueError(f"template is not a valid format string ({exc}); write {{{{ and }}}} for braces") from None
+        raise ConfigError(f"template is not a valid format string ({exc}); write {{{{ and }}}} for braces") from None
     return [name for _, name, _, _ in parsed if name is not None]
 
 
@@ -128,11 +128,11 @@ def _check_templates(stages: list[StageConfig]) -> None:
     all_names = [s.name for s in stages]
     for i, stage in enumerate(stages):
         if stage.name in seen:
-            raise ValueError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
+            raise ConfigError(f"stages[{i}].name: duplicate stage name {stage.name!r}")
         try:
             names = template_fields(stage.template)
         except ValueError as exc:
-            raise ValueError(f"stages[{i}].template ({stage.name}): {exc}") from None
+            raise ConfigError(f"stages[{i}].template ({stage.name}): {exc}") from None
         for ref in names:
             if ref == INPUT_FIELD or ref in seen:
                 continue
@@ -143,7 +143,7 @@ def _check_templates(stages: list[StageConfig]) -> None:
             else:
                 allowed = ", ".join("{" + n + "}" for n in [INPUT_FIELD, *seen])
                 problem = f"refers to unknown field {{{ref}}}; allowed here: {allowed}"
-            raise ValueError(f"stages[{i}].template ({stage.name}) {problem}")
+            raise ConfigError(f"stages[{i}].template ({stage.name}) {problem}")
         seen.append(stage.name)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from slmstack.io import atomic_write_text
+from slmstack.io import atomic_write_text, guard_read
 
 __all__ = ["Checkpoint", "load_latest", "save_checkpoint"]
 
@@ -91,12 +91,14 @@ def load_latest(root: Path) -> Checkpoint | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
-    meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    rng = tensors.pop("__rng__")
-    return Checkpoint(
-        step=meta["step"], adapter=load_file(str(path / "adapter.safetensors")),
-        optimizer=_unflatten_optimizer(tensors, meta["optimizer"]), scheduler=meta["scheduler"], rng=rng,
-        extra=meta["extra"],
-    )  # fmt: skip
+    fix = "The checkpoint is damaged: rerun without --resume (or with --overwrite) to start over."
+    with guard_read(pointer, "checkpoint", fix):
+        path = root / pointer.read_text().strip()
+        meta = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = tensors.pop("__rng__")
+        return Checkpoint(
+            step=meta["step"], adapter=load_file(str(path / "adapter.safetensors")),
+            optimizer=_unflatten_optimizer(tensors, meta["optimizer"]), scheduler=meta["scheduler"], rng=rng,
+            extra=meta["extra"],
+        )  # fmt: skip

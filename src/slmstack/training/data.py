@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slmstack.errors import InputError
+from slmstack.io import check_input_file, read_text
 from slmstack.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _detect(record: dict[str, Any], where: str) -> str:
 
 def _records(path: Path, skip_bad: bool, skipped: list[str]) -> list[tuple[str, Any]]:
     """(location, record) pairs from a .json array or a .jsonl file."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -94,9 +95,7 @@ def _files(source: Path) -> list[Path]:
         if not files:
             raise InputError(f"{source}: directory holds no .json or .jsonl files")
         return files
-    if not source.is_file():
-        raise InputError(f"{source}: data file not found")
-    return [source]
+    return [check_input_file(source, "data file", "Pass a .json/.jsonl file, a directory of them, or hf:NAME.")]
 
 
 def _to_example(where: str, rec: Any, mapping: dict[str, str], index: int) -> Example:

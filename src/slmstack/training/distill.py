@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 
 from slmstack.config import dataclass_to_dict
 from slmstack.errors import ConfigError
-from slmstack.io import atomic_write_json, atomic_write_text, read_done_jsonl
+from slmstack.io import atomic_write_json, atomic_write_text, check_output_dir, read_done_jsonl, read_json
 from slmstack.stack.config import INPUT_FIELD, StackConfig, save_stack_config
 from slmstack.training.data import Example
 from slmstack.training.teachers import Teacher, TeacherReply
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillConfig", "DistillReport", "distill", "find_problem"]
+__all__ = ["DistillConfig", "DistillReport", "distill", "find_problem", "keep_advice", "settle_reply"]
 
 JOURNAL = "journal.jsonl"
 META = "distill.json"
@@ -43,11 +43,22 @@ class DistillConfig:
     batch_size: int = field(default=16, metadata={"help": "instructions per teacher batch"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "override every stage's limit"})
     max_chars: int = field(default=2000, metadata={"help": "longer outputs are dropped as over_long"})
-    drop_unfinished: bool = field(default=True, metadata={"help": "drop outputs cut at max_new_tokens"})
+    unfinished: Literal["trim", "keep", "drop"] = field(
+        default="trim",
+        metadata={"help": "outputs cut at the token limit: trim to the last complete sentence, keep, or drop"},
+    )
     final_target: Literal["reference", "teacher"] = field(
         default="reference", metadata={"help": "last stage's target: the data's own output when it has one"}
     )
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_chars < 1:
+            raise ConfigError(f"max_chars must be >= 1, got {self.max_chars}")
 
 
 @dataclass
@@ -60,17 +71,47 @@ class DistillReport:
     resumed: int
     seconds: float
     per_stage: dict[str, int] = field(default_factory=dict)
+    kept_cut: dict[str, int] = field(default_factory=dict)  # "trimmed@stage"/"cut@stage": kept but cut at the limit
 
 
 _WORD = re.compile(r"\w+")
+# the end of a sentence: . ! ? (and closing quotes/brackets) before whitespace or the end; or a line break
+# (a numbered-list marker such as "2." at the start of a line is not a sentence end)
+_SENTENCE_END = re.compile(r"(?m)(?<!^\d)(?<!^\d\d)[.!?][\"')\]]*(?=\s|$)|\n")
 
 
-def find_problem(reply: TeacherReply, max_chars: int, drop_unfinished: bool = True) -> str | None:
-    """Why an output is unusable (``empty``, ``degenerate``, ``over_long``), or None if it is fine."""
+def settle_reply(reply: TeacherReply, unfinished: str = "trim") -> tuple[str, str]:
+    """The text to keep and how it ended: ``stop``, ``trimmed`` (cut, then trimmed to a sentence) or ``cut``.
+
+    A reply cut at the token limit is trimmed to its last complete sentence (``unfinished="trim"``);
+    one with no complete sentence is kept as cut. ``keep`` keeps every cut reply as it is.
+
+    Example:
+        >>> settle_reply(TeacherReply("One. Two is ha", finished=False))
+        ('One.', 'trimmed')
+    """
+    text = reply.text.strip()
+    if reply.finished:
+        return text, "stop"
+    if unfinished == "trim":
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        trimmed = text[: ends[-1]].strip() if ends else ""
+        if trimmed:
+            return trimmed, "trimmed"
+    return text, "cut"
+
+
+def find_problem(reply: TeacherReply, max_chars: int, unfinished: str = "trim") -> str | None:
+    """Why an output is unusable (``empty``, ``unfinished``, ``over_long``, ``degenerate``), or None if fine.
+
+    ``unfinished`` is given only when the policy is ``drop`` and the reply was cut at the token limit.
+    """
     text = reply.text.strip()
     if not text:
         return "empty"
-    if len(text) > max_chars or (drop_unfinished and not reply.finished):
+    if unfinished == "drop" and not reply.finished:
+        return "unfinished"
+    if len(text) > max_chars:
         return "over_long"
     words = _WORD.findall(text.lower())
     if len(words) >= 20 and len(set(words)) / len(words) < 0.3:
@@ -91,9 +132,10 @@ def _sha(text: str) -> str:
 
 
 def _check_out_dir(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
+    check_output_dir(out, "distillation output (--out)")
     path = out / META
-    if path.is_file():
-        old = json.loads(path.read_text())
+    if path.exists():
+        old = read_json(path, "distillation metadata", "Use another --out, or pass --overwrite.")
         if old != meta and not overwrite:
             raise ConfigError(
                 f"{out} already holds a distillation with other settings (teacher, stack or data differ). "
@@ -120,15 +162,19 @@ def _run_item_batch(stack: StackConfig, teacher: Teacher, batch: list[Example], 
         asked = [i for i in alive if i not in use_ref]
         replies = dict(zip(asked, teacher.generate([(stage.role, prompts[i]) for i in asked], settings), strict=True))
         for i in alive:
-            reply = TeacherReply(batch[i].output or "") if i in use_ref else replies[i]
-            problem = None if i in use_ref else find_problem(reply, cfg.max_chars, cfg.drop_unfinished)
-            if problem:
-                rows[i].update(ok=False, reason=problem, stage=stage.name, rejected=reply.text[:500])
-                continue
-            values[i][stage.name] = reply.text
-            rows[i]["outputs"][stage.name] = reply.text
+            if i in use_ref:
+                text, finish = batch[i].output or "", "reference"
+            else:
+                text, finish = settle_reply(replies[i], cfg.unfinished)
+                problem = find_problem(TeacherReply(text, replies[i].finished), cfg.max_chars, cfg.unfinished)
+                if problem:
+                    rows[i].update(ok=False, reason=problem, stage=stage.name, rejected=replies[i].text[:500])
+                    continue
+            values[i][stage.name] = text
+            rows[i]["outputs"][stage.name] = text
             rows[i]["prompts"][stage.name] = prompts[i]
             rows[i]["sources"][stage.name] = "reference" if i in use_ref else "teacher"
+            rows[i].setdefault("finish", {})[stage.name] = finish
     now = time.time()
     for row in rows:
         row["time"] = now
@@ -194,15 +240,35 @@ def _materialize(stack: StackConfig, teacher: str, out: Path, resumed: int) -> D
     kept = [r for r in rows if r["ok"]]
     dropped = Counter(f"{r['reason']}@{r['stage']}" for r in rows if not r["ok"])
     per_stage = {}
+    finishes: Counter[str] = Counter()
     for stage in stack.stages:
         lines = []
         for r in kept:
             prompt = r["prompts"][stage.name]
             prov = {"teacher": teacher, "source": r["sources"][stage.name], "prompt_sha256": _sha(prompt),
-                    "time": r["time"]}  # fmt: skip
+                    "finish": r.get("finish", {}).get(stage.name, "stop"), "time": r["time"]}  # fmt: skip
+            finishes[f"{prov['finish']}@{stage.name}"] += 1
             record = {"id": r["id"], "stage": stage.name, "role": stage.role, "prompt": prompt,
                       "completion": r["outputs"][stage.name], "provenance": prov}  # fmt: skip
             lines.append(json.dumps(record, ensure_ascii=False))
         atomic_write_text(out / f"{stage.name}.jsonl", "".join(line + "\n" for line in lines))
         per_stage[stage.name] = len(lines)
-    return DistillReport(len(rows), len(kept), dict(dropped), resumed, 0.0, per_stage)
+    kept_cut = {k: v for k, v in sorted(finishes.items()) if k.split("@")[0] in ("trimmed", "cut")}
+    return DistillReport(len(rows), len(kept), dict(dropped), resumed, 0.0, per_stage, kept_cut)
+
+
+_ADVICE = {
+    "unfinished": "--unfinished trim (the default) or keep, or a larger --max-new-tokens",
+    "over_long": "a larger --max-chars",
+    "degenerate": "a stronger teacher (--teacher REF or --teacher-url), or a repetition penalty "
+    "(--set stages.N.generation.repetition_penalty=1.3)",
+    "empty": "check the teacher and the stack's templates; a larger --max-new-tokens",
+}
+
+
+def keep_advice(report: DistillReport) -> str:
+    """One line: how many were kept, the drops per reason and stage, and the flags that would keep more."""
+    drops = ", ".join(f"{k}={v}" for k, v in sorted(report.dropped.items())) or "none"
+    reasons = sorted({key.split("@")[0] for key in report.dropped})
+    hints = "; ".join(f"{r}: {_ADVICE[r]}" for r in reasons if r in _ADVICE)
+    return f"kept {report.kept} of {report.total} ({drops} dropped). To keep more — {hints or 'more data'}."

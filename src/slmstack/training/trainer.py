@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from slmstack.arch import get_arch
 from slmstack.config import dataclass_to_dict
 from slmstack.errors import ConfigError
-from slmstack.io import atomic_write_json, atomic_write_text
+from slmstack.io import atomic_write_json, atomic_write_text, check_output_dir, read_json
 from slmstack.models import load_model, resolve_precision
 from slmstack.stack.config import StackConfig, StageConfig, save_stack_config
 from slmstack.training.checkpoint import load_latest, save_checkpoint
@@ -66,11 +66,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("rank", "alpha", "epochs", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 8:
-            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+            raise ConfigError(f"max_length must be >= 8, got {self.max_length}")
 
 
 def _sha_files(paths: list[Path]) -> str:
@@ -81,9 +81,10 @@ def _sha_files(paths: list[Path]) -> str:
 
 
 def _claim_out_dir(out: Path, run: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    check_output_dir(out, "training output (--out)")
     path = out / RUN_FILE
     if path.is_file() and not overwrite:
-        old = json.loads(path.read_text())
+        old = read_json(path, "training run record", "Use another --out, or pass --overwrite.")
         if old != run:
             raise ConfigError(
                 f"{out} already holds a different training run (stack, data or settings differ). "

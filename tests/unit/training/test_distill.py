@@ -12,7 +12,7 @@ from slmstack.errors import ConfigError
 from slmstack.models import load_model
 from slmstack.stack.config import load_stack_config
 from slmstack.training.data import Example
-from slmstack.training.distill import DistillConfig, distill, find_problem
+from slmstack.training.distill import DistillConfig, distill, find_problem, keep_advice, settle_reply
 from slmstack.training.teachers import LocalTeacher, OpenAITeacher, TeacherReply, TeacherUnavailableError
 from tests.conftest import stack_dict, write_yaml
 
@@ -120,7 +120,7 @@ def test_unreachable_endpoint_retries_then_fails_keeping_progress(fake: FakeOpen
 def test_distill_with_a_tiny_local_teacher(tiny_model_dir: Path, tmp_path: Path) -> None:
     stack = load_stack_config(write_yaml(tmp_path / "s.yaml", stack_dict(tiny_model_dir, max_new=6)))
     teacher = LocalTeacher(load_model(tiny_model_dir), batch_size=4)
-    cfg = DistillConfig(drop_unfinished=False, final_target="teacher", max_chars=1000)
+    cfg = DistillConfig(unfinished="keep", final_target="teacher", max_chars=1000)
     report = distill(stack, teacher, EXAMPLES, tmp_path / "d", cfg, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "d" / "third.jsonl").read_text().splitlines()]
     assert report.total == 5 and len(rows) == report.kept
@@ -142,7 +142,7 @@ def test_another_distillation_in_out_is_refused(fake: FakeOpenAI, tmp_path: Path
         ("", True, "empty"),
         ("   \n", True, "empty"),
         ("A fine, ordinary answer about the sky being blue because of scattering.", True, None),
-        ("a fine answer that was cut", False, "over_long"),
+        ("a fine answer that was cut", False, None),
         ("x" * 3000, True, "over_long"),
         ("the cat sat " * 10, True, "degenerate"),
         ("Step one.\nRepeat.\nRepeat.\nRepeat.", True, "degenerate"),
@@ -151,6 +151,48 @@ def test_another_distillation_in_out_is_refused(fake: FakeOpenAI, tmp_path: Path
 )
 def test_filters(text: str, finished: bool, problem: str | None) -> None:
     assert find_problem(TeacherReply(text, finished), max_chars=2000) == problem
+
+
+def test_cut_replies_are_dropped_only_under_the_drop_policy() -> None:
+    cut = TeacherReply("a fine answer that was cut", finished=False)
+    assert find_problem(cut, max_chars=2000, unfinished="drop") == "unfinished"
+    assert find_problem(cut, max_chars=2000, unfinished="keep") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "finished", "policy", "expected"),
+    [
+        ("Done. All of it.", True, "trim", ("Done. All of it.", "stop")),
+        ("First step. Second step is hal", False, "trim", ("First step.", "trimmed")),
+        ('He said "go!" and then the', False, "trim", ('He said "go!"', "trimmed")),
+        ("1. add 3.5 and 2\n2. then multi", False, "trim", ("1. add 3.5 and 2", "trimmed")),
+        ("no sentence end here at al", False, "trim", ("no sentence end here at al", "cut")),
+        ("First step. Second step is hal", False, "keep", ("First step. Second step is hal", "cut")),
+    ],
+)
+def test_settle_reply_trims_cut_text_to_the_last_sentence(text, finished, policy, expected) -> None:
+    assert settle_reply(TeacherReply(text, finished), policy) == expected
+
+
+class _CuttingTeacher:
+    """Every reply is cut at the token limit after one complete sentence (as a 135M model does)."""
+
+    identity = "cutting"
+
+    def generate(self, requests, settings):
+        return [TeacherReply(f"Answer to {len(m)} chars. And then it goes on and o", finished=False)
+                for _, m in requests]  # fmt: skip
+
+
+def test_default_policy_keeps_cut_outputs_trimmed_and_marked(tmp_path: Path) -> None:
+    stack = load_stack_config(write_yaml(tmp_path / "s.yaml", stack_dict("m")))
+    report = distill(stack, _CuttingTeacher(), EXAMPLES, tmp_path / "d", show_progress=False)
+    assert report.kept == len(EXAMPLES) and report.kept_cut["trimmed@first"] == len(EXAMPLES)
+    rows = [json.loads(line) for line in (tmp_path / "d" / "second.jsonl").read_text().splitlines()]
+    assert all(r["completion"].endswith("chars.") and r["provenance"]["finish"] == "trimmed" for r in rows)
+    dropped = distill(stack, _CuttingTeacher(), EXAMPLES, tmp_path / "x", DistillConfig(unfinished="drop"), False)
+    assert dropped.kept == 0 and dropped.dropped == {"unfinished@first": len(EXAMPLES)}
+    assert "--unfinished trim" in keep_advice(dropped)
 
 
 def test_cli_distill_then_train(fake: FakeOpenAI, tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
