@@ -34,13 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (add_args, handler, helptext) in VERBS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
         add_args(p)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, verb_parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slmstack`` console script."""
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # report it as the verb's error, with the verb's help
+        args.verb_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.INFO - 10 * min(args.verbose, 1) if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("slmstack").setLevel(logging.INFO if args.handler in _CHATTY or args.verbose else level)

@@ -1,0 +1,207 @@
+"""One table of bad inputs for every CLI verb: each exits 2 with one clear error line and no traceback.
+
+Each row is (verb, argv template, fragment the error line must contain). ``{name}`` placeholders are
+paths to bad (and good) files that the ``bad`` fixture builds once with a tiny random model. A new verb
+adds its rows here (at least six).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slmstack.cli import main
+from tests.conftest import save_random_adapter, stack_dict, write_yaml
+
+ROWS: list[tuple[str, str, str]] = [
+    # ---- run
+    ("run", "--stack {stack} --set model={corrupt_gguf} q", "not a GGUF file"),
+    ("run", "--stack {stack} --set model={truncated_gguf} q", "cannot read the GGUF model file"),
+    ("run", "--stack {stack} --set stages.0.adapter={adapter_corrupt} q", "cannot read the adapter weights"),
+    ("run", "--stack {stack} --set stages.0.adapter={adapter_badjson} q", "adapter config is not valid JSON"),
+    ("run", "--stack {stack} --set model={model_corrupt} q", "cannot read the model directory"),
+    ("run", "--stack {stack} --input {questions} --output {dir}", "is a directory"),
+    ("run", "--stack {stack} --input {dir} --output {tmp}/o.jsonl", "is a directory"),
+    ("run", "--stack {stack} --input {bad_jsonl} --output {tmp}/o.jsonl", "bad.jsonl:2: not valid JSON"),
+    ("run", "--stack {stack} --input {binary} --output {tmp}/o.jsonl", "not UTF-8"),
+    ("run", "--stack {dir} q", "is a directory"),
+    ("run", "--stack {not_yaml} q", "not valid YAML"),
+    ("run", "--stack {stack} --batch-size 0 q", "--batch-size 0"),
+    ("run", "--stack {stack} --set stages.0.generation.max_new_tokens=0 q", "max_new_tokens must be >= 1"),
+    ("run", "--stack {stack} --nope q", "unrecognized arguments: --nope"),
+    # ---- models
+    ("models", "--nope", "unrecognized arguments"),
+    ("models", "extra", "unrecognized arguments: extra"),
+    ("models", "--json=yes", "ignored explicit argument"),
+    ("models", "env:SLMSTACK_CACHE={file}", "is not a directory"),
+    ("models", "env:SLMSTACK_CACHE={cache_badmarker}", "cache entry marker is not valid JSON"),
+    ("models", "env:SLMSTACK_CACHE={cache_listmarker}", "cache entry marker is not a JSON object"),
+    # ---- distill
+    ("distill", "--teacher {model} --data {gsm} --out {file}", "exists and is not a directory"),
+    ("distill", "--teacher {model} --data {tmp}/missing.jsonl --out {tmp}/d", "missing.jsonl: data file not found"),
+    ("distill", "--teacher {model} --data {bad_jsonl} --out {tmp}/d", "bad.jsonl:2: not valid JSON"),
+    ("distill", "--teacher {model} --data {binary} --out {tmp}/d", "not UTF-8"),
+    ("distill", "--teacher {corrupt_gguf} --data {gsm} --out {tmp}/d", "not a GGUF file"),
+    ("distill", "--teacher {model} --data {gsm} --out {tmp}/d --batch-size 0", "batch_size must be >= 1"),
+    ("distill", "--teacher {model} --data {gsm} --out {tmp}/d --max-new-tokens 0", "max_new_tokens must be >= 1"),
+    ("distill", "--teacher {model} --data {gsm} --out {tmp}/d --columns x", "--columns 'x'"),
+    ("distill", "--teacher {model} --teacher-url http://127.0.0.1:9/v1 --data {gsm} --out {tmp}/d", "exactly one"),
+    ("distill", "--teacher {model} --data {gsm} --out {tmp}/d --unfinished maybe", "invalid choice: 'maybe'"),
+    # ---- train
+    ("train", "--stack {stack} --data {tmp}/missing --out {tmp}/t", "--data does not exist"),
+    ("train", "--stack {stack} --data {file} --out {tmp}/t", "--data is a file"),
+    ("train", "--stack {stack} --data {train_bad} --out {tmp}/t", "first.jsonl:2: not valid JSON"),
+    ("train", "--stack {stack} --data {train_ok} --out {file}", "exists and is not a directory"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --lr -1", "lr must be > 0"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --rank 0", "rank must be >= 1"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first,nope", "unknown stage 'nope'"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --config {train_cfg}", "Did you mean 'epochs'"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first,second", "second.jsonl"),
+    # ---- eval
+    ("eval", "--model {model} --tasks arc_esay --out {tmp}/r.json", "Did you mean 'arc_easy'"),
+    ("eval", "--model {model} --tasks {task_gold} --out {tmp}/r.json", "gold 3 (field 'gold') is not a choice index"),
+    ("eval", "--model {model} --tasks {task_unknown_field} --out {tmp}/r.json", "Did you mean 'choices'"),
+    ("eval", "--model {model} --tasks {task_bad_line} --out {tmp}/r.json", "t.jsonl:2: not valid JSON"),
+    ("eval", "--model {model} --adapter {adapter_corrupt} --tasks {task_ok} --out {tmp}/r.json", "adapter weights"),
+    ("eval", "--model {corrupt_gguf} --tasks {task_ok} --out {tmp}/r.json", "not a GGUF file"),
+    ("eval", "--model {model} --tasks {task_ok} --out {dir}", "is a directory"),
+    ("eval", "--model {model} --tasks {task_ok} --out {tmp}/r.json --limit 0", "--limit 0"),
+    ("eval", "--model {model} --tasks {task_ok} --out {tmp}/r.json --batch-size 0", "--batch-size 0"),
+    ("eval", "--model {model} --tasks arc_easy --data-dir {file} --out {tmp}/r.json", "not a directory"),
+    # ---- compare
+    ("compare", "{tmp}/missing.json", "missing.json: results file not found"),
+    ("compare", "{not_yaml}", "results file is not valid JSON"),
+    ("compare", "{dir}", "is a directory"),
+    ("compare", "{json_list}", "not an slmstack eval results file"),
+    ("compare", "{results} --png {dir}", "is a directory"),
+    ("compare", "{results} --png {tmp}/chart.txt", "must end in .png"),
+    # ---- prune
+    ("prune", "--model {model} --method magnitude --sparsity 1.5 --out {tmp}/p", "sparsity must be in [0, 1)"),
+    ("prune", "--model {model} --method magnitude --sparsity -0.2 --out {tmp}/p", "sparsity must be in [0, 1)"),
+    ("prune", "--model {model} --method magnitude --nsamples 0 --out {tmp}/p", "nsamples must be >= 1"),
+    ("prune", "--model {model} --method wandaa --out {tmp}/p", "Did you mean 'wanda'"),
+    ("prune", "--model {corrupt_gguf} --method magnitude --out {tmp}/p", "not a GGUF file"),
+    ("prune", "--model {model} --method magnitude --out {file}", "exists and is not a directory"),
+    ("prune", "--model {model} --method wanda --calibration {tmp}/none.txt --out {tmp}/p", "none.txt: --calibration"),
+    ("prune", "--model {model} --method wanda --calibration {dir} --out {tmp}/p", "is a directory"),
+    ("prune", "--model {model} --method magnitude --pattern 3:2 --out {tmp}/p", "pattern"),
+    ("prune", "--model {model} --method structured --sparsity 0.5 --out {tmp}/p", "pass --calibration FILE"),
+]
+
+
+def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
+    """Good and bad inputs, built once: corrupt weights and adapters, wrong kinds of path, malformed data."""
+    f: dict[str, Path] = {"tmp": root, "model": model}
+    f["dir"] = root / "a_dir"
+    f["dir"].mkdir()
+    f["file"] = root / "a_file.txt"
+    f["file"].write_text("just a file\n")
+    f["binary"] = root / "binary.jsonl"
+    f["binary"].write_bytes(b"\xff\xfe\x00\x81 not text")
+    f["not_yaml"] = root / "broken.yaml"
+    f["not_yaml"].write_text("name: [unclosed\n  - : :\n")
+    f["corrupt_gguf"] = root / "corrupt.gguf"
+    f["corrupt_gguf"].write_bytes(b"this is not a gguf file at all")
+    f["truncated_gguf"] = root / "truncated.gguf"
+    f["truncated_gguf"].write_bytes(b"GGUF\x03\x00\x00\x00\x05")  # the magic, then the header stops
+    f["model_corrupt"] = root / "model_corrupt"
+    f["model_corrupt"].mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (f["model_corrupt"] / name).write_bytes((model / name).read_bytes())
+    (f["model_corrupt"] / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    good_adapter = save_random_adapter(model, root / "adapter_ok", seed=1)
+    for name, bad in (("adapter_corrupt", "weights"), ("adapter_badjson", "config")):
+        f[name] = root / name
+        f[name].mkdir()
+        config = (good_adapter / "adapter_config.json").read_text()
+        (f[name] / "adapter_config.json").write_text(config if bad == "weights" else "{not json")
+        weights = b"not a safetensors file" if bad == "weights" else (good_adapter / "adapter_model.safetensors")
+        (f[name] / "adapter_model.safetensors").write_bytes(
+            weights if isinstance(weights, bytes) else weights.read_bytes()
+        )
+    f["stack"] = write_yaml(root / "stack.yaml", stack_dict(model, max_new=4))
+    f["questions"] = root / "q.jsonl"
+    f["questions"].write_text('{"input": "hi"}\n')
+    f["bad_jsonl"] = root / "bad.jsonl"
+    f["bad_jsonl"].write_text('{"instruction": "ok", "input": "hi"}\n{"instruction": "broken"\n')
+    f["gsm"] = root / "gsm.jsonl"
+    f["gsm"].write_text('{"instruction": "What is 2 + 3?", "output": "5"}\n')
+    for name, second in (("train_ok", '{"prompt": "b", "completion": "c"}'), ("train_bad", '{"prompt": "b"')):
+        f[name] = root / name
+        f[name].mkdir()
+        (f[name] / "first.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' + second + "\n")
+    f["train_cfg"] = write_yaml(root / "train.yaml", {"epohcs": 2})
+    data = root / "t.jsonl"
+    data.write_text(
+        '{"query": "q?", "choices": ["a", "b"], "gold": 0}\n{"query": "r?", "choices": ["a", "b"], "gold": 3}\n'
+    )
+    bad_line = root / "bad_line" / "t.jsonl"
+    bad_line.parent.mkdir()
+    bad_line.write_text('{"query": "q?", "choices": ["a", "b"], "gold": 0}\n{"query": \n')
+    task = {"name": "t", "kind": "multiple_choice", "data_file": str(data), "text": "{{query}}"}
+    f["task_gold"] = write_yaml(root / "task_gold.yaml", task)
+    f["task_ok"] = write_yaml(root / "task_ok.yaml", {**task, "data_file": str(root / "t_ok.jsonl")})
+    (root / "t_ok.jsonl").write_text('{"query": "q?", "choices": ["a", "b"], "gold": 1}\n')
+    f["task_unknown_field"] = write_yaml(root / "task_uf.yaml", {**task, "choises": "choices"})
+    f["task_bad_line"] = write_yaml(root / "task_bl.yaml", {**task, "data_file": str(bad_line)})
+    f["json_list"] = root / "list.json"
+    f["json_list"].write_text("[1, 2]\n")
+    f["results"] = root / "results.json"
+    f["results"].write_text(json.dumps({"tasks": {"t": {"acc": 0.5, "n": 2}}, "target": {}}))
+    for name, marker in (("cache_badmarker", "{oops"), ("cache_listmarker", "[]")):
+        entry = root / name / "models" / "abc"
+        entry.mkdir(parents=True)
+        (entry / "slmstack-cache.json").write_text(marker)
+        f[name] = root / name
+    return {k: str(v) for k, v in f.items()}
+
+
+@pytest.fixture(scope="module")
+def bad(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return _build_bad_files(tmp_path_factory.mktemp("bad"), tiny_model_dir)
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse usage errors exit from inside main
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(("verb", "template", "fragment"), ROWS, ids=[f"{v}-{i}" for i, (v, _, _) in enumerate(ROWS)])
+def test_bad_input_exits_2_with_one_clear_line(verb, template, fragment, bad, capsys, monkeypatch) -> None:
+    # Prepare: env:NAME=VALUE items set the environment, the rest is argv
+    argv = [verb]
+    for item in template.split():
+        item = item.format(**bad)
+        if item.startswith("env:"):
+            name, _, value = item[4:].partition("=")
+            monkeypatch.setenv(name, value)
+        else:
+            argv.append(item)
+    # Execute
+    code = _run(argv)
+    # Assert: exit 2, no traceback, exactly one error line, and it names the problem
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err
+    assert errors[0].startswith(f"slmstack {verb}: error: "), err
+    assert fragment in errors[0], err
+
+
+def test_every_verb_has_at_least_six_rows() -> None:
+    from slmstack.cli.common import VERBS
+
+    counts = {verb: sum(row[0] == verb for row in ROWS) for verb in VERBS}
+    assert all(n >= 6 for n in counts.values()), counts
+
+
+def test_a_good_adapter_still_loads(bad, capsys) -> None:
+    # the table's corrupt adapters are copies of this one with one file broken: the good one must run
+    assert main(["run", "--stack", bad["stack"], "--set", f"stages.0.adapter={bad['tmp']}/adapter_ok", "hi"]) == 0
+    assert yaml.safe_load(Path(bad["stack"]).read_text())["model"] == bad["model"]
