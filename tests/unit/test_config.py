@@ -78,7 +78,7 @@ def test_load_yaml_errors_name_the_file(tmp_path: Path) -> None:
         load_yaml(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: not valid YAML \(expected .,. or .\]., but got"):
         load_yaml(bad)
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a YAML mapping"):
