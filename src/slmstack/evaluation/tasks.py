@@ -94,13 +94,34 @@ def _hellaswag_text(text: str) -> str:
     return text.replace("  ", " ")
 
 
+_LAST_SENTENCE_END = re.compile(r".*[.!?]\s+", re.DOTALL)
+
+
+def split_hellaswag_ctx(ctx: str) -> tuple[str, str, str]:
+    """``(activity_label, ctx_a, ctx_b)`` of a local HellaSwag ``ctx`` (``"label: ctx_a ctx_b"``).
+
+    The local file joined the hub's ``ctx_a`` and ``ctx_b`` and so lost where ``ctx_b`` starts, which
+    lm-eval needs: it capitalises ``ctx_b``. ActivityNet items end in ``ctx_b``, an unfinished sentence
+    (no final ``.``, ``!`` or ``?``): it is what follows the last sentence end. WikiHow items end with a
+    finished sentence and have an empty ``ctx_b``. (In the 10,042-item validation file, 3,243 contexts end
+    unfinished; every other one ends with a sentence end.)
+    """
+    label, _, rest = ctx.partition(": ")
+    if rest.rstrip()[-1:] in (".", "!", "?"):
+        return label, rest, ""
+    head = _LAST_SENTENCE_END.match(rest)
+    return (label, rest[: head.end()].rstrip(), rest[head.end() :]) if head else (label, "", rest)
+
+
 @PREPROCESSORS.register("hellaswag")
 def _hellaswag(doc: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's HellaSwag preprocessing (local layout: ``ctx`` already joins activity label and context)."""
-    ctx = doc["ctx"] if "ctx" in doc and "ctx_a" not in doc else doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    if "activity_label" in doc:
-        ctx = doc["activity_label"] + ": " + ctx
-    return {"query": _hellaswag_text(ctx), "choices": [_hellaswag_text(e) for e in doc["endings"]],
+    """lm-eval's ``hellaswag/utils.py`` ``process_docs``, on the hub layout or the local one (``ctx`` only)."""
+    if "ctx_a" in doc:
+        label, ctx_a, ctx_b = doc["activity_label"], doc["ctx_a"], doc["ctx_b"]
+    else:
+        label, ctx_a, ctx_b = split_hellaswag_ctx(doc["ctx"])
+    ctx = ctx_a + " " + ctx_b.capitalize()
+    return {"query": _hellaswag_text(label + ": " + ctx), "choices": [_hellaswag_text(e) for e in doc["endings"]],
             "gold": int(doc["label"])}  # fmt: skip
 
 
@@ -138,15 +159,36 @@ def _winogrande_hf(doc: dict[str, Any]) -> dict[str, Any]:
 
 @PREPROCESSORS.register("boolq_hf")
 def _boolq_hf(doc: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's ``super_glue/boolq/default.yaml``: ``{{passage}}\\nQuestion: {{question}}?`` (+ ``\\nAnswer:``)."""
     return {"query": f"{doc['passage']}\nQuestion: {doc['question']}?", "choices": ["no", "yes"],
             "gold": int(doc["label"])}  # fmt: skip
 
 
+@PREPROCESSORS.register("boolq_local")
+def _boolq_local(doc: dict[str, Any]) -> dict[str, Any]:
+    """The local file's ``Passage: ...\\nQuestion: ...?``, without the ``Passage: `` that lm-eval does not write."""
+    query = doc["query"]
+    return {**doc, "query": query[len("Passage: ") :] if query.startswith("Passage: ") else query}
+
+
+def _copa_choice(choice: str) -> str:
+    """lm-eval's ``super_glue/copa/utils.py``: ``" " + convert_choice(choice)`` (first letter lower-cased)."""
+    return " " + choice[0].lower() + choice[1:]
+
+
 @PREPROCESSORS.register("copa_hf")
 def _copa_hf(doc: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's COPA: the premise without its final period, then `` because``/`` therefore``."""
     connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
-    lower = [c[0].lower() + c[1:] for c in (doc["choice1"], doc["choice2"])]
-    return {"query": doc["premise"].strip()[:-1] + f" {connector}", "choices": lower, "gold": int(doc["label"])}
+    choices = [_copa_choice(c) for c in (doc["choice1"], doc["choice2"])]
+    return {"query": doc["premise"].strip()[:-1] + f" {connector}", "choices": choices, "gold": int(doc["label"])}
+
+
+@PREPROCESSORS.register("copa_local")
+def _copa_local(doc: dict[str, Any]) -> dict[str, Any]:
+    """The local ``"premise, because"`` loses the comma lm-eval does not write; choices as lm-eval's."""
+    query = re.sub(r",\s+(because|therefore)$", r" \1", doc["query"].strip())
+    return {"query": query, "choices": [_copa_choice(c) for c in doc["choices"]], "gold": int(doc["gold"])}
 
 
 @PREPROCESSORS.register("lambada_hf")
