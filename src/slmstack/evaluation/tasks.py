@@ -159,14 +159,14 @@ def _winogrande_hf(doc: dict[str, Any]) -> dict[str, Any]:
 
 @PREPROCESSORS.register("boolq_hf")
 def _boolq_hf(doc: dict[str, Any]) -> dict[str, Any]:
-    """lm-eval's ``super_glue/boolq/default.yaml``: ``{{passage}}\\nQuestion: {{question}}?`` (+ ``\\nAnswer:``)."""
+    """lm-eval's ``super_glue/boolq/default.yaml``: passage, newline, ``Question: {{question}}?``."""
     return {"query": f"{doc['passage']}\nQuestion: {doc['question']}?", "choices": ["no", "yes"],
             "gold": int(doc["label"])}  # fmt: skip
 
 
 @PREPROCESSORS.register("boolq_local")
 def _boolq_local(doc: dict[str, Any]) -> dict[str, Any]:
-    """The local file's ``Passage: ...\\nQuestion: ...?``, without the ``Passage: `` that lm-eval does not write."""
+    """The local file's query without the ``Passage: `` prefix, which lm-eval does not write."""
     query = doc["query"]
     return {**doc, "query": query[len("Passage: ") :] if query.startswith("Passage: ") else query}
 
