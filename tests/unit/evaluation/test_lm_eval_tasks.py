@@ -112,7 +112,8 @@ def _lm_eval_requests(task_name: str, records: list[dict], tmp_path: Path) -> li
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     manager = _manager()
     files = {split: str(data) for split in ("train", "validation", "test")}
-    overrides = {"dataset_path": "json", "dataset_name": None, "num_fewshot": 0, "dataset_kwargs": {"data_files": files}}
+    overrides = {"dataset_path": "json", "dataset_name": None, "num_fewshot": 0}
+    overrides["dataset_kwargs"] = {"data_files": files}
     task = manager._factory.build(manager.task_index[task_name], overrides=overrides, registry=manager.task_index)
     task.build_all_requests(limit=None, rank=0, world_size=1)
     per_doc: dict[int, list] = defaultdict(list)
