@@ -15,7 +15,7 @@ from jinja2 import BaseLoader, Environment, StrictUndefined, UndefinedError
 import slmstack
 from slmstack.errors import InputError
 from slmstack.evaluation.scorer import perplexities
-from slmstack.evaluation.targets import EvalTarget, extract
+from slmstack.evaluation.targets import EvalTarget, extract, normalize_answer
 from slmstack.evaluation.tasks import TINY_SEED, Doc, TaskSpec, get_task, load_docs, select_subset
 from slmstack.io import atomic_write_json, atomic_write_text
 
@@ -121,9 +121,14 @@ def _loglikelihood(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer: 
 def _generative(spec: TaskSpec, docs: list[Doc], target: EvalTarget, batch_size: int) -> dict[str, float]:
     contexts = [_render(spec.text, d, spec.name) for d in docs]
     answers = target.generate(contexts, spec.until, spec.max_new_tokens, batch_size)
-    golds = [extract(spec.gold_regex, str(_field(d, spec.gold, spec.name))) for d in docs]
-    strict = [float(extract(spec.answer_regex, a) == g) for a, g in zip(answers, golds, strict=True)]
-    flexible = [float(extract(None, a, flexible=True) == g) for a, g in zip(answers, golds, strict=True)]
+
+    def norm(text: str) -> str:
+        return normalize_answer(text, spec.ignore_regexes, spec.ignore_case)
+
+    golds = [norm(extract(spec.gold_regex, str(_field(d, spec.gold, spec.name)))) for d in docs]
+    strict = [float(norm(extract(spec.answer_regex, a)) == g) for a, g in zip(answers, golds, strict=True)]
+    flexible = [float(norm(extract(spec.flexible_regex, a, group_select=-1)) == g)
+                for a, g in zip(answers, golds, strict=True)]  # fmt: skip
     wanted = {"exact_match": strict, "exact_match_flexible": flexible}
     return _accuracy({m: wanted[m] for m in spec.metrics if m in wanted})
 

@@ -144,15 +144,28 @@ def _cut(text: str, until: list[str]) -> str:
     return text
 
 
-def extract(regex: str | None, text: str, flexible: bool = False) -> str:
-    """lm-eval's strict regex match (group 1), or the flexible 'last number' match."""
-    if flexible:
-        found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
-        if not found:
-            return "[invalid]"
-        last = [m for m in found[-1] if m][0]
-        return last.strip().rstrip(".").replace(",", "").replace("$", "")
+def extract(regex: str | None, text: str, group_select: int = 0, fallback: str = "[invalid]") -> str:
+    """lm-eval's ``regex`` filter: the ``group_select``-th match (its first non-empty group), stripped.
+
+    Without a regex the text itself, stripped.
+
+    Example:
+        >>> extract(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "3 apples, then 12.", group_select=-1)
+        '12.'
+    """
     if regex is None:
         return text.strip()
-    match = re.search(regex, text)
-    return match.group(1).strip().replace(",", "") if match else "[invalid]"
+    found = re.findall(regex, text)
+    if not found:
+        return fallback
+    match = found[group_select]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), fallback)
+    return match.strip()
+
+
+def normalize_answer(text: str, ignore_regexes: list[str], ignore_case: bool) -> str:
+    """lm-eval's ``exact_match`` preprocessing: delete each regex's matches in order, then lower-case."""
+    for pattern in ignore_regexes:
+        text = re.sub(pattern, "", text)
+    return text.lower() if ignore_case else text

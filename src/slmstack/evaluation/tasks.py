@@ -66,8 +66,15 @@ class TaskSpec:
     metrics: list[str] = field(default_factory=lambda: ["acc", "acc_norm"])
     until: list[str] = field(default_factory=lambda: ["\n\n", "Question:"])
     max_new_tokens: int = 256
-    answer_regex: str | None = field(default=None, metadata={"help": "group 1 = the model's answer"})
-    gold_regex: str | None = field(default=None, metadata={"help": "group 1 = the gold answer in the gold field"})
+    answer_regex: str | None = field(default=None, metadata={"help": "strict match: lm-eval's regex filter, first"})
+    flexible_regex: str = field(
+        default=r"(-?[$0-9.,]{2,})|(-?[0-9]+)", metadata={"help": "exact_match_flexible: the last match"}
+    )
+    gold_regex: str | None = field(default=None, metadata={"help": "extracts the gold answer from the gold field"})
+    ignore_regexes: list[str] = field(
+        default_factory=list, metadata={"help": "deleted from answer and gold before comparing (lm-eval)"}
+    )
+    ignore_case: bool = False
     text_field: str = field(default="text", metadata={"help": "perplexity: the field holding the text"})
     description: str = ""
 

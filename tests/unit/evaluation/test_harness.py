@@ -91,11 +91,12 @@ def test_generative_exact_match_with_regex(tmp_path: Path) -> None:
     rows = [{"question": "1+1?", "answer": "so #### 2"}, {"question": "2+2?", "answer": "#### 1,004"}]
     number = '"#### (\\\\-?[0-9\\\\.\\\\,]+)"'
     body = (f'kind: generative\ntext: "Q: {{{{question}}}}"\ngold: answer\ngold_regex: {number}\n'
-            f"answer_regex: {number}\nmetrics: [exact_match, exact_match_flexible]\n")  # fmt: skip
+            f"answer_regex: {number}\nignore_regexes: [',']\n"
+            "metrics: [exact_match, exact_match_flexible]\n")  # fmt: skip
     spec = _task(tmp_path, body, rows)
     res = evaluate(FakeTarget(answers=["it is 2", "#### 1004"]), [str(spec)])["tasks"]["t"]
     assert res["exact_match"] == 0.5 and res["exact_match_flexible"] == 1.0
-    assert extract(None, "The answer: $1,200.", flexible=True) == "1200"
+    assert extract(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "The answer: $1,200.", group_select=-1) == "$1,200."
 
 
 def test_missing_field_names_file_and_line(tmp_path: Path) -> None:

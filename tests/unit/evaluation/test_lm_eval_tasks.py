@@ -12,6 +12,7 @@ is not a plain field rename is HellaSwag's ctx_a/ctx_b split (see ``split_hellas
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from slmstack.evaluation.harness import evaluate
+from slmstack.evaluation.targets import extract, normalize_answer
 from slmstack.evaluation.tasks import get_task, load_docs, split_hellaswag_ctx, wikitext_detokenize
 
 lm_eval_tasks = pytest.importorskip("lm_eval.tasks")
@@ -189,3 +192,55 @@ def test_wikitext_detokenizer_is_lm_evals() -> None:
     for doc in docs:
         assert doc.data["text"] == wikitext_detokenizer({"page": doc.data["page"]})
         assert wikitext_detokenize(doc.data["page"]) == doc.data["text"]
+
+
+def test_gsm8k_scoring_is_lm_evals_filters_and_exact_match(tmp_path: Path, monkeypatch) -> None:
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    from tests.unit.evaluation.test_harness import FakeTarget
+
+    # Prepare: lm-eval's own gsm8k settings, read from its task config
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    records = _jsonl(DATA / "gsm8k/test.jsonl", 6)
+    manager = _manager()
+    cfg = manager._factory.build(manager.task_index["gsm8k"], overrides={"dataset_path": "json", "dataset_kwargs": {
+        "data_files": {"train": str(DATA / "gsm8k/test.jsonl"), "test": str(DATA / "gsm8k/test.jsonl")}}},
+        registry=manager.task_index).config  # fmt: skip
+    em = {k: v for k, v in cfg.metric_list[0].items() if k not in ("metric", "aggregation", "higher_is_better")}
+    filters = {f["name"]: f["filter"][0] for f in cfg.filter_list}
+    strict = RegexFilter(filters["strict-match"]["regex_pattern"])
+    flexible = RegexFilter(filters["flexible-extract"]["regex_pattern"], group_select=-1)
+    ours_spec = get_task("gsm8k")
+    assert (ours_spec.ignore_regexes, ours_spec.ignore_case) == (em["regexes_to_ignore"], em["ignore_case"])
+    # Answers that exercise the normalisation: trailing period, dollars, commas, case, no number at all
+    gold = [r["answer"].split("#### ")[-1] for r in records]
+    answers = [f"So #### {gold[0]}.", f"It costs ${gold[1]} in total.", f"#### {int(gold[2]):,}", "no idea",
+               f"#### {gold[4]} then #### 7", f"First 12, then {gold[5]}."]  # fmt: skip
+    # Execute: lm-eval's pipeline per item, and ours
+    theirs = {}
+    for name, filt in (("exact_match", strict), ("exact_match_flexible", flexible)):
+        picked = [r[0] for r in filt.apply([[a] for a in answers], records)]
+        theirs[name] = [exact_match_hf_evaluate([p], [r["answer"]], **em)["exact_match"] for p, r in
+                        zip(picked, records, strict=True)]  # fmt: skip
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = tmp_path / "g.yaml"
+    body = {k: v for k, v in dataclasses.asdict(ours_spec).items() if k not in ("hf", "name")}
+    spec.write_text(yaml.safe_dump({**body, "name": "g", "data_file": str(data)}))
+    ours = evaluate(FakeTarget(answers=answers), [str(spec)])["tasks"]["g"]
+
+    def norm(text: str) -> str:
+        return normalize_answer(text, ours_spec.ignore_regexes, ours_spec.ignore_case)
+
+    golds = [norm(r["answer"]) for r in records]
+    pairs = list(zip(answers, golds, strict=True))
+    per_item = {
+        "exact_match": [float(norm(extract(ours_spec.answer_regex, a)) == g) for a, g in pairs],
+        "exact_match_flexible": [float(norm(extract(ours_spec.flexible_regex, a, -1)) == g) for a, g in pairs],
+    }
+    # Assert: the same score for every item, and the harness reports their means
+    assert per_item == theirs
+    for name, scores in theirs.items():
+        assert ours[name] == sum(scores) / len(scores)
+    assert theirs["exact_match"] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
