@@ -6,8 +6,7 @@ stacks (flwr, lm_eval, vllm).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from slmstack._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -40,8 +39,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'slmstack' has no attribute {name!r}")
+__getattr__ = lazy_getattr("slmstack", _EXPORTS)

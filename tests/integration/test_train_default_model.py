@@ -1,4 +1,4 @@
-"""distill -> train -> run on the real default model, at toy scale. Marked slow."""
+"""distill -> train -> run on the real default model with default flags, on six GSM8K problems. Marked slow."""
 
 from __future__ import annotations
 
@@ -10,26 +10,38 @@ import pytest
 from slmstack.cli import main
 
 pytestmark = pytest.mark.slow
+GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
-def test_distill_train_run_on_the_default_model(tmp_path: Path, monkeypatch, capsys) -> None:
+def _six_gsm8k_problems(path: Path) -> Path:
+    """The first six GSM8K test problems as Alpaca records (or six arithmetic questions without the data)."""
+    if GSM8K.is_file():
+        rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:6]]
+        records = [{"instruction": r["question"], "input": "", "output": r["answer"]} for r in rows]
+    else:
+        records = [{"instruction": f"Tom has {n} apples and buys {n + 3} more. How many apples does he have?",
+                    "input": "", "output": f"#### {2 * n + 3}"} for n in range(6)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_distill_with_default_flags_then_train_then_run(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SLMSTACK_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "instructions.jsonl"
-    rows = [{"instruction": "Name a fruit that is red.", "output": "An apple."},
-            {"instruction": "What colour is the sky on a clear day?", "output": "Blue."},
-            {"instruction": "How many days are in a week?", "output": "Seven."},
-            {"instruction": "What do cows drink?", "output": "Water."}]  # fmt: skip
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # Distil with the default model as its own teacher (short outputs to stay quick)
-    assert main(["distill", "--teacher", "default", "--data", str(data), "--out", str(tmp_path / "d"),
-                 "--max-new-tokens", "12", "--keep-unfinished"]) == 0  # fmt: skip
+    data = _six_gsm8k_problems(tmp_path / "gsm8k6.jsonl")
+    # Distil with the default model as its own teacher and every flag at its default
+    assert main(["distill", "--teacher", "default", "--data", str(data), "--out", str(tmp_path / "d")]) == 0
+    captured = capsys.readouterr()
     report = json.loads((tmp_path / "d" / "distill_report.json").read_text())
-    assert report["total"] == 4 and report["kept"] >= 2
-    answer_rows = [json.loads(line) for line in (tmp_path / "d" / "answer.jsonl").read_text().splitlines()]
-    assert all(r["provenance"]["source"] == "reference" for r in answer_rows)
-    # Train two steps per stage
+    assert report["total"] == 6 and report["kept"] >= 3, report  # usable records, at least half
+    assert "warning" not in captured.err
+    rows = [json.loads(line) for line in (tmp_path / "d" / "reason.jsonl").read_text().splitlines()]
+    assert rows and all(r["completion"].strip() for r in rows)
+    assert {r["provenance"]["finish"] for r in rows} <= {"stop", "trimmed", "cut"}
+    answers = [json.loads(line) for line in (tmp_path / "d" / "answer.jsonl").read_text().splitlines()]
+    assert all(r["provenance"]["source"] == "reference" for r in answers)
+    # Train two steps per stage on what was kept
     assert main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "t"), "--max-steps", "2",
-                 "--batch-size", "2", "--max-length", "128"]) == 0  # fmt: skip
+                 "--batch-size", "2", "--max-length", "256"]) == 0  # fmt: skip
     capsys.readouterr()
     trained = tmp_path / "t" / "trained_stack.yaml"
     for stage in ("restate", "recall", "reason", "answer"):

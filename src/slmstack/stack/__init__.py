@@ -7,8 +7,7 @@ and ``render`` (stage cards). Names are imported lazily, so ``import slmstack.st
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from slmstack._lazy import lazy_getattr
 
 _EXPORTS = {
     "GenerationSettings": "slmstack.stack.config",
@@ -24,8 +23,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'slmstack.stack' has no attribute {name!r}")
+__getattr__ = lazy_getattr("slmstack.stack", _EXPORTS)
