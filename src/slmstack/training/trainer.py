@@ -32,7 +32,7 @@ from slmstack.training.train_data import collate, load_stage_records, make_batch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train_stack"]
+__all__ = ["TrainConfig", "eval_loss", "train_lora_steps", "train_stack"]
 
 RUN_FILE = "run.json"
 
@@ -147,6 +147,62 @@ def _masked_loss(model: Any, batch: dict[str, torch.Tensor], precision: str = "f
     return loss / max(n, 1), n
 
 
+def eval_loss(model: Any, examples: list, pad_id: int, batch_size: int = 8, precision: str = "fp32") -> float:
+    """Mean cross-entropy per target token over tokenised ``examples`` (model left in eval mode)."""
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[s : s + batch_size], pad_id).items()}
+            loss, n = _masked_loss(model, batch, precision)
+            total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+def train_lora_steps(
+    model: Any,
+    pad_id: int,
+    examples: list,
+    steps: int,
+    batch_size: int = 4,
+    lr: float = 2e-4,
+    seed: int = 0,
+    precision: str = "auto",
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Train the trainable (LoRA) parameters of ``model`` for ``steps`` AdamW steps: a federated client's round.
+
+    Same loss, batching and precision as :func:`train_stack`; a fresh optimizer each call, as in FedAvg.
+
+    Returns:
+        ``{"loss": mean step loss, "tokens": non-padding tokens, "seconds": wall time}``.
+    """
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    lengths = [len(e.input_ids) for e in examples]
+    n_batches = math.ceil(len(examples) / batch_size)
+    order: dict[int, list[list[int]]] = {}
+    losses, tokens, start = [], 0, time.perf_counter()
+    model.train()
+    for step in tqdm(range(steps), desc="local train", unit="step", disable=not show_progress):
+        epoch, pos = divmod(step, n_batches)
+        if epoch not in order:
+            order = {epoch: make_batches(lengths, batch_size, seed, epoch)}
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[epoch][pos]], pad_id).items()}
+        loss, _ = _masked_loss(model, batch, precision)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        tokens += int(batch["attention_mask"].sum())
+    model.eval()
+    return {"loss": sum(losses) / len(losses), "tokens": tokens, "seconds": time.perf_counter() - start}
+
+
 class _StageTrainer:
     """Trains one stage's adapter; split out so :func:`train_stack` reads top to bottom."""
 
@@ -167,16 +223,9 @@ class _StageTrainer:
     def evaluate(self, examples: list) -> float | None:
         if not examples:
             return None
-        self.model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for s in range(0, len(examples), self.cfg.batch_size):
-                batch = {k: v.to(self.device) for k, v in collate(examples[s : s + self.cfg.batch_size],
-                                                                  self.tok.pad_token_id).items()}  # fmt: skip
-                loss, n = _masked_loss(self.model, batch, self.precision)
-                total, count = total + float(loss) * n, count + n
+        loss = eval_loss(self.model, examples, self.tok.pad_token_id, self.cfg.batch_size, self.precision)
         self.model.train()
-        return total / max(count, 1)
+        return loss
 
     def run(self, data_dir: Path, resume: bool, on_step: Callable[[int], None] | None) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict

@@ -89,6 +89,24 @@ ROWS: list[tuple[str, str, str]] = [
     ("prune", "--model {model} --method wanda --calibration {dir} --out {tmp}/p", "is a directory"),
     ("prune", "--model {model} --method magnitude --pattern 3:2 --out {tmp}/p", "pattern"),
     ("prune", "--model {model} --method structured --sparsity 0.5 --out {tmp}/p", "pass --calibration FILE"),
+    # ---- federate
+    ("federate", "--config {fed} --out {tmp}/f --set strategy=legoo", "Did you mean 'lego'"),
+    ("federate", "--config {fed} --out {tmp}/f --set clients.1.sparsity=1.0", "sparsity must be in [0, 1)"),
+    ("federate", "--config {fed} --out {tmp}/f --set min_clients=3", "min_clients is 3 but there are 2 clients"),
+    (
+        "federate",
+        "--config {fed} --out {tmp}/f --set data.partition=dirichlet --set data.column=topic",
+        "'topic' is not a column of the data",
+    ),
+    (
+        "federate",
+        "--config {fed} --out {tmp}/f --set clients.1.block={dir}",
+        "masks.safetensors: block masks not found",
+    ),
+    ("federate", "--config {fed} --out {file}", "exists and is not a directory"),
+    ("federate", "--config {tmp}/none.yaml --out {tmp}/f", "none.yaml: config file not found"),
+    ("federate", "--config {fed} --out {tmp}/f --set rounds=0", "rounds must be >= 1"),
+    ("federate", "--config {fed} --out {tmp}/f --set data.path={bad_jsonl}", "bad.jsonl:1: a record needs text"),
 ]
 
 
@@ -147,6 +165,11 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
     (root / "t_ok.jsonl").write_text('{"query": "q?", "choices": ["a", "b"], "gold": 1}\n')
     f["task_unknown_field"] = write_yaml(root / "task_uf.yaml", {**task, "choises": "choices"})
     f["task_bad_line"] = write_yaml(root / "task_bl.yaml", {**task, "data_file": str(bad_line)})
+    fed_data = root / "fed.jsonl"
+    fed_data.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": "c", "category": "ab"[i % 2]}) + "\n"
+                                for i in range(12)))  # fmt: skip
+    f["fed"] = write_yaml(root / "fed.yaml", {"model": str(model), "strategy": "lego", "data": {"path": str(fed_data)},
+                                              "clients": [{"sparsity": 0.0}, {"sparsity": 0.5}]})  # fmt: skip
     f["json_list"] = root / "list.json"
     f["json_list"].write_text("[1, 2]\n")
     f["results"] = root / "results.json"
@@ -205,3 +228,13 @@ def test_a_good_adapter_still_loads(bad, capsys) -> None:
     # the table's corrupt adapters are copies of this one with one file broken: the good one must run
     assert main(["run", "--stack", bad["stack"], "--set", f"stages.0.adapter={bad['tmp']}/adapter_ok", "hi"]) == 0
     assert yaml.safe_load(Path(bad["stack"]).read_text())["model"] == bad["model"]
+
+
+def test_federate_without_flower_names_the_extra(bad, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a))
+    code = _run(["federate", "--config", bad["fed"], "--out", f"{bad['tmp']}/nf"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install 'slmstack[federated]'" in err[0]

@@ -1,0 +1,123 @@
+"""The Flower ClientApp: a pruned block, a private data partition, local LoRA training.
+
+A client receives the global LoRA factors, trains them on its own partition for ``train.steps`` steps
+with slmstack's trainer, and replies with ONLY its LoRA update (an ``ArrayRecord`` named ``arrays``) and
+a ``MetricRecord`` named ``metrics`` (``num-examples``, ``client-id``, ``train-loss``). Its data and base
+weights never leave it. On ``evaluate`` it reports the loss of its block with the global adapter masked
+to it (``W + M ⊙ s·BA``) on the shared held-out set.
+
+The client reads the federation plan (``plan.json`` in the run directory, written by
+:func:`slmstack.federated.run.prepare`); which client it is comes from ``node_config["partition-id"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from slmstack.federated.plan import Plan, load_plan
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["app", "build_client_app"]
+
+
+@dataclass
+class _Client:
+    """One client's block (a peft model), masks, and tokenised data; kept between rounds in its process."""
+
+    index: int
+    model: Any
+    tokenizer: Any
+    masks: dict[str, torch.Tensor] | None
+    train: list
+    heldout: list
+
+    def load(self, arrays: ArrayRecord) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, arrays.to_torch_state_dict())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(self.model).items()}
+
+
+_CLIENTS: dict[tuple[str, int], _Client] = {}
+
+
+def _build(plan: Plan, index: int) -> _Client:
+    from peft import get_peft_model
+
+    from slmstack.models import load_model
+    from slmstack.pruning.masks import load_masks
+    from slmstack.training.train_data import tokenize_example
+
+    spec = plan.clients[index]
+    loaded = load_model(spec["model"], device="cpu", dtype="float32")
+    masks = load_masks(Path(spec["masks"])) if spec.get("masks") else None
+    model = get_peft_model(loaded.model, plan.lora_config(loaded.model))
+    tok = loaded.tokenizer
+    chat = bool(getattr(tok, "chat_template", None))
+
+    def tokenize(records: list[dict]) -> list:
+        return [
+            tokenize_example(tok, "", r["prompt"], r["completion"], plan.train["max_length"], chat) for r in records
+        ]
+
+    logger.info("client %d: block %s, %d training records", index, spec["model"], len(plan.partition(index)))
+    return _Client(index, model, tok, masks, tokenize(plan.partition(index)), tokenize(plan.heldout()))
+
+
+def _client(context: Context, run_dir: str | None) -> tuple[Plan, _Client]:
+    run_dir = run_dir or str(context.run_config["run-dir"])
+    index = int(context.node_config["partition-id"])
+    plan = load_plan(Path(run_dir))
+    key = (run_dir, index)
+    if key not in _CLIENTS:
+        _CLIENTS[key] = _build(plan, index)
+    return plan, _CLIENTS[key]
+
+
+def build_client_app(run_dir: str | None = None) -> ClientApp:
+    """A ClientApp for the run in ``run_dir`` (None: ``run-dir`` from the run config, as under ``flwr run``)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from slmstack.training.trainer import train_lora_steps
+
+        plan, client = _client(context, run_dir)
+        client.load(msg.content["arrays"])
+        server_round = int(msg.content["config"]["server-round"])
+        t = plan.train
+        seed = plan.seed + 1000 * server_round + client.index
+        pad = client.tokenizer.pad_token_id
+        stats = train_lora_steps(client.model, pad, client.train, t["steps"], t["batch_size"], t["lr"], seed=seed)
+        metrics = MetricRecord({"num-examples": len(client.train), "client-id": client.index,
+                                "train-loss": stats["loss"]})  # fmt: skip
+        return Message(RecordDict({"arrays": ArrayRecord(client.state()), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        from slmstack.federated.lora import masked_merge
+        from slmstack.training.trainer import eval_loss
+
+        plan, client = _client(context, run_dir)
+        client.load(msg.content["arrays"])
+        with masked_merge(client.model, client.masks) as merged:
+            loss = eval_loss(merged, client.heldout, client.tokenizer.pad_token_id, plan.train["batch_size"])
+        metrics = MetricRecord({"num-examples": len(client.heldout), "client-id": client.index, "eval-loss": loss})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

@@ -1,0 +1,127 @@
+"""Prepare a federated run (blocks, partitions, plan) and run it on Flower's simulation engine.
+
+:func:`prepare` prunes each client's block from the large model (or takes it from a ``slmstack prune``
+output with its masks), splits the data into a held-out set and seeded client partitions, and writes
+``plan.json``. :func:`federate` then runs the ServerApp and the ClientApps with
+``flwr.simulation.run_simulation``; the same apps run unchanged under ``flwr run`` (see
+``docs/federated.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from slmstack.errors import ConfigError, InputError
+from slmstack.federated.config import FederateConfig
+from slmstack.federated.data import load_records, partition_records, plot_partitions, split_heldout, write_records
+from slmstack.federated.plan import PLAN, Plan, save_plan
+from slmstack.io import check_input_file, check_output_dir, read_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["federate", "prepare"]
+
+_PREPARED = {"blocks", "partitions", "partitions.png"}  # what prepare writes before plan.json
+
+
+def _blocks(cfg: FederateConfig, out: Path) -> list[dict[str, Any]]:
+    """Each client's model (a block directory or the dense model) and masks, pruning what is missing."""
+    from slmstack.models import load_model
+    from slmstack.pruning.engine import load_calibration, prune
+    from slmstack.pruning.export import REPORT, save_pruned
+
+    blocks = []
+    calibration_path = cfg.resolve(cfg.calibration)
+    for i, spec in enumerate(cfg.clients):
+        if spec.block is not None:
+            block = cfg.resolve(spec.block)
+            fix = "A block directory must be a slmstack prune output (it holds masks.safetensors)."
+            masks = check_input_file(block / "masks.safetensors", "block masks", fix)
+            sparsity = read_json(block / REPORT, "prune report").get("actual_sparsity", spec.sparsity)
+            blocks.append({"model": str(block.resolve()), "masks": str(masks.resolve()), "sparsity": sparsity})
+        elif spec.sparsity == 0:
+            blocks.append({"model": cfg.model, "masks": None, "sparsity": 0.0})
+        else:
+            target = out / "blocks" / f"client_{i}"
+            if not (target / "masks.safetensors").is_file():
+                lm = load_model(cfg.model, device="cpu", dtype="float32")
+                calibration = None
+                if calibration_path is not None:
+                    calibration = load_calibration(lm.tokenizer, calibration_path, 16, 128, cfg.seed)
+                result = prune(lm.model, cfg.pruning_method, spec.sparsity, calibration=calibration)
+                save_pruned(result, lm.tokenizer, target, overwrite=True)
+            blocks.append({"model": str(target.resolve()), "masks": str((target / "masks.safetensors").resolve()),
+                           "sparsity": spec.sparsity})  # fmt: skip
+    return blocks
+
+
+def prepare(cfg: FederateConfig, out: str | Path, resume: bool = False) -> Plan:
+    """Write the blocks, the partitions (and their histogram PNG) and ``plan.json`` into ``out``.
+
+    Raises:
+        ConfigError: ``out`` holds another run (without ``resume``), or a bad partition setting.
+    """
+    out = check_output_dir(Path(out), "federation output (--out)")
+    if (out / PLAN).is_file() and not resume:
+        raise ConfigError(f"{out} already holds a federated run. Pass --resume to continue it, or use another --out.")
+    if resume and (out / PLAN).is_file():
+        from slmstack.federated.plan import load_plan
+
+        return load_plan(out)
+    leftovers = {p.name for p in out.iterdir()} - _PREPARED if out.is_dir() else set()
+    if leftovers:  # an interrupted prepare leaves only its own files, which are redone
+        raise ConfigError(f"{out} is not empty and holds no federated run. Use another --out.")
+    data = cfg.data
+    records = load_records(cfg.resolve(data.path), data.limit, cfg.seed)
+    train, heldout = split_heldout(records, data.eval_fraction, cfg.seed)
+    parts = partition_records(train, len(cfg.clients), data.partition, data.column, data.alpha, cfg.seed)
+    blocks = _blocks(cfg, out)  # checks given blocks, prunes the others
+    for i, part in enumerate(parts):
+        write_records(out / "partitions" / f"client_{i}.jsonl", part)
+    write_records(out / "partitions" / "heldout.jsonl", heldout)
+    plot_partitions(parts, data.column, out / "partitions.png")
+    clients = [{**b, "data": str((out / "partitions" / f"client_{i}.jsonl").resolve()), "records": len(parts[i])}
+               for i, b in enumerate(blocks)]  # fmt: skip
+    plan = Plan(model=cfg.model, clients=clients, heldout_path=str((out / "partitions" / "heldout.jsonl").resolve()),
+                train=asdict(cfg.train), strategy=cfg.strategy, rank_return=cfg.rank_return, rounds=cfg.rounds,
+                min_clients=cfg.min_clients, seed=cfg.seed, round_timeout=cfg.round_timeout,
+                privacy=asdict(cfg.privacy))  # fmt: skip
+    save_plan(plan, out)
+    return plan
+
+
+def federate(cfg: FederateConfig, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Prepare and run a federated LoRA fine-tuning of pruned blocks in Flower's simulation engine.
+
+    Args:
+        cfg: the federation config (see :class:`FederateConfig`).
+        out: the run directory; holds the plan, checkpoints and every output.
+        resume: continue the run in ``out`` after its last finished round.
+
+    Returns:
+        The contents of ``out/metrics.json``.
+
+    Example:
+        >>> federate(load_federate_config("recipes/federate_smoke.yaml"), "runs/fed")["rounds"][-1]["eval_loss"]
+    """
+    from flwr.simulation import run_simulation
+
+    from slmstack.federated.client_app import build_client_app
+    from slmstack.federated.server_app import build_server_app
+
+    out = Path(out)
+    plan = prepare(cfg, out, resume)
+    run_dir = str(out.resolve())
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": max(1, min(len(plan.clients), os.cpu_count() or 1)),
+                             "include_dashboard": False, "log_to_driver": False}}  # fmt: skip
+    run_simulation(server_app=build_server_app(run_dir), client_app=build_client_app(run_dir),
+                   num_supernodes=len(plan.clients), backend_config=backend)  # fmt: skip
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        raise InputError(f"{out}: the federated run ended without writing metrics.json; see the log above")
+    return read_json(metrics, "federation metrics")

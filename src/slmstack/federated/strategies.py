@@ -1,0 +1,238 @@
+"""Aggregation strategies for LoRA updates of heterogeneous pruned blocks, on Flower's message-API ``FedAvg``.
+
+Each strategy overrides only the arithmetic (:meth:`LoraFedAvg.combine`); Flower's ``FedAvg`` samples the
+nodes, builds the messages and aggregates the metrics. Before anything is averaged, every reply is
+checked: a client that failed, or whose update has the wrong names or shapes or a NaN/Inf, is rejected,
+logged and counted, never averaged in (:attr:`LoraFedAvg.last_round`).
+
+- ``fedavg`` (McMahan et al., arXiv 1602.05629): sample-weighted mean of A and B (every client dense).
+- ``heterofl`` (Diao et al., arXiv 2010.01264; InclusiveFL's HeteAgg): each factor entry is averaged over
+  the clients that hold it: ``A[:, j]`` if the client's block keeps any weight of input channel j,
+  ``B[i, :]`` if it keeps any of output channel i.
+- ``lego`` (LEGO, arXiv 2410.18287): each update ``ΔW_k = s·B_k A_k`` is masked by the client's pruning
+  mask; the global ``ΔW`` is, per element, the sample-weighted mean over the clients whose mask keeps it
+  (elements no client keeps keep the previous global value), then returned to rank r by truncated SVD
+  (``rank_return: svd``) or by averaging A and B weighted by each channel's kept share (``factors``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from slmstack.federated.lora import dense_update, factor_pairs, refactor_svd
+from slmstack.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["STRATEGIES", "HeteroFL", "Lego", "LoraFedAvg", "RoundLog", "build_strategy"]
+
+Masks = dict[str, torch.Tensor]  # "<module>.weight" -> bool keep-mask (out, in)
+STRATEGIES: Registry[type] = Registry("strategy")
+CLIENT_KEY = "client-id"
+WEIGHT_KEY = "num-examples"
+
+
+@dataclass
+class RoundLog:
+    """What the last ``aggregate_train`` accepted and rejected, for the round's metrics."""
+
+    ok: list[int] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    bytes_up: int = 0
+
+
+def _weighted(values: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element ``Σ w_k v_k`` and ``Σ w_k`` (weights broadcast against values)."""
+    total = sum(w * v.double() for v, w in zip(values, weights, strict=True))
+    norm = sum(w.double() * torch.ones_like(v, dtype=torch.float64) for v, w in zip(values, weights, strict=True))
+    return total, norm
+
+
+def _mean_or_keep(total: torch.Tensor, norm: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``total / norm`` where some client contributed, the previous value elsewhere."""
+    held = norm > 0
+    return torch.where(held, total / norm.clamp_min(1e-300), previous.double()).float()
+
+
+@STRATEGIES.register("fedavg")
+class LoraFedAvg(FedAvg):
+    """FedAvg of LoRA factors, with reply validation and failure accounting.
+
+    Implementation based on https://arxiv.org/abs/1602.05629
+
+    Args:
+        masks: client index -> keep-masks of its block (absent or None: a dense block).
+        scaling: LoRA ``alpha / r``; rank: LoRA ``r``.
+        min_clients: fewer accepted replies than this keep the previous global adapter.
+        **kwargs: passed to Flower's ``FedAvg`` (fractions, minimum node counts).
+    """
+
+    def __init__(self, masks: dict[int, Masks | None], scaling: float, rank: int, min_clients: int = 1,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(weighted_by_key=WEIGHT_KEY, **kwargs)
+        self.masks, self.scaling, self.rank, self.min_clients = masks, scaling, rank, min_clients
+        self.current: dict[str, torch.Tensor] = {}
+        self.last_round = RoundLog()
+        self.last_updates: dict[int, dict[str, torch.Tensor]] = {}  # client -> its last accepted update
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:  # fmt: skip
+        """Remember the global adapter sent out, then let ``FedAvg`` sample nodes and build the messages."""
+        self.current = {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the replies, then :meth:`combine` the accepted updates."""
+        self.last_round = log = RoundLog()
+        accepted = []
+        for msg in replies:
+            problem = self._problem(msg)
+            if problem:
+                log.failed.append(problem)
+                logger.warning("round %d: rejected a reply: %s", server_round, problem)
+                continue
+            accepted.append(msg)
+            log.bytes_up += msg.content["arrays"].count_bytes()
+        log.ok = [int(m.content["metrics"][CLIENT_KEY]) for m in accepted]
+        if len(accepted) < self.min_clients:
+            logger.warning("round %d: %d accepted updates, fewer than min_clients=%d; the global adapter is kept",
+                           server_round, len(accepted), self.min_clients)  # fmt: skip
+            return None, None
+        states = [{k: v.float() for k, v in m.content["arrays"].to_torch_state_dict().items()} for m in accepted]
+        self.last_updates.update(zip(log.ok, states, strict=True))
+        weights = [float(m.content["metrics"][WEIGHT_KEY]) for m in accepted]
+        merged = self.combine(states, weights, log.ok)
+        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        return ArrayRecord(merged), metrics
+
+    def _problem(self, msg: Message) -> str | None:
+        """Why a reply cannot be averaged in, or None."""
+        if msg.has_error():
+            return f"node {msg.metadata.src_node_id} failed: {msg.error.reason}"
+        content = msg.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            return f"node {msg.metadata.src_node_id}: reply lacks its 'arrays' or 'metrics' record"
+        metrics = content["metrics"]
+        if WEIGHT_KEY not in metrics or CLIENT_KEY not in metrics or not metrics[WEIGHT_KEY] > 0:
+            return f"node {msg.metadata.src_node_id}: metrics lack a positive {WEIGHT_KEY!r} or {CLIENT_KEY!r}"
+        state = content["arrays"].to_torch_state_dict()
+        if set(state) != set(self.current):
+            extra, missing = sorted(set(state) - set(self.current)), sorted(set(self.current) - set(state))
+            return f"client {metrics[CLIENT_KEY]}: update names differ (extra {extra[:2]}, missing {missing[:2]})"
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(self.current[key].shape):
+                return f"client {metrics[CLIENT_KEY]}: {key} has shape {tuple(value.shape)}, expected " \
+                       f"{tuple(self.current[key].shape)}"  # fmt: skip
+            if not torch.isfinite(value).all():
+                return f"client {metrics[CLIENT_KEY]}: {key} holds NaN or Inf"
+        return None
+
+    def combine(self, states: list[dict[str, torch.Tensor]], weights: list[float],
+                clients: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Sample-weighted mean of every factor (every client holds every entry)."""
+        w = [torch.tensor(x, dtype=torch.float64) for x in weights]
+        return {key: _mean_or_keep(*_weighted([s[key] for s in states], w), self.current[key])
+                for key in self.current}  # fmt: skip
+
+    def mask(self, client: int, module: str) -> torch.Tensor | None:
+        """Client ``client``'s keep-mask of ``module`` (None: it keeps every weight)."""
+        masks = self.masks.get(client)
+        return None if masks is None else masks.get(f"{module}.weight")
+
+
+@STRATEGIES.register("heterofl")
+class HeteroFL(LoraFedAvg):
+    """Each factor entry averaged over the clients whose block holds its channel.
+
+    Implementation based on https://arxiv.org/abs/2010.01264 (HeteroFL) and InclusiveFL's HeteAgg.
+    """
+
+    def combine(self, states: list[dict[str, torch.Tensor]], weights: list[float],
+                clients: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
+        """A's input channels and B's output channels count only for the clients that keep them."""
+        out = {}
+        for module, (key_a, key_b) in factor_pairs(self.current).items():
+            held_in, held_out = [], []
+            for client, weight in zip(clients, weights, strict=True):
+                mask = self.mask(client, module)
+                n_out, n_in = self.current[key_b].shape[0], self.current[key_a].shape[1]
+                cols = mask.any(dim=0) if mask is not None else torch.ones(n_in, dtype=torch.bool)  # (in,)
+                rows = mask.any(dim=1) if mask is not None else torch.ones(n_out, dtype=torch.bool)  # (out,)
+                held_in.append(weight * cols.double()[None, :])  # (1, in): broadcasts over A's rank rows
+                held_out.append(weight * rows.double()[:, None])  # (out, 1): broadcasts over B's rank columns
+            out[key_a] = _mean_or_keep(*_weighted([s[key_a] for s in states], held_in), self.current[key_a])
+            out[key_b] = _mean_or_keep(*_weighted([s[key_b] for s in states], held_out), self.current[key_b])
+        return out
+
+
+@STRATEGIES.register("lego")
+class Lego(LoraFedAvg):
+    """Masked aggregation of the dense updates ``M_k ⊙ s·B_k A_k``, then back to rank r.
+
+    Implementation based on https://arxiv.org/abs/2410.18287 (LEGO; HeteAgg as claimed in US-20260010799-A1).
+
+    Args:
+        rank_return: ``svd`` (truncated SVD of the aggregated ΔW) or ``factors`` (A and B averaged with
+            each client's weight scaled by the kept share of the channel).
+    """
+
+    def __init__(self, *args: Any, rank_return: str = "svd", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if rank_return not in ("svd", "factors"):
+            raise ValueError(f"rank_return must be svd or factors, got {rank_return!r}")
+        self.rank_return = rank_return
+
+    def combine(self, states: list[dict[str, torch.Tensor]], weights: list[float],
+                clients: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Per module: the masked mean of ``ΔW`` (``svd``) or the kept-share-weighted factors (``factors``)."""
+        out = {}
+        for module, (key_a, key_b) in factor_pairs(self.current).items():
+            masks = [self.mask(c, module) for c in clients]
+            if self.rank_return == "svd":
+                out[key_a], out[key_b] = self._svd(states, weights, masks, key_a, key_b)
+            else:
+                out[key_a], out[key_b] = self._factors(states, weights, masks, key_a, key_b)
+        return out
+
+    def _svd(self, states, weights, masks, key_a, key_b) -> tuple[torch.Tensor, torch.Tensor]:
+        previous = dense_update(self.current[key_a], self.current[key_b], self.scaling)  # (out, in)
+        deltas = [dense_update(s[key_a], s[key_b], self.scaling) for s in states]
+        keep = [w * (m.double() if m is not None else torch.ones_like(previous)) for w, m in
+                zip(weights, masks, strict=True)]  # fmt: skip
+        merged = _mean_or_keep(*_weighted(deltas, keep), previous)  # (out, in)
+        return refactor_svd(merged, self.rank, self.scaling)
+
+    def _factors(self, states, weights, masks, key_a, key_b) -> tuple[torch.Tensor, torch.Tensor]:
+        n_out, n_in = self.current[key_b].shape[0], self.current[key_a].shape[1]
+        w_in = [w * (m.double().mean(dim=0) if m is not None else torch.ones(n_in))[None, :] for w, m in
+                zip(weights, masks, strict=True)]  # fmt: skip
+        w_out = [w * (m.double().mean(dim=1) if m is not None else torch.ones(n_out))[:, None] for w, m in
+                 zip(weights, masks, strict=True)]  # fmt: skip
+        a = _mean_or_keep(*_weighted([s[key_a] for s in states], w_in), self.current[key_a])
+        b = _mean_or_keep(*_weighted([s[key_b] for s in states], w_out), self.current[key_b])
+        return a, b
+
+
+def build_strategy(name: str, masks: dict[int, Masks | None], scaling: float, rank: int, *, n_clients: int,
+                   min_clients: int, rank_return: str = "svd") -> LoraFedAvg:  # fmt: skip
+    """The registered strategy ``name``, sampling every client each round (a did-you-mean error otherwise)."""
+    cls = STRATEGIES.get(name)
+    extra = {"rank_return": rank_return} if cls is Lego else {}
+    return cls(masks, scaling, rank, min_clients=min_clients, min_train_nodes=n_clients,
+               min_evaluate_nodes=n_clients, min_available_nodes=n_clients, **extra)  # fmt: skip
+
+
+def update_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of a float32 update with these tensors."""
+    return sum(4 * math.prod(v.shape) for v in state.values())
