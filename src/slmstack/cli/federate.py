@@ -15,6 +15,8 @@ def _federate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set rounds=3 --set strategy=heterofl")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished round")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write blocks, partitions and plan.json, then stop (for flwr run)")  # fmt: skip
 
 
 def federate_cmd(args: argparse.Namespace) -> int:
@@ -24,8 +26,12 @@ def federate_cmd(args: argparse.Namespace) -> int:
 
     cfg = load_federate_config(args.config, args.overrides)  # checks Flower is installed first
     check_output_dir(args.out, "--out run directory")
-    from slmstack.federated.run import federate
+    from slmstack.federated.run import federate, prepare
 
+    if args.prepare_only:
+        plan = prepare(cfg, args.out, resume=args.resume)
+        print(json.dumps({"run_dir": str(args.out.resolve()), "clients": len(plan.clients), "rounds": plan.rounds}))
+        return 0
     metrics = federate(cfg, args.out, resume=args.resume)
     last = metrics["rounds"][-1]
     print(json.dumps({"strategy": metrics["strategy"], "rounds": last["round"], "eval_loss": last["eval_loss"],
