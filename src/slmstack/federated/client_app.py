@@ -38,6 +38,7 @@ class _Client:
     masks: dict[str, torch.Tensor] | None
     train: list
     heldout: list
+    own: list[bool]  # per held-out record: is its label one this client's data holds?
 
     def load(self, arrays: ArrayRecord) -> None:
         from peft import set_peft_model_state_dict
@@ -72,8 +73,11 @@ def _build(plan: Plan, index: int) -> _Client:
             tokenize_example(tok, "", r["prompt"], r["completion"], plan.train["max_length"], chat) for r in records
         ]
 
-    logger.info("client %d: block %s, %d training records", index, spec["model"], len(plan.partition(index)))
-    return _Client(index, model, tok, masks, tokenize(plan.partition(index)), tokenize(plan.heldout()))
+    mine, heldout = plan.partition(index), plan.heldout()
+    labels = {str(r.get(plan.column)) for r in mine}
+    own = [str(r.get(plan.column)) in labels for r in heldout]
+    logger.info("client %d: block %s, %d training records", index, spec["model"], len(mine))
+    return _Client(index, model, tok, masks, tokenize(mine), tokenize(heldout), own)
 
 
 def _client(context: Context, run_dir: str | None) -> tuple[Plan, _Client]:
@@ -112,9 +116,15 @@ def build_client_app(run_dir: str | None = None) -> ClientApp:
 
         plan, client = _client(context, run_dir)
         client.load(msg.content["arrays"])
+        pad, size = client.tokenizer.pad_token_id, plan.train["batch_size"]
+        values = {"num-examples": len(client.heldout), "client-id": client.index}
+        own = [e for e, mine in zip(client.heldout, client.own, strict=True) if mine]
+        other = [e for e, mine in zip(client.heldout, client.own, strict=True) if not mine]
         with masked_merge(client.model, client.masks) as merged:
-            loss = eval_loss(merged, client.heldout, client.tokenizer.pad_token_id, plan.train["batch_size"])
-        metrics = MetricRecord({"num-examples": len(client.heldout), "client-id": client.index, "eval-loss": loss})
+            values["eval-loss"] = eval_loss(merged, client.heldout, pad, size)
+            values["eval-loss-own"] = eval_loss(merged, own, pad, size) if own else -1.0
+            values["eval-loss-other"] = eval_loss(merged, other, pad, size) if other else -1.0
+        metrics = MetricRecord(values)
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app

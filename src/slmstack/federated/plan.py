@@ -34,6 +34,7 @@ class Plan:
     seed: int
     round_timeout: float
     privacy: dict[str, Any]
+    column: str = "category"  # the label column: a block's loss on its own labels and on the others
 
     def partition(self, index: int) -> list[dict[str, Any]]:
         """Client ``index``'s private records."""

@@ -67,13 +67,16 @@ def run_rounds(grid: Grid, run_dir: Path) -> list[dict[str, Any]]:
             arrays = new
         evals = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
         bytes_down += arrays.count_bytes() * len(evals)
-        client_eval = {}
+        client_eval, own_other = {}, {}
         for reply in grid.send_and_receive(evals, timeout=plan.round_timeout):
             if not reply.has_error():
-                metrics = reply.content["metrics"]
-                client_eval[str(int(metrics["client-id"]))] = float(metrics["eval-loss"])
+                metrics, client = reply.content["metrics"], str(int(reply.content["metrics"]["client-id"]))
+                client_eval[client] = float(metrics["eval-loss"])
+                own_other[client] = {k: float(metrics[f"eval-loss-{k}"]) for k in ("own", "other")
+                                     if float(metrics[f"eval-loss-{k}"]) >= 0}  # fmt: skip
         state = {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
         history.append({"round": rnd, "eval_loss": model.loss(state), "client_eval_loss": client_eval,
+                        "client_eval_own_other": own_other,
                         "bytes_up": log.bytes_up, "bytes_down": bytes_down, "clients_ok": len(log.ok),
                         "clients_failed": len(log.failed), "failures": log.failed,
                         "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
