@@ -121,9 +121,13 @@ def build_client_app(run_dir: str | None = None) -> ClientApp:
         own = [e for e, mine in zip(client.heldout, client.own, strict=True) if mine]
         other = [e for e, mine in zip(client.heldout, client.own, strict=True) if not mine]
         with masked_merge(client.model, client.masks) as merged:
-            values["eval-loss"] = eval_loss(merged, client.heldout, pad, size)
-            values["eval-loss-own"] = eval_loss(merged, own, pad, size) if own else -1.0
-            values["eval-loss-other"] = eval_loss(merged, other, pad, size) if other else -1.0
+            parts = {name: (eval_loss(merged, rows, pad, size), sum(e.n_targets for e in rows))
+                     for name, rows in (("own", own), ("other", other)) if rows}  # fmt: skip
+        # the whole set's per-token loss is the token-weighted mean of its two halves: one pass, not two
+        tokens = sum(n for _, n in parts.values())
+        values["eval-loss"] = sum(loss * n for loss, n in parts.values()) / max(tokens, 1)
+        for name in ("own", "other"):
+            values[f"eval-loss-{name}"] = parts[name][0] if name in parts else -1.0
         metrics = MetricRecord(values)
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
