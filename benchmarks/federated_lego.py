@@ -145,7 +145,14 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--out", type=Path, default=HERE / "results" / "federated_lego.json")
+    p.add_argument("--png", type=Path, default=HERE.parent / "docs" / "federated_lego.png")
+    p.add_argument("--report", action="store_true", help="only print the table and draw the plot from --out")
     args = p.parse_args()
+    if args.report:
+        results = json.loads(args.out.read_text())["runs"]
+        print_table(results)
+        plot(results, args.png)
+        return
 
     blocks = make_blocks(args.data_dir, args.work, args.nsamples, args.seqlen)
     results = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
@@ -166,6 +173,33 @@ def main() -> None:
             args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                             "runs": results}, indent=2) + "\n")  # fmt: skip
     print_table(results)
+    plot(results, args.png)
+
+
+def plot(results: list[dict], png: Path) -> None:
+    """Held-out loss of the recombined model against round, mean over seeds, one line per federated arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for arm in ARMS:
+        curves = [r["curve"] for r in results if r["arm"] == arm and "curve" in r]
+        if curves:
+            mean = [statistics.mean(c[i] for c in curves) for i in range(min(map(len, curves)))]
+            ax.plot(range(len(mean)), mean, marker="o", label=arm)
+        elif any(r["arm"] == arm for r in results):
+            level = statistics.mean(r["eval_loss"] for r in results if r["arm"] == arm)
+            ax.axhline(level, ls="--", lw=1, color="grey" if arm == "local" else "black", label=f"{arm} (end)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("recombined model, mean over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def print_table(results: list[dict]) -> None:
