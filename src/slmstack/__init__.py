@@ -7,10 +7,12 @@ stacks (flwr, lm_eval, vllm).
 from __future__ import annotations
 
 from slmstack._lazy import lazy_getattr
+from slmstack.stack import _EXPORTS as _STACK_EXPORTS
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    **_STACK_EXPORTS,  # the stack runtime's names, listed once in slmstack.stack
     "ARCHITECTURES": "slmstack.arch",
     "DistillConfig": "slmstack.training.distill",
     "Example": "slmstack.training.data",
@@ -20,21 +22,12 @@ _EXPORTS = {
     "distill": "slmstack.training.distill",
     "read_examples": "slmstack.training.data",
     "train_stack": "slmstack.training.trainer",
-    "GenerationSettings": "slmstack.stack.config",
     "LoadedModel": "slmstack.models",
     "Registry": "slmstack.registry",
     "SlmstackError": "slmstack.errors",
-    "Stack": "slmstack.stack.runtime",
-    "StackConfig": "slmstack.stack.config",
-    "StackResult": "slmstack.stack.runtime",
-    "StageConfig": "slmstack.stack.config",
-    "StageTrace": "slmstack.stack.runtime",
-    "attach_adapters": "slmstack.stack.adapters",
     "get_arch": "slmstack.arch",
     "load_model": "slmstack.models",
-    "load_stack_config": "slmstack.stack.config",
     "resolve_model_ref": "slmstack.models",
-    "save_stack_config": "slmstack.stack.config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -150,22 +150,22 @@ def iter_jsonl(path: Path, skip_bad: bool = False) -> Iterator[tuple[int, dict[s
         InputError: naming the file and line of a malformed line (unless ``skip_bad``).
     """
     path = check_input_file(path, "input file")
-    with guard_read(path, "input file"):
-        lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if skip_bad:
+    # streamed, so a large data file is never held whole; guard_read turns a decoding error into one line
+    with guard_read(path, "input file"), path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
                 continue
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}). Fix or remove the line.") from None
-        if not isinstance(record, dict):
-            if skip_bad:
-                continue
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if skip_bad:
+                    continue
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}). Fix or remove the line.") from None
+            if not isinstance(record, dict):
+                if skip_bad:
+                    continue
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
 
 
 def read_done_jsonl(path: Path, key: str) -> set[Any]:

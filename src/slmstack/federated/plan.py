@@ -7,7 +7,6 @@ SuperNode is told its ``partition-id`` and the run directory in its configs). Pa
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +68,3 @@ def load_plan(run_dir: Path) -> Plan:
     """Read ``plan.json`` from ``run_dir``."""
     data = read_json(run_dir / PLAN, "federation plan", "Run slmstack federate to prepare the run directory.")
     return Plan(**data)
-
-
-def to_json(obj: Any) -> str:
-    """Compact JSON (for logs)."""
-    return json.dumps(obj, sort_keys=True)

@@ -18,7 +18,6 @@ logged and counted, never averaged in (:attr:`LoraFedAvg.last_round`).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,29 +94,37 @@ class LoraFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the replies, then :meth:`combine` the accepted updates."""
         self.last_round = log = RoundLog()
-        accepted = []
+        accepted, states = [], []
         for msg in replies:
-            problem = self._problem(msg)
+            state, problem = self._checked(msg)
             if problem:
                 log.failed.append(problem)
                 logger.warning("round %d: rejected a reply: %s", server_round, problem)
                 continue
             accepted.append(msg)
+            states.append(state)
             log.bytes_up += msg.content["arrays"].count_bytes()
         log.ok = [int(m.content["metrics"][CLIENT_KEY]) for m in accepted]
         if len(accepted) < self.min_clients:
             logger.warning("round %d: %d accepted updates, fewer than min_clients=%d; the global adapter is kept",
                            server_round, len(accepted), self.min_clients)  # fmt: skip
             return None, None
-        states = [{k: v.float() for k, v in m.content["arrays"].to_torch_state_dict().items()} for m in accepted]
         self.last_updates.update(zip(log.ok, states, strict=True))
         weights = [float(m.content["metrics"][WEIGHT_KEY]) for m in accepted]
         merged = self.combine(states, weights, log.ok)
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         return ArrayRecord(merged), metrics
 
+    def _checked(self, msg: Message) -> tuple[dict[str, torch.Tensor], str | None]:
+        """The reply's update as float tensors, and why it cannot be averaged in (None when it can)."""
+        problem = self._problem(msg)
+        if problem:
+            return {}, problem
+        state = {k: v.float() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+        return state, self._state_problem(state, msg.content["metrics"][CLIENT_KEY])
+
     def _problem(self, msg: Message) -> str | None:
-        """Why a reply cannot be averaged in, or None."""
+        """Why a reply's records cannot be used, or None."""
         if msg.has_error():
             return f"node {msg.metadata.src_node_id} failed: {msg.error.reason}"
         content = msg.content
@@ -126,16 +133,19 @@ class LoraFedAvg(FedAvg):
         metrics = content["metrics"]
         if WEIGHT_KEY not in metrics or CLIENT_KEY not in metrics or not metrics[WEIGHT_KEY] > 0:
             return f"node {msg.metadata.src_node_id}: metrics lack a positive {WEIGHT_KEY!r} or {CLIENT_KEY!r}"
-        state = content["arrays"].to_torch_state_dict()
+        return None
+
+    def _state_problem(self, state: dict[str, torch.Tensor], client: Any) -> str | None:
+        """Wrong names or shapes, or NaN/Inf, against the global adapter sent out."""
         if set(state) != set(self.current):
             extra, missing = sorted(set(state) - set(self.current)), sorted(set(self.current) - set(state))
-            return f"client {metrics[CLIENT_KEY]}: update names differ (extra {extra[:2]}, missing {missing[:2]})"
+            return f"client {client}: update names differ (extra {extra[:2]}, missing {missing[:2]})"
         for key, value in state.items():
             if tuple(value.shape) != tuple(self.current[key].shape):
-                return f"client {metrics[CLIENT_KEY]}: {key} has shape {tuple(value.shape)}, expected " \
+                return f"client {client}: {key} has shape {tuple(value.shape)}, expected " \
                        f"{tuple(self.current[key].shape)}"  # fmt: skip
             if not torch.isfinite(value).all():
-                return f"client {metrics[CLIENT_KEY]}: {key} holds NaN or Inf"
+                return f"client {client}: {key} holds NaN or Inf"
         return None
 
     def combine(self, states: list[dict[str, torch.Tensor]], weights: list[float],
@@ -231,8 +241,3 @@ def build_strategy(name: str, masks: dict[int, Masks | None], scaling: float, ra
     extra = {"rank_return": rank_return} if cls is Lego else {}
     return cls(masks, scaling, rank, min_clients=min_clients, min_train_nodes=n_clients,
                min_evaluate_nodes=n_clients, min_available_nodes=n_clients, **extra)  # fmt: skip
-
-
-def update_bytes(state: dict[str, torch.Tensor]) -> int:
-    """Bytes of a float32 update with these tensors."""
-    return sum(4 * math.prod(v.shape) for v in state.values())
