@@ -4,7 +4,8 @@ A client receives the global LoRA factors, trains them on its own partition for 
 with slmstack's trainer, and replies with ONLY its LoRA update (an ``ArrayRecord`` named ``arrays``) and
 a ``MetricRecord`` named ``metrics`` (``num-examples``, ``client-id``, ``train-loss``). Its data and base
 weights never leave it. On ``evaluate`` it reports the loss of its block with the global adapter masked
-to it (``W + M ⊙ s·BA``) on the shared held-out set.
+to it (``W + M ⊙ s·BA``) on the shared held-out set. Under ``secure_aggregation`` it replies through
+Flower's ``secaggplus_mod`` with its masked share of the strategy's mean, and keeps its adapter itself.
 
 The client reads the federation plan (``plan.json`` in the run directory, written by
 :func:`slmstack.federated.run.prepare`); which client it is comes from ``node_config["partition-id"]``.
@@ -50,6 +51,21 @@ class _Client:
 
         return {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(self.model).items()}
 
+    def save_adapter(self, run_dir: Path) -> None:
+        """This client's adapter as a peft directory, ``clients/<id>/adapter`` in its run directory."""
+        from slmstack.federated.outputs import atomic_dir
+
+        out = run_dir / "clients" / str(self.index) / "adapter"
+        atomic_dir(out, lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True))
+
+
+def _share(plan: Plan, client: _Client) -> Any:
+    """The plan's strategy as this client sees it (its own masks only): what its share of the mean is."""
+    from slmstack.federated.strategies import build_strategy
+
+    return build_strategy(plan.strategy, {client.index: client.masks}, plan.scaling, plan.train["rank"],
+                          n_clients=len(plan.clients), min_clients=1, rank_return=plan.rank_return)  # fmt: skip
+
 
 _CLIENTS: dict[tuple[str, int], _Client] = {}
 
@@ -92,22 +108,35 @@ def _client(context: Context, run_dir: str | None) -> tuple[Plan, _Client]:
 
 def build_client_app(run_dir: str | None = None) -> ClientApp:
     """A ClientApp for the run in ``run_dir`` (None: ``run-dir`` from the run config, as under ``flwr run``)."""
-    app = ClientApp()
+    from slmstack.federated.secure import secure_mod
+
+    app = ClientApp(mods=[secure_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        from slmstack.federated.secure import client_reply, received_global
         from slmstack.training.trainer import train_lora_steps
 
         plan, client = _client(context, run_dir)
-        client.load(msg.content["arrays"])
-        server_round = int(msg.content["config"]["server-round"])
+        secure = received_global(msg.content, list(client.state()))  # a SecAgg+ round sends legacy FitIns
+        if secure:
+            state, server_round = secure
+            client.load(ArrayRecord(state))
+        else:
+            client.load(msg.content["arrays"])
+            server_round = int(msg.content["config"]["server-round"])
         t = plan.train
         seed = plan.seed + 1000 * server_round + client.index
         pad = client.tokenizer.pad_token_id
         stats = train_lora_steps(client.model, pad, client.train, t["steps"], t["batch_size"], t["lr"], seed=seed)
-        metrics = MetricRecord({"num-examples": len(client.train), "client-id": client.index,
-                                "train-loss": stats["loss"]})  # fmt: skip
-        return Message(RecordDict({"arrays": ArrayRecord(client.state()), "metrics": metrics}), reply_to=msg)
+        values = {"num-examples": len(client.train), "client-id": client.index, "train-loss": stats["loss"]}
+        if secure:  # the server never sees this update: the client keeps its own adapter
+            client.save_adapter(Path(run_dir or str(context.run_config["run-dir"])))
+            share = _share(plan, client).share(client.state(), client.index)
+            metrics = {k: v for k, v in values.items() if k != "num-examples"}
+            return client_reply(msg, share, len(client.train), metrics, plan.secure["clipping_range"])
+        return Message(RecordDict({"arrays": ArrayRecord(client.state()), "metrics": MetricRecord(values)}),
+                       reply_to=msg)  # fmt: skip
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

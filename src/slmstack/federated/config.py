@@ -19,8 +19,8 @@ from typing import Literal
 from slmstack.config import apply_overrides, build_dataclass, load_yaml
 from slmstack.errors import ConfigError
 
-__all__ = ["ClientSpec", "DataConfig", "FederateConfig", "LocalTrainConfig", "PrivacyConfig", "load_federate_config",
-           "require_flwr"]  # fmt: skip
+__all__ = ["ClientSpec", "DataConfig", "FederateConfig", "LocalTrainConfig", "PrivacyConfig",
+           "SecureAggregationConfig", "load_federate_config", "require_flwr"]  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -87,6 +87,23 @@ class PrivacyConfig:
 
 
 @dataclass(kw_only=True)
+class SecureAggregationConfig:
+    """Optional secure aggregation: Flower's SecAgg+ (the server learns only the weighted mean of the shares)."""
+
+    enabled: bool = False
+    clipping_range: float = field(default=4.0, metadata={"help": "shares must lie in [-this, this]"})
+    reconstruction_threshold: float = field(default=0.5, metadata={"help": "share of clients needed to unmask"})
+
+    def __post_init__(self) -> None:
+        if not self.clipping_range > 0:
+            raise ConfigError(f"secure_aggregation.clipping_range must be > 0, got {self.clipping_range}")
+        if not 0 < self.reconstruction_threshold <= 1:
+            raise ConfigError(
+                f"secure_aggregation.reconstruction_threshold must be in (0, 1], got {self.reconstruction_threshold}"
+            )
+
+
+@dataclass(kw_only=True)
 class FederateConfig:
     """A federated run. ``--set key=value`` overrides any field, as in the other verbs."""
 
@@ -101,6 +118,7 @@ class FederateConfig:
     data: DataConfig
     train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     round_timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for client replies"})
     seed: int = 0
     source: Path | None = field(default=None, init=False, repr=False, compare=False)
@@ -117,6 +135,11 @@ class FederateConfig:
             )
         if self.strategy == "fedavg" and any(c.sparsity > 0 or c.block for c in self.clients):
             raise ConfigError("strategy fedavg needs dense clients (sparsity 0); use heterofl or lego for blocks")
+        if self.secure_aggregation.enabled and len(self.clients) < 2:
+            raise ConfigError("secure_aggregation needs at least 2 clients (it hides one update among the others)")
+        if self.secure_aggregation.enabled and self.privacy.enabled:
+            raise ConfigError("privacy.enabled (server-side clipping sees each update) and secure_aggregation.enabled "
+                              "exclude each other; turn one off")  # fmt: skip
 
     def resolve(self, path: str | None) -> Path | None:
         """A path from the YAML, relative to the YAML's folder."""

@@ -22,7 +22,7 @@ from slmstack.io import atomic_write_json, guard_read, read_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GlobalModel", "load_checkpoint", "save_checkpoint", "write_outputs"]
+__all__ = ["GlobalModel", "atomic_dir", "load_checkpoint", "save_checkpoint", "write_outputs"]
 
 CHECKPOINT = "checkpoint"
 
@@ -71,10 +71,11 @@ class GlobalModel:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, state)
-        return _atomic_dir(out, lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True))
+        return atomic_dir(out, lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True))
 
 
-def _atomic_dir(out: Path, write: Any) -> Path:
+def atomic_dir(out: Path, write: Any) -> Path:
+    """Build a directory with ``write(tmp)`` beside ``out``, then swap it in (a reader never sees half of it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -98,7 +99,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, torch.Tensor], history: list
             save_file({k: v.contiguous() for k, v in update.items()}, str(tmp / f"client_{client}.safetensors"))
         atomic_write_json(tmp / "history.json", history)
 
-    _atomic_dir(run_dir / CHECKPOINT, write)
+    atomic_dir(run_dir / CHECKPOINT, write)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict]] | None:

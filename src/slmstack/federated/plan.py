@@ -7,7 +7,7 @@ SuperNode is told its ``partition-id`` and the run directory in its configs). Pa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Plan:
     round_timeout: float
     privacy: dict[str, Any]
     column: str = "category"  # the label column: a block's loss on its own labels and on the others
+    secure: dict[str, Any] = field(default_factory=dict)  # SecAgg+ settings; {} or enabled False: off
 
     def partition(self, index: int) -> list[dict[str, Any]]:
         """Client ``index``'s private records."""

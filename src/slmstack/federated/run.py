@@ -89,7 +89,8 @@ def prepare(cfg: FederateConfig, out: str | Path, resume: bool = False) -> Plan:
     plan = Plan(model=cfg.model, clients=clients, heldout_path=str((out / "partitions" / "heldout.jsonl").resolve()),
                 train=asdict(cfg.train), strategy=cfg.strategy, rank_return=cfg.rank_return, rounds=cfg.rounds,
                 min_clients=cfg.min_clients, seed=cfg.seed, round_timeout=cfg.round_timeout,
-                privacy=asdict(cfg.privacy), column=data.column)  # fmt: skip
+                privacy=asdict(cfg.privacy), column=data.column,
+                secure=asdict(cfg.secure_aggregation))  # fmt: skip
     save_plan(plan, out)
     return plan
 

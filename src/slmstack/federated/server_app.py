@@ -1,10 +1,12 @@
 """The Flower ServerApp: rounds of masked-adapter aggregation, a per-round checkpoint, and the run's outputs.
 
 Each round the strategy samples every client, sends the global LoRA factors, validates and aggregates
-the replies, asks every client for its eval loss (its block with the global adapter masked to it), and
-scores the recombined global model (the dense base with the global adapter) on the held-out set. The
-round's metrics and the global adapter are checkpointed atomically, so a killed run resumes after the
-last finished round. When the last round ends the outputs are written (see :func:`write_outputs`).
+the replies (with ``secure_aggregation``, Flower's SecAgg+ workflow runs instead and the server learns
+only their weighted mean), asks every client for its eval loss (its block with the global adapter
+masked to it), and scores the recombined global model (the dense base with the global adapter) on the
+held-out set. The round's metrics and the global adapter are checkpointed atomically, so a killed run
+resumes after the last finished round. When the last round ends the outputs are written (see
+:func:`write_outputs`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def _privacy(strategy: LoraFedAvg, plan: Plan) -> Any:
                                                       num_sampled_clients=len(plan.clients))  # fmt: skip
 
 
+def _secure_round(grid: Grid, strategy: LoraFedAvg, arrays: ArrayRecord, rnd: int, plan: Plan) -> ArrayRecord | None:
+    """A training round under Flower's SecAgg+ (see :mod:`slmstack.federated.secure`)."""
+    from slmstack.federated.secure import secure_train_round
+
+    max_weight = max(float(c.get("records", 1)) for c in plan.clients)  # so each client's weight ratio is <= 1
+    return secure_train_round(grid, strategy, arrays, rnd, len(plan.clients), plan.secure, max_weight,
+                              plan.min_clients, plan.round_timeout)  # fmt: skip
+
+
 def run_rounds(grid: Grid, run_dir: Path) -> list[dict[str, Any]]:
     """Run (or resume) every round of the plan in ``run_dir``; returns the per-round metrics."""
     plan = load_plan(run_dir)
@@ -59,9 +70,13 @@ def run_rounds(grid: Grid, run_dir: Path) -> list[dict[str, Any]]:
         history.append({"round": 0, "eval_loss": model.loss(state)})
     for rnd in range(len(history), plan.rounds + 1):
         start = time.perf_counter()
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        bytes_down = arrays.count_bytes() * len(messages)
-        new, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages, timeout=plan.round_timeout))
+        if plan.secure.get("enabled"):
+            new = _secure_round(grid, inner, arrays, rnd, plan)
+            bytes_down = arrays.count_bytes() * len(plan.clients)
+        else:
+            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+            bytes_down = arrays.count_bytes() * len(messages)
+            new, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages, timeout=plan.round_timeout))
         log = inner.last_round
         if new is not None:
             arrays = new

@@ -13,6 +13,12 @@ logged and counted, never averaged in (:attr:`LoraFedAvg.last_round`).
   mask; the global ``ΔW`` is, per element, the sample-weighted mean over the clients whose mask keeps it
   (elements no client keeps keep the previous global value), then returned to rank r by truncated SVD
   (``rank_return: svd``) or by averaging A and B weighted by each channel's kept share (``factors``).
+
+Every strategy is one shape of arithmetic: each client contributes a *share* (:meth:`LoraFedAvg.share`:
+its coverage-weighted values ``c_k ⊙ x_k`` and, where coverage varies, the coverage ``c_k`` itself), the
+server takes the sample-weighted mean of the shares, and :meth:`LoraFedAvg.finish` divides the two and
+returns to rank r. Because only that mean is needed, the same strategies run under secure aggregation
+(:mod:`slmstack.federated.secure`), where the server never sees one client's share.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from slmstack.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STRATEGIES", "HeteroFL", "Lego", "LoraFedAvg", "RoundLog", "build_strategy"]
+__all__ = ["STRATEGIES", "HeteroFL", "Lego", "LoraFedAvg", "RoundLog", "build_strategy", "weighted_mean"]
 
 Masks = dict[str, torch.Tensor]  # "<module>.weight" -> bool keep-mask (out, in)
 STRATEGIES: Registry[type] = Registry("strategy")
@@ -49,17 +55,27 @@ class RoundLog:
     bytes_up: int = 0
 
 
-def _weighted(values: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element ``Σ w_k v_k`` and ``Σ w_k`` (weights broadcast against values)."""
-    total = sum(w * v.double() for v, w in zip(values, weights, strict=True))
-    norm = sum(w.double() * torch.ones_like(v, dtype=torch.float64) for v, w in zip(values, weights, strict=True))
-    return total, norm
+HELD = ":held"  # suffix of a share's coverage (its denominator); absent: every client covers every entry
+DELTA = ".delta"  # a lego-svd share's key: the module path plus this
 
 
-def _mean_or_keep(total: torch.Tensor, norm: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+def _covered(key: str, value: torch.Tensor, coverage: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A share entry: the covered values and their coverage."""
+    return {key: value * coverage, key + HELD: coverage}
+
+
+def _mean_or_keep(total: torch.Tensor, norm: torch.Tensor | float, previous: torch.Tensor) -> torch.Tensor:
     """``total / norm`` where some client contributed, the previous value elsewhere."""
-    held = norm > 0
-    return torch.where(held, total / norm.clamp_min(1e-300), previous.double()).float()
+    norm = torch.as_tensor(norm, dtype=torch.float64)
+    held = norm > 1e-12
+    return torch.where(held, total.double() / norm.clamp_min(1e-300), previous.double()).float()
+
+
+def weighted_mean(shares: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Per entry ``Σ w_k share_k / Σ w_k``: what the server needs from the clients (secure aggregation's output)."""
+    total = sum(weights)
+    return {key: sum((w / total) * s[key].double() for s, w in zip(shares, weights, strict=True))
+            for key in shares[0]}  # fmt: skip
 
 
 @STRATEGIES.register("fedavg")
@@ -150,10 +166,16 @@ class LoraFedAvg(FedAvg):
 
     def combine(self, states: list[dict[str, torch.Tensor]], weights: list[float],
                 clients: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
-        """Sample-weighted mean of every factor (every client holds every entry)."""
-        w = [torch.tensor(x, dtype=torch.float64) for x in weights]
-        return {key: _mean_or_keep(*_weighted([s[key] for s in states], w), self.current[key])
-                for key in self.current}  # fmt: skip
+        """The new global adapter: :meth:`finish` of the sample-weighted mean of the clients' shares."""
+        return self.finish(weighted_mean([self.share(s, c) for s, c in zip(states, clients, strict=True)], weights))
+
+    def share(self, state: dict[str, torch.Tensor], client: int) -> dict[str, torch.Tensor]:
+        """Client ``client``'s contribution to the weighted mean: here the factors themselves."""
+        return dict(state)
+
+    def finish(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global factors from the weighted mean of the shares: each ``x`` is ``mean[x] / mean[x:held]``."""
+        return {key: _mean_or_keep(mean[key], mean.get(key + HELD, 1.0), self.current[key]) for key in self.current}
 
     def mask(self, client: int, module: str) -> torch.Tensor | None:
         """Client ``client``'s keep-mask of ``module`` (None: it keeps every weight)."""
@@ -168,21 +190,16 @@ class HeteroFL(LoraFedAvg):
     Implementation based on https://arxiv.org/abs/2010.01264 (HeteroFL) and InclusiveFL's HeteAgg.
     """
 
-    def combine(self, states: list[dict[str, torch.Tensor]], weights: list[float],
-                clients: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
-        """A's input channels and B's output channels count only for the clients that keep them."""
+    def share(self, state: dict[str, torch.Tensor], client: int) -> dict[str, torch.Tensor]:
+        """A's input channels and B's output channels count only where the client's block keeps them."""
         out = {}
-        for module, (key_a, key_b) in factor_pairs(self.current).items():
-            held_in, held_out = [], []
-            for client, weight in zip(clients, weights, strict=True):
-                mask = self.mask(client, module)
-                n_out, n_in = self.current[key_b].shape[0], self.current[key_a].shape[1]
-                cols = mask.any(dim=0) if mask is not None else torch.ones(n_in, dtype=torch.bool)  # (in,)
-                rows = mask.any(dim=1) if mask is not None else torch.ones(n_out, dtype=torch.bool)  # (out,)
-                held_in.append(weight * cols.double()[None, :])  # (1, in): broadcasts over A's rank rows
-                held_out.append(weight * rows.double()[:, None])  # (out, 1): broadcasts over B's rank columns
-            out[key_a] = _mean_or_keep(*_weighted([s[key_a] for s in states], held_in), self.current[key_a])
-            out[key_b] = _mean_or_keep(*_weighted([s[key_b] for s in states], held_out), self.current[key_b])
+        for module, (key_a, key_b) in factor_pairs(state).items():
+            mask = self.mask(client, module)
+            n_out, n_in = state[key_b].shape[0], state[key_a].shape[1]
+            cols = mask.any(dim=0) if mask is not None else torch.ones(n_in, dtype=torch.bool)  # (in,)
+            rows = mask.any(dim=1) if mask is not None else torch.ones(n_out, dtype=torch.bool)  # (out,)
+            out.update(_covered(key_a, state[key_a], cols.float()[None, :]))  # (1, in): over A's rank rows
+            out.update(_covered(key_b, state[key_b], rows.float()[:, None]))  # (out, 1): over B's rank columns
         return out
 
 
@@ -203,35 +220,33 @@ class Lego(LoraFedAvg):
             raise ValueError(f"rank_return must be svd or factors, got {rank_return!r}")
         self.rank_return = rank_return
 
-    def combine(self, states: list[dict[str, torch.Tensor]], weights: list[float],
-                clients: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
-        """Per module: the masked mean of ``ΔW`` (``svd``) or the kept-share-weighted factors (``factors``)."""
+    def share(self, state: dict[str, torch.Tensor], client: int) -> dict[str, torch.Tensor]:
+        """``svd``: the masked dense update ``M_k ⊙ ΔW_k`` and ``M_k``; ``factors``: A and B by kept share."""
         out = {}
-        for module, (key_a, key_b) in factor_pairs(self.current).items():
-            masks = [self.mask(c, module) for c in clients]
+        for module, (key_a, key_b) in factor_pairs(state).items():
+            mask = self.mask(client, module)
             if self.rank_return == "svd":
-                out[key_a], out[key_b] = self._svd(states, weights, masks, key_a, key_b)
+                delta = dense_update(state[key_a], state[key_b], self.scaling).float()  # (out, in)
+                keep = mask.float() if mask is not None else torch.ones_like(delta)
+                out.update(_covered(module + DELTA, delta, keep))
             else:
-                out[key_a], out[key_b] = self._factors(states, weights, masks, key_a, key_b)
+                n_out, n_in = state[key_b].shape[0], state[key_a].shape[1]
+                share_in = mask.float().mean(dim=0) if mask is not None else torch.ones(n_in)  # (in,)
+                share_out = mask.float().mean(dim=1) if mask is not None else torch.ones(n_out)  # (out,)
+                out.update(_covered(key_a, state[key_a], share_in[None, :]))
+                out.update(_covered(key_b, state[key_b], share_out[:, None]))
         return out
 
-    def _svd(self, states, weights, masks, key_a, key_b) -> tuple[torch.Tensor, torch.Tensor]:
-        previous = dense_update(self.current[key_a], self.current[key_b], self.scaling)  # (out, in)
-        deltas = [dense_update(s[key_a], s[key_b], self.scaling) for s in states]
-        keep = [w * (m.double() if m is not None else torch.ones_like(previous)) for w, m in
-                zip(weights, masks, strict=True)]  # fmt: skip
-        merged = _mean_or_keep(*_weighted(deltas, keep), previous)  # (out, in)
-        return refactor_svd(merged, self.rank, self.scaling)
-
-    def _factors(self, states, weights, masks, key_a, key_b) -> tuple[torch.Tensor, torch.Tensor]:
-        n_out, n_in = self.current[key_b].shape[0], self.current[key_a].shape[1]
-        w_in = [w * (m.double().mean(dim=0) if m is not None else torch.ones(n_in))[None, :] for w, m in
-                zip(weights, masks, strict=True)]  # fmt: skip
-        w_out = [w * (m.double().mean(dim=1) if m is not None else torch.ones(n_out))[:, None] for w, m in
-                 zip(weights, masks, strict=True)]  # fmt: skip
-        a = _mean_or_keep(*_weighted([s[key_a] for s in states], w_in), self.current[key_a])
-        b = _mean_or_keep(*_weighted([s[key_b] for s in states], w_out), self.current[key_b])
-        return a, b
+    def finish(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``svd``: the masked mean of ``ΔW`` (the previous ``ΔW`` where no client keeps an element), refactored."""
+        if self.rank_return == "factors":
+            return super().finish(mean)
+        out = {}
+        for module, (key_a, key_b) in factor_pairs(self.current).items():
+            previous = dense_update(self.current[key_a], self.current[key_b], self.scaling)  # (out, in)
+            merged = _mean_or_keep(mean[module + DELTA], mean[module + DELTA + HELD], previous)
+            out[key_a], out[key_b] = refactor_svd(merged, self.rank, self.scaling)
+        return out
 
 
 def build_strategy(name: str, masks: dict[int, Masks | None], scaling: float, rank: int, *, n_clients: int,

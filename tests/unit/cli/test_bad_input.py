@@ -106,6 +106,16 @@ ROWS: list[tuple[str, str, str]] = [
     ("federate", "--config {fed} --out {file}", "exists and is not a directory"),
     ("federate", "--config {tmp}/none.yaml --out {tmp}/f", "none.yaml: config file not found"),
     ("federate", "--config {fed} --out {tmp}/f --set rounds=0", "rounds must be >= 1"),
+    (
+        "federate",
+        "--config {fed} --out {tmp}/f --set secure_aggregation.clipping_range=0",
+        "clipping_range must be > 0",
+    ),
+    (
+        "federate",
+        "--config {fed} --out {tmp}/f --set secure_aggregation.enabled=true --set privacy.enabled=true",
+        "exclude each other",
+    ),
     ("federate", "--config {fed} --out {tmp}/f --set data.path={bad_jsonl}", "bad.jsonl:1: a record needs text"),
 ]
 
