@@ -61,8 +61,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            close = difflib.get_close_matches(str(name), self._entries, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(str(name), list(self._entries))
             known = ", ".join(sorted(self._entries)) or "(none)"
             raise ConfigError(f"unknown {self.kind} {name!r}.{hint} Known: {known}.") from None
 
@@ -82,3 +81,9 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, Any]]:
         """Sorted (name, implementation) pairs."""
         return [(name, self._entries[name].obj) for name in self]
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``known`` to ``name``, or an empty string."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from slmstack.cli import evaluate, federate, prune, run, train  # noqa: F401  (registers the verbs)
+from slmstack.cli import evaluate, federate, prune, run, train, transfer  # noqa: F401  (registers the verbs)
 from slmstack.cli.common import VERBS
 from slmstack.errors import SlmstackError
 
@@ -63,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # long-running verbs report their progress at INFO level by default
-_CHATTY = {train.distill_cmd, train.train_cmd, evaluate.eval_cmd, prune.prune_cmd, federate.federate_cmd}
+_CHATTY = {
+    train.distill_cmd,
+    train.train_cmd,
+    evaluate.eval_cmd,
+    prune.prune_cmd,
+    federate.federate_cmd,
+    transfer.transfer_cmd,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,8 +18,8 @@ from slmstack.errors import InputError
 from slmstack.io import iter_jsonl
 from slmstack.stack.generation import format_prompt
 
-__all__ = ["IGNORE_INDEX", "StageRecord", "TokenizedExample", "collate", "load_stage_records", "make_batches",
-           "tokenize_example"]  # fmt: skip
+__all__ = ["IGNORE_INDEX", "Seq2SeqExample", "StageRecord", "TokenizedExample", "collate", "load_stage_records",
+           "make_batches", "tokenize_example", "tokenize_seq2seq"]  # fmt: skip
 
 IGNORE_INDEX = -100
 
@@ -44,6 +44,26 @@ class TokenizedExample:
     def n_targets(self) -> int:
         """How many positions carry loss."""
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+@dataclass
+class Seq2SeqExample:
+    """An encoder-decoder example: encoder ids of the prompt, decoder labels of the target."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_targets(self) -> int:
+        """How many positions carry loss."""
+        return len(self.labels)
+
+
+def tokenize_seq2seq(tokenizer: Any, prompt: str, completion: str, max_length: int) -> Seq2SeqExample:
+    """Tokenise one pair for an encoder-decoder model (BART, T5): prompt to the encoder, target to the decoder."""
+    source = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+    target = tokenizer(text_target=completion, truncation=True, max_length=max_length)["input_ids"]
+    return Seq2SeqExample(source, target)
 
 
 def load_stage_records(path: Path, skip_bad: bool = False) -> list[StageRecord]:
@@ -97,8 +117,13 @@ def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
     return [batches[i] for i in perm]
 
 
-def collate(examples: list[TokenizedExample], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row (or ``pad_to``); padding has attention 0 and label -100."""
+def collate(examples: list, pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row (or ``pad_to``); padding has attention 0 and label -100.
+
+    Encoder-decoder examples (:class:`Seq2SeqExample`) get their labels padded apart, as ``decoder_labels``.
+    """
+    if examples and isinstance(examples[0], Seq2SeqExample):
+        return _collate_seq2seq(examples, pad_id)
     width = pad_to or max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -109,3 +134,16 @@ def collate(examples: list[TokenizedExample], pad_id: int, pad_to: int | None = 
         labels[i, :n] = torch.tensor(e.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _collate_seq2seq(examples: list[Seq2SeqExample], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    target_width = max(len(e.labels) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, S)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, S)
+    labels = torch.full((len(examples), target_width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for i, e in enumerate(examples):
+        input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        attention_mask[i, : len(e.input_ids)] = 1
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_labels": labels}

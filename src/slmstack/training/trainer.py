@@ -132,6 +132,11 @@ def _masked_loss(model: Any, batch: dict[str, torch.Tensor], precision: str = "f
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device_type = batch["input_ids"].device.type
+    if "decoder_labels" in batch:  # encoder-decoder: the model's own loss over the decoder targets
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["decoder_labels"])  # fmt: skip
+        return out.loss.float(), int((batch["decoder_labels"] != -100).sum())
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = hidden.last_hidden_state  # (B, T, C)

@@ -89,6 +89,17 @@ ROWS: list[tuple[str, str, str]] = [
     ("prune", "--model {model} --method wanda --calibration {dir} --out {tmp}/p", "is a directory"),
     ("prune", "--model {model} --method magnitude --pattern 3:2 --out {tmp}/p", "pattern"),
     ("prune", "--model {model} --method structured --sparsity 0.5 --out {tmp}/p", "pass --calibration FILE"),
+    # ---- transfer
+    ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout=[is_rd]", "Did you mean 'is_red'"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout_category=colr", "Did you mean 'colour'"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.train=[is_red,echo]", "both held out and in train"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout=[is_red,is_blue]", "has no training task"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set few_shot=[64]", "k=64 exceeds the"),
+    ("transfer", "--config {xfer_nolabels} --out {tmp}/x", "accuracy needs a label set"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set modes=[in_domian]", "Did you mean 'in_domain'"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set collection.name=t1", "unknown collection 't1'"),
+    ("transfer", "--config {xfer} --out {file}", "exists and is not a directory"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set train.steps=0", "train.steps must be >= 1"),
     # ---- federate
     ("federate", "--config {fed} --out {tmp}/f --set strategy=legoo", "Did you mean 'lego'"),
     ("federate", "--config {fed} --out {tmp}/f --set clients.1.sparsity=1.0", "sparsity must be in [0, 1)"),
@@ -180,6 +191,19 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
                                 for i in range(12)))  # fmt: skip
     f["fed"] = write_yaml(root / "fed.yaml", {"model": str(model), "strategy": "lego", "data": {"path": str(fed_data)},
                                               "clients": [{"sparsity": 0.0}, {"sparsity": 0.5}]})  # fmt: skip
+    from tests.unit.transfer.conftest import write_collection
+
+    collection = write_collection(root / "collection")
+    xfer = {"model": str(model), "collection": {"name": "yaml", "path": str(collection)},
+            "splits": [{"name": "s", "heldout": ["is_red"]}], "few_shot": [2], "seeds": [0],
+            "eval": {"examples": 4, "pool": 6}}  # fmt: skip
+    f["xfer"] = write_yaml(root / "xfer.yaml", xfer)
+    spec = yaml.safe_load(collection.read_text())
+    spec["tasks"][0].pop("labels")
+    spec["tasks"][0]["metric"] = "accuracy"
+    (root / "collection" / "nolabels.yaml").write_text(yaml.safe_dump(spec))
+    f["xfer_nolabels"] = write_yaml(root / "xfer_nl.yaml", {**xfer, "collection": {
+        "name": "yaml", "path": str(root / "collection" / "nolabels.yaml")}})  # fmt: skip
     f["json_list"] = root / "list.json"
     f["json_list"].write_text("[1, 2]\n")
     f["results"] = root / "results.json"
