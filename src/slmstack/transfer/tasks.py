@@ -120,7 +120,8 @@ DIALOGSUM_WORDINGS = [
 def _dialogsum(path: Path, per_task: int | None) -> list[Task]:
     """DialogSum as one generation task scored by ROUGE-L against the best of its references.
 
-    ``dialogsum.dev.jsonl`` (one summary each) comes first, then ``dialogsum.test.jsonl`` (three each).
+    ``dialogsum.dev.jsonl`` (one summary each) and ``dialogsum.test.jsonl`` (three each) are pooled; a
+    split cuts the pool into test and few-shot examples.
     """
     examples = []
     for name in ("dialogsum.dev.jsonl", "dialogsum.test.jsonl"):

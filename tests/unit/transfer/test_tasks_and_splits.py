@@ -59,6 +59,15 @@ def test_t0_templates_render_without_their_instruction() -> None:
     assert tasks["samsum__Summarize_this_dialogue_"].metric == "rouge_l"
 
 
+@pytest.mark.skipif(not SHARED_T0.is_dir(), reason="needs ../shared/data")
+def test_dialogsum_is_one_rouge_task_with_every_reference() -> None:
+    (task,) = load_collection("dialogsum", SHARED_T0.parent / "dialogsum", per_task=3)
+    assert task.kind == "generation" and task.metric == "rouge_l" and task.n_wordings == 3
+    assert [len(e.targets) for e in task.examples] == [1, 1, 1, 3, 3, 3]  # dev: one summary; test: three
+    prompt = task.render(task.examples[0], 0)
+    assert prompt.startswith("Summarize the following dialogue.") and task.examples[0].input in prompt
+
+
 def _task(name: str, category: str, inputs: list[str]) -> Task:
     return Task(name, category, "classification", "accuracy", [Example(i, ["yes"]) for i in inputs], [],
                 ["yes", "no"])  # fmt: skip
