@@ -111,10 +111,24 @@ class TransferModel:
     # ---- scoring
     @torch.no_grad()
     def choose(self, prompts: list[str], labels: list[str], batch_size: int = 8) -> list[str]:
-        """For each prompt, the label whose tokens have the highest summed log-likelihood."""
+        """For each prompt, the label whose tokens have the highest summed log-likelihood.
+
+        Decoder-only models score through the evaluation harness's :class:`Scorer` (each prompt runs once,
+        its labels on top of its KV cache), with the same tokenisation as training.
+        """
         pairs = [(p, label) for p in prompts for label in labels]
         scores = []
-        for s in range(0, len(pairs), batch_size):
+        if not self.seq2seq:
+            from slmstack.evaluation.scorer import Scorer, _Request
+
+            requests = []
+            for i, (p, label) in enumerate(pairs):
+                ex = self.features(p, label)
+                n = ex.n_targets
+                requests.append(_Request(i, ex.input_ids[:-n], ex.input_ids[-n:]))
+            scorer = Scorer(self.model, self.tokenizer, batch_size=batch_size, max_length=self.max_length)
+            scores = [ll for ll, _ in scorer.loglikelihood_tokens(requests)]
+        for s in range(0, len(pairs) if self.seq2seq else 0, batch_size):
             scores += self._logprobs(pairs[s : s + batch_size])
         best = []
         for i in range(len(prompts)):

@@ -102,3 +102,20 @@ def test_a_killed_grid_resumes_without_redoing_finished_work(tiny_model_dir, col
     few_shot_left = sum(1 for c in grid.cells if c.k and c.id + ".json" not in done)  # one held-out task each
     assert calls["train"] == mtl_left + few_shot_left
     assert {r["mode"] for r in summary["rows"]} == {"off_the_shelf", "general", "in_domain", "general_in_domain"}
+
+
+def test_label_scores_through_the_harness_scorer_equal_a_plain_forward(tiny_model_dir) -> None:
+    model = TransferModel(str(tiny_model_dir), 64)
+    pairs = [(p, label) for p in ("say red", "blue sky") for label in ("yes", "no")]
+    plain = model._logprobs(pairs)  # one forward per (prompt, label), log-softmax gathered by hand
+    best = model.choose(["say red", "blue sky"], ["yes", "no"])
+    expected = ["yes" if plain[2 * i] >= plain[2 * i + 1] else "no" for i in range(2)]
+    assert best == expected
+    from slmstack.evaluation.scorer import Scorer, _Request
+
+    requests = []
+    for i, (p, label) in enumerate(pairs):
+        ex = model.features(p, label)
+        requests.append(_Request(i, ex.input_ids[: -ex.n_targets], ex.input_ids[-ex.n_targets :]))
+    shared = [ll for ll, _ in Scorer(model.model, model.tokenizer, max_length=64).loglikelihood_tokens(requests)]
+    assert shared == pytest.approx(plain, abs=1e-4)
