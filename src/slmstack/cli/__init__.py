@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from slmstack.cli import evaluate, federate, prune, run, train, transfer  # noqa: F401  (registers the verbs)
+from slmstack.cli import evaluate, federate, prune, run, serve, train, transfer  # noqa: F401  (registers the verbs)
 from slmstack.cli.common import VERBS
 from slmstack.errors import SlmstackError
 

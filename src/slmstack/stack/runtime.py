@@ -140,25 +140,33 @@ class Stack:
         values = [{INPUT_FIELD: t} for t in texts]
         results = [StackResult(input=t, answer="") for t in texts]
         for stage in stages:
-            prompts = [self.render(stage, v) for v in values]
-            inputs = [format_prompt(self.tokenizer, stage.role, p, self.config.chat_template) for p in prompts]
-            adapter = self._adapter_of[stage.name]
-            start = time.perf_counter()
-            outs = generate_batch(
-                self.model, self.tokenizer, inputs, stage.generation,
-                adapter_names=[adapter] * len(inputs), max_input_tokens=self.config.max_input_tokens,
-                on_overflow=self.config.on_overflow, chat=self._chat,
-            )  # fmt: skip
-            seconds = time.perf_counter() - start
-            logger.debug("stage %s: %d inputs in %.2fs", stage.name, len(texts), seconds)
-            for value, result, prompt, out in zip(values, results, prompts, outs, strict=True):
-                value[stage.name] = out.text
-                result.trace.append(StageTrace(
-                    stage.name, prompt, out.text, out.tokens_in, out.tokens_out, round(seconds, 4),
-                    None if adapter == BASE_ADAPTER else adapter, out.truncated,
-                ))  # fmt: skip
-                result.answer = out.text
+            self.run_stage(stage, values, results)
         return results
+
+    def run_stage(self, stage: StageConfig, values: list[dict[str, str]], results: list[StackResult]) -> None:
+        """Run one stage on a batch whose earlier stages have run; appends to ``values`` and ``results``.
+
+        ``values`` holds each row's input and earlier outputs (the template fields). Serving calls this
+        stage by stage, to report each stage as soon as it finishes.
+        """
+        prompts = [self.render(stage, v) for v in values]
+        inputs = [format_prompt(self.tokenizer, stage.role, p, self.config.chat_template) for p in prompts]
+        adapter = self._adapter_of[stage.name]
+        start = time.perf_counter()
+        outs = generate_batch(
+            self.model, self.tokenizer, inputs, stage.generation,
+            adapter_names=[adapter] * len(inputs), max_input_tokens=self.config.max_input_tokens,
+            on_overflow=self.config.on_overflow, chat=self._chat,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        logger.debug("stage %s: %d inputs in %.2fs", stage.name, len(values), seconds)
+        for value, result, prompt, out in zip(values, results, prompts, outs, strict=True):
+            value[stage.name] = out.text
+            result.trace.append(StageTrace(
+                stage.name, prompt, out.text, out.tokens_in, out.tokens_out, round(seconds, 4),
+                None if adapter == BASE_ADAPTER else adapter, out.truncated,
+            ))  # fmt: skip
+            result.answer = out.text
 
 
 def _check_inputs(texts: Sequence[str]) -> None:

@@ -89,6 +89,16 @@ ROWS: list[tuple[str, str, str]] = [
     ("prune", "--model {model} --method wanda --calibration {dir} --out {tmp}/p", "is a directory"),
     ("prune", "--model {model} --method magnitude --pattern 3:2 --out {tmp}/p", "pattern"),
     ("prune", "--model {model} --method structured --sparsity 0.5 --out {tmp}/p", "pass --calibration FILE"),
+    # ---- serve (every row fails before the server would start)
+    ("serve", "--stack {stack} --port 0", "--port must be in 1..65535"),
+    ("serve", "--stack {stack} --max-batch-size 0", "--max-batch-size must be >= 1"),
+    ("serve", "--stack {stack} --max-wait-ms -1", "--max-wait-ms must be >= 0"),
+    ("serve", "--stack {tmp}/none.yaml", "none.yaml"),
+    ("serve", "--stack {dir}", "is a directory"),
+    ("serve", "--stack {not_yaml}", "not valid YAML"),
+    ("serve", "--stack {stack} --model plain", "give NAME=REF"),
+    ("serve", "--stack {stack} --stack {stack}", "two served models are named 'tiny'"),
+    ("serve", "--stack {stack} --port many", "invalid int value"),
     # ---- transfer
     ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout=[is_rd]", "Did you mean 'is_red'"),
     ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout_category=colr", "Did you mean 'colour'"),
@@ -262,6 +272,16 @@ def test_a_good_adapter_still_loads(bad, capsys) -> None:
     # the table's corrupt adapters are copies of this one with one file broken: the good one must run
     assert main(["run", "--stack", bad["stack"], "--set", f"stages.0.adapter={bad['tmp']}/adapter_ok", "hi"]) == 0
     assert yaml.safe_load(Path(bad["stack"]).read_text())["model"] == bad["model"]
+
+
+def test_serve_without_the_extra_names_it(bad, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    code = _run(["serve", "--stack", bad["stack"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install 'slmstack[serve]'" in err[0]
 
 
 def test_federate_without_flower_names_the_extra(bad, capsys, monkeypatch) -> None:

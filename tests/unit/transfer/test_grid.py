@@ -119,3 +119,22 @@ def test_label_scores_through_the_harness_scorer_equal_a_plain_forward(tiny_mode
         requests.append(_Request(i, ex.input_ids[: -ex.n_targets], ex.input_ids[-ex.n_targets :]))
     shared = [ll for ll, _ in Scorer(model.model, model.tokenizer, max_length=64).loglikelihood_tokens(requests)]
     assert shared == pytest.approx(plain, abs=1e-4)
+
+
+def test_the_ray_executor_runs_the_same_cells(tiny_model_dir, collection, tmp_path) -> None:
+    pytest.importorskip("ray")
+    import ray
+
+    study = _study(tmp_path, tiny_model_dir, collection, modes=["general", "general_in_domain"], instructions=[True],
+                   few_shot=[])  # fmt: skip
+    cfg = load_transfer_config(study)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = transfer(cfg, tmp_path / "ray", executor="ray")
+    finally:
+        ray.shutdown()
+    local = transfer(cfg, tmp_path / "local")
+    assert [r["mode"] for r in summary["rows"]] == [r["mode"] for r in local["rows"]]
+    # same seeds, same data, same checkpoints: the scores agree wherever they ran
+    assert [r["average"]["mean"] for r in summary["rows"]] == pytest.approx([r["average"]["mean"] for r in
+                                                                             local["rows"]])  # fmt: skip

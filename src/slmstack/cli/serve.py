@@ -1,0 +1,40 @@
+"""``slmstack serve``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from slmstack.cli.common import VERBS
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stack", action="append", default=[], metavar="FILE", help="a stack YAML to serve (repeatable)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=REF",
+                   help="also serve a plain model under NAME, e.g. base=default (repeatable)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests per stack batch")
+    p.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a request waits for company")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or SLMSTACK_API_KEY)")
+
+
+def serve_cmd(args: argparse.Namespace) -> int:
+    """Serve stacks over an OpenAI-compatible API."""
+    from slmstack.serving.server import require_serve
+
+    require_serve()
+    from slmstack.serving.server import load_stacks, serve
+    from slmstack.serving.settings import ServeSettings
+
+    settings = ServeSettings(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                             max_wait_ms=args.max_wait_ms, max_prompt_tokens=args.max_prompt_tokens,
+                             max_tokens=args.max_tokens,
+                             api_key=args.api_key or os.environ.get("SLMSTACK_API_KEY") or None)  # fmt: skip
+    serve(load_stacks(args.stack, args.model), settings)
+    return 0
+
+
+VERBS.add("serve", (_serve_args, serve_cmd, "serve stacks over an OpenAI-compatible HTTP API"))

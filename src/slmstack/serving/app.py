@@ -1,0 +1,278 @@
+"""An OpenAI-compatible HTTP API for stacks: FastAPI app, errors in OpenAI's shape, Prometheus metrics.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (non-streaming and SSE streaming),
+``POST /v1/completions``, ``GET /health``, ``GET /metrics`` and FastAPI's ``/openapi.json``. Every
+completion carries the stage trace in ``slmstack_trace`` (OpenAI clients ignore unknown fields). A chat
+request's input is its last user message. Errors are ``{"error": {"message", "type", "param", "code"}}``
+with a 4xx/5xx status, and never hold a file path, a traceback or a secret. (This module imports
+FastAPI: import it only where the ``serve`` extra is installed.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from slmstack.serving.batcher import MicroBatcher
+from slmstack.serving.settings import ServeSettings
+from slmstack.stack.runtime import Stack, StackResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ApiError", "build_app"]
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class _Metrics:
+    registry: Any
+    requests: Any
+    errors: Any
+    batch_size: Any
+    queue_wait: Any
+    latency: Any
+
+    @classmethod
+    def create(cls) -> _Metrics:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        r = CollectorRegistry()
+        return cls(
+            r,
+            Counter("slmstack_requests", "HTTP requests", ["endpoint", "status"], registry=r),
+            Counter("slmstack_errors", "requests answered with an error", ["endpoint", "status"], registry=r),
+            Histogram(
+                "slmstack_batch_size", "requests per stack batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+            ),  # fmt: skip
+            Histogram("slmstack_queue_wait_seconds", "time a request waited for its batch", registry=r),
+            Histogram(
+                "slmstack_request_latency_seconds", "time from request to full answer", ["endpoint"], registry=r
+            ),  # fmt: skip
+        )
+
+
+def _trace(result: StackResult) -> list[dict[str, Any]]:
+    return [asdict(t) for t in result.trace]
+
+
+def _usage(result: StackResult) -> dict[str, int]:
+    prompt = result.trace[0].tokens_in if result.trace else 0
+    completion = sum(t.tokens_out for t in result.trace)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
+    """The FastAPI app serving ``stacks`` (model name -> loaded stack)."""
+    metrics = _Metrics.create()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmstack-generate")
+    batchers: dict[str, MicroBatcher] = {}
+
+    def on_batch(size: int, waits: list[float]) -> None:
+        metrics.batch_size.observe(size)
+        for w in waits:
+            metrics.queue_wait.observe(w)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        for name, stack in stacks.items():
+            batchers[name] = MicroBatcher(stack, settings.max_batch_size, settings.max_wait_ms, executor, on_batch)
+            batchers[name].start()
+        yield
+        for b in batchers.values():
+            await b.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="slmstack", version="1", lifespan=lifespan)
+    app.state.batchers = batchers
+
+    def error_response(err: ApiError, endpoint: str) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(err.status)).inc()
+        metrics.errors.labels(endpoint, str(err.status)).inc()
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        path = request.url.path
+        if settings.api_key and path.startswith("/v1/"):
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {settings.api_key}":
+                return error_response(ApiError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                                               "authentication_error", code="invalid_api_key"), path)  # fmt: skip
+        try:
+            return await call_next(request)
+        except ApiError as err:
+            return error_response(err, path)
+        except Exception:  # noqa: BLE001 - never leak a traceback or a path
+            logger.exception("internal error on %s", path)
+            return error_response(ApiError(500, "Internal server error", "server_error"), path)
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        if not request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+            raise ApiError(415, "Content-Type must be application/json")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise ApiError(413, f"Request body larger than {settings.max_body_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > settings.max_body_bytes:
+            raise ApiError(413, f"Request body larger than {settings.max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "Request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "Request body must be a JSON object")
+        return body
+
+    def stack_for(body: dict[str, Any]) -> tuple[str, Stack]:
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise ApiError(400, "Missing required field 'model'", param="model")
+        if name not in stacks:
+            raise ApiError(404, f"The model '{name[:100]}' does not exist; GET /v1/models lists them",
+                           param="model", code="model_not_found")  # fmt: skip
+        return name, stacks[name]
+
+    def max_tokens(body: dict[str, Any]) -> int | None:
+        value = body.get("max_completion_tokens", body.get("max_tokens"))
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= settings.max_tokens:
+            raise ApiError(400, f"max_tokens must be an integer from 1 to {settings.max_tokens}", param="max_tokens")
+        return value
+
+    def check_prompt(stack: Stack, text: str) -> None:
+        if not text.strip():
+            raise ApiError(400, "The input is empty", param="messages")
+        n = len(stack.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > settings.max_prompt_tokens:
+            raise ApiError(400, f"The input has {n} tokens; the limit is {settings.max_prompt_tokens}",
+                           param="messages", code="context_length_exceeded")  # fmt: skip
+
+    async def answer(name: str, text: str, tokens: int | None, request: Request) -> tuple[Any, StackResult]:
+        pending = await batchers[name].submit(text, tokens)
+        waiter = asyncio.ensure_future(pending.future)
+        while not waiter.done():
+            done, _ = await asyncio.wait({waiter}, timeout=0.25)
+            if not done and await request.is_disconnected():
+                pending.future.cancel()  # frees its slot if its batch has not started
+                raise ApiError(499, "Client closed the request")
+        return pending, waiter.result()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        metrics.requests.labels("/v1/models", "200").inc()
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmstack",
+                                            "slmstack_stages": [s.name for s in st.config.stages]}
+                                           for n, st in stacks.items()]}  # fmt: skip
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        start = time.perf_counter()
+        body = await read_json(request)
+        name, stack = stack_for(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "Missing required field 'prompt' (a string)", param="prompt")
+        check_prompt(stack, prompt)
+        _, result = await answer(name, prompt, max_tokens(body), request)
+        metrics.requests.labels("/v1/completions", "200").inc()
+        metrics.latency.labels("/v1/completions").observe(time.perf_counter() - start)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": name, "choices": [{"index": 0, "text": result.answer, "finish_reason": "stop",
+                                            "logprobs": None}],
+                "usage": _usage(result), "slmstack_trace": _trace(result)}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        start = time.perf_counter()
+        body = await read_json(request)
+        name, stack = stack_for(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "Missing required field 'messages' (a non-empty list)", param="messages")
+        users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if not users or not isinstance(users[-1], str):
+            raise ApiError(400, "messages needs a user message with string content", param="messages")
+        text = users[-1]
+        check_prompt(stack, text)
+        tokens = max_tokens(body)
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        if not body.get("stream"):
+            _, result = await answer(name, text, tokens, request)
+            metrics.requests.labels("/v1/chat/completions", "200").inc()
+            metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - start)
+            return {"id": cid, "object": "chat.completion", "created": created, "model": name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+                                 "finish_reason": "stop"}],
+                    "usage": _usage(result), "slmstack_trace": _trace(result)}  # fmt: skip
+        pending = await batchers[name].submit(text, tokens)
+        n_stages = len(stack.config.stages)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}  # fmt: skip
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                seen = 0
+                while True:
+                    stage = await pending.stages.get()
+                    if stage is None:
+                        break
+                    seen += 1
+                    if seen < n_stages:  # an earlier stage, reported as it finishes
+                        yield chunk({}, slmstack_stage=asdict(stage))
+                    else:
+                        yield chunk({"content": stage.output}, slmstack_stage=asdict(stage))
+                result = await pending.future
+                yield chunk({}, "stop", slmstack_trace=_trace(result), usage=_usage(result))
+                yield "data: [DONE]\n\n"
+                metrics.requests.labels("/v1/chat/completions", "200").inc()
+                metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - start)
+            except asyncio.CancelledError:
+                pending.future.cancel()  # the client left: free the slot if its batch has not started
+                raise
+            except Exception:  # noqa: BLE001
+                logger.exception("stream failed")
+                yield f"data: {json.dumps(ApiError(500, 'Internal server error', 'server_error').body())}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app

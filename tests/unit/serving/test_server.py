@@ -1,0 +1,168 @@
+"""A live server on loopback with a tiny 2-stage stack, called by the official ``openai`` client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("prometheus_client")
+openai = pytest.importorskip("openai")
+import httpx  # noqa: E402
+
+from slmstack.serving.settings import ServeSettings  # noqa: E402
+from tests.conftest import stack_dict, write_yaml  # noqa: E402
+
+KEY = "sk-test-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(stacks, settings: ServeSettings):
+    import uvicorn
+
+    from slmstack.serving.app import build_app
+
+    app = build_app(stacks, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            return server, thread, app
+        time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def stacks(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from slmstack.serving.server import load_stacks
+
+    root = tmp_path_factory.mktemp("serve")
+    stack = write_yaml(root / "stack.yaml", {**stack_dict(tiny_model_dir, max_new=4), "name": "tiny-stack"})
+    return load_stacks([str(stack)], [f"plain={tiny_model_dir}"])
+
+
+@pytest.fixture(scope="module")
+def live(stacks):
+    settings = ServeSettings(port=_free_port(), max_batch_size=16, max_wait_ms=200, max_prompt_tokens=200,
+                             max_tokens=64, max_body_bytes=20_000)  # fmt: skip
+    server, thread, app = _start(stacks, settings)
+    yield f"http://127.0.0.1:{settings.port}", app
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_openai_client_lists_models_chats_streams_and_completes(live) -> None:
+    base, _ = live
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    assert {m.id for m in client.models.list()} == {"tiny-stack", "plain"}
+    chat = client.chat.completions.create(model="tiny-stack", messages=[{"role": "user", "content": "say red"}],
+                                          max_tokens=3)  # fmt: skip
+    trace = chat.model_extra["slmstack_trace"]
+    assert [t["stage"] for t in trace] == ["first", "second", "third"] and chat.choices[0].message.content == trace[
+        -1
+    ]["output"]
+    chunks = list(client.chat.completions.create(model="tiny-stack", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, stream=True))  # fmt: skip
+    stages = [c.model_extra["slmstack_stage"]["stage"] for c in chunks if c.model_extra.get("slmstack_stage")]
+    assert stages == ["first", "second", "third"] and chunks[-1].choices[0].finish_reason == "stop"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == chunks[-1].model_extra["slmstack_trace"][-1]["output"]
+    done = client.completions.create(model="plain", prompt="say blue", max_tokens=2)
+    assert [t["stage"] for t in done.model_extra["slmstack_trace"]] == ["answer"]
+    assert done.choices[0].text == done.model_extra["slmstack_trace"][0]["output"]
+
+
+def test_sixteen_concurrent_requests_succeed_in_shared_batches(live) -> None:
+    base, app = live
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    before = app.state.batchers["tiny-stack"].batches
+
+    def ask(i: int) -> str:
+        reply = client.chat.completions.create(model="tiny-stack", messages=[{"role": "user", "content": f"q {i}"}],
+                                               max_tokens=3)  # fmt: skip
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert len(answers) == 16
+    batches = app.state.batchers["tiny-stack"].batches - before
+    assert batches < 16  # requests shared batches
+    metrics = httpx.get(f"{base}/metrics").text
+    assert "slmstack_batch_size_count" in metrics and "slmstack_queue_wait_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "fragment"),
+    [
+        ("{not json", {"content-type": "application/json"}, 400, "not valid JSON"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}), {}, 400, "'model'"),
+        (json.dumps({"model": "tiny-stack"}), {}, 400, "'messages'"),
+        (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), {}, 404, "does not exist"),
+        (
+            json.dumps({"model": "tiny-stack", "messages": [{"role": "user", "content": "word " * 300}]}),
+            {},
+            400,
+            "the limit is 200",
+        ),
+        (
+            json.dumps({"model": "tiny-stack", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+            {},
+            400,
+            "max_tokens",
+        ),
+        (
+            json.dumps({"model": "tiny-stack", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}),
+            {},
+            400,
+            "max_tokens",
+        ),
+        ("model=tiny-stack", {"content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+        (
+            json.dumps({"model": "tiny-stack", "messages": [{"role": "user", "content": "x" * 30_000}]}),
+            {},
+            413,
+            "larger than",
+        ),
+    ],
+)
+def test_bad_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(live, content, headers, status, fragment):
+    base, _ = live
+    headers = {"content-type": "application/json", **headers}
+    reply = httpx.post(f"{base}/v1/chat/completions", content=content, headers=headers)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in reply.text and "/tmp" not in reply.text
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+
+
+def test_an_api_key_guards_the_api_but_not_health(stacks) -> None:
+    settings = ServeSettings(port=_free_port(), api_key=KEY)
+    server, thread, _ = _start(stacks, settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        wrong = httpx.get(f"{base}/v1/models", headers={"authorization": "Bearer nope"})
+        assert (
+            wrong.status_code == 401 and KEY not in wrong.text and wrong.json()["error"]["code"] == "invalid_api_key"
+        )
+        assert httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(f"{base}/health").status_code == 200
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY)
+        assert client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "a"}],
+                                              max_tokens=2).choices[0].message.content is not None  # fmt: skip
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
