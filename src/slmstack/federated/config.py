@@ -110,7 +110,7 @@ class FederateConfig:
     model: str = field(default="default", metadata={"help": "the large model the blocks are pruned from"})
     rounds: int = 1
     strategy: str = field(default="lego", metadata={"help": "fedavg, heterofl or lego"})
-    rank_return: Literal["svd", "factors"] = field(default="svd", metadata={"help": "lego: back to rank r"})
+    rank_return: Literal["svd", "factors"] = field(default="factors", metadata={"help": "lego: back to rank r"})
     pruning_method: str = field(default="magnitude", metadata={"help": "magnitude, wanda or sparsegpt"})
     calibration: str | None = field(default=None, metadata={"help": "text file for wanda/sparsegpt"})
     clients: list[ClientSpec] = field(default_factory=lambda: [ClientSpec(sparsity=0.0), ClientSpec(sparsity=0.5)])

@@ -12,7 +12,8 @@ logged and counted, never averaged in (:attr:`LoraFedAvg.last_round`).
 - ``lego`` (LEGO, arXiv 2410.18287): each update ``ΔW_k = s·B_k A_k`` is masked by the client's pruning
   mask; the global ``ΔW`` is, per element, the sample-weighted mean over the clients whose mask keeps it
   (elements no client keeps keep the previous global value), then returned to rank r by truncated SVD
-  (``rank_return: svd``) or by averaging A and B weighted by each channel's kept share (``factors``).
+  (``rank_return: svd``), or A and B are averaged, each client weighted by each channel's kept share
+  (``factors``, the default: lower held-out loss in the experiment, see ``docs/federated.md``).
 
 Every strategy is one shape of arithmetic: each client contributes a *share* (:meth:`LoraFedAvg.share`:
 its coverage-weighted values ``c_k ⊙ x_k`` and, where coverage varies, the coverage ``c_k`` itself), the
@@ -214,7 +215,7 @@ class Lego(LoraFedAvg):
             each client's weight scaled by the kept share of the channel).
     """
 
-    def __init__(self, *args: Any, rank_return: str = "svd", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, rank_return: str = "factors", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if rank_return not in ("svd", "factors"):
             raise ValueError(f"rank_return must be svd or factors, got {rank_return!r}")
@@ -250,7 +251,7 @@ class Lego(LoraFedAvg):
 
 
 def build_strategy(name: str, masks: dict[int, Masks | None], scaling: float, rank: int, *, n_clients: int,
-                   min_clients: int, rank_return: str = "svd") -> LoraFedAvg:  # fmt: skip
+                   min_clients: int, rank_return: str = "factors") -> LoraFedAvg:  # fmt: skip
     """The registered strategy ``name``, sampling every client each round (a did-you-mean error otherwise)."""
     cls = STRATEGIES.get(name)
     extra = {"rank_return": rank_return} if cls is Lego else {}

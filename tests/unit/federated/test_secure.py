@@ -32,7 +32,8 @@ def test_secagg_gives_the_plain_lego_aggregate_and_survives_a_dropout(tiny_model
     from slmstack.pruning.masks import load_masks
 
     # Prepare: one round, three pruned clients, lego under SecAgg+; client 2 raises on its data mid-protocol
-    cfg = load_federate_config(_config(tmp_path, tiny_model_dir, rounds=1, secure_aggregation={"enabled": True}))
+    cfg = load_federate_config(_config(tmp_path, tiny_model_dir, rounds=1, rank_return="svd",
+                                       secure_aggregation={"enabled": True}))  # fmt: skip
     out = tmp_path / "secure"
     prepare(cfg, out)
     (out / "partitions" / "client_2.jsonl").write_text('{"prompt": "broken"\n')
@@ -48,7 +49,7 @@ def test_secagg_gives_the_plain_lego_aggregate_and_survives_a_dropout(tiny_model
     # the masked mean SecAgg+ unmasked is the one computed in the clear from those updates, to quantisation
     plan = json.loads((out / "plan.json").read_text())
     masks = {i: load_masks(Path(c["masks"])) if c.get("masks") else None for i, c in enumerate(plan["clients"])}
-    lego = build_strategy("lego", masks, 2.0, 4, n_clients=3, min_clients=1)
+    lego = build_strategy("lego", masks, 2.0, 4, n_clients=3, min_clients=1, rank_return="svd")
     lego.current = updates[0]
     clear = _deltas(lego.combine(updates, [float(c["records"]) for c in plan["clients"][:2]], [0, 1]))
     secure = _deltas(_adapter(out / "global_adapter"))
