@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from typing import Any
 from slmstack.errors import InputError, SlmstackError
 
 __all__ = [
+    "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
     "check_output_dir",
@@ -136,6 +138,21 @@ def atomic_write_text(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_dir(out: Path, write: Any) -> Path:
+    """Build a directory with ``write(tmp)`` beside ``out``, then swap it in (a reader never sees half of it)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:

@@ -53,7 +53,7 @@ class _Client:
 
     def save_adapter(self, run_dir: Path) -> None:
         """This client's adapter as a peft directory, ``clients/<id>/adapter`` in its run directory."""
-        from slmstack.federated.outputs import atomic_dir
+        from slmstack.io import atomic_dir
 
         out = run_dir / "clients" / str(self.index) / "adapter"
         atomic_dir(out, lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True))

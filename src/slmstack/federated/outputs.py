@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from slmstack.federated.plan import Plan
-from slmstack.io import atomic_write_json, guard_read, read_json
+from slmstack.io import atomic_dir, atomic_write_json, guard_read, read_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GlobalModel", "atomic_dir", "load_checkpoint", "save_checkpoint", "write_outputs"]
+__all__ = ["GlobalModel", "load_checkpoint", "save_checkpoint", "write_outputs"]
 
 CHECKPOINT = "checkpoint"
 
@@ -72,20 +69,6 @@ class GlobalModel:
 
         set_peft_model_state_dict(self.model, state)
         return atomic_dir(out, lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True))
-
-
-def atomic_dir(out: Path, write: Any) -> Path:
-    """Build a directory with ``write(tmp)`` beside ``out``, then swap it in (a reader never sees half of it)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, torch.Tensor], history: list[dict],

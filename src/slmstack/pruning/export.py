@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from slmstack.errors import ConfigError
-from slmstack.io import atomic_write_json, check_output_dir, read_json
+from slmstack.io import atomic_dir, atomic_write_json, check_output_dir, read_json
 from slmstack.pruning.engine import PruneResult
 from slmstack.pruning.masks import save_masks
 
@@ -30,19 +28,14 @@ def save_pruned(result: PruneResult, tokenizer: Any, out: Path, overwrite: bool 
             what = "a previous prune output" if ours else "something else"
             raise ConfigError(f"{out} already holds {what}. Use another --out, or pass --overwrite"
                               + ("" if ours else " after checking it is safe to replace") + ".")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         result.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_masks(result.masks, tmp / "masks.safetensors")
         atomic_write_json(tmp / REPORT, result.report)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return atomic_dir(out, write)
 
 
 def read_report(path: Path) -> dict[str, Any]:

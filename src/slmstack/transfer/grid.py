@@ -13,10 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from slmstack.io import atomic_write_json, read_json
+from slmstack.io import atomic_dir, atomic_write_json, read_json
 from slmstack.transfer.config import MODES, TransferConfig
 from slmstack.transfer.splits import Split
 from slmstack.transfer.tasks import Task
@@ -121,16 +118,11 @@ class Grid:
         return model
 
     def _save(self, model: Any, final: Path, record: dict[str, Any]) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
+        def write(tmp: Path) -> None:
             model.save(tmp)
             atomic_write_json(tmp / "train.json", record)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_dir(final, write)
 
     # ---- cells
     def cell_path(self, cell: Cell) -> Path:
