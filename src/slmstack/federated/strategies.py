@@ -65,6 +65,20 @@ def _covered(key: str, value: torch.Tensor, coverage: torch.Tensor) -> dict[str,
     return {key: value * coverage, key + HELD: coverage}
 
 
+def _by_channel(state: dict[str, torch.Tensor], key_a: str, key_b: str, mask: torch.Tensor | None,
+                reduce: str) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Share entries of A and B, covered per channel of the block's mask.
+
+    ``reduce`` over A's input channels and B's output channels: ``amax`` (any weight kept) or ``mean``
+    (the kept share); a dense block covers everything.
+    """
+    n_out, n_in = state[key_b].shape[0], state[key_a].shape[1]
+    cols = getattr(mask.float(), reduce)(dim=0) if mask is not None else torch.ones(n_in)  # (in,)
+    rows = getattr(mask.float(), reduce)(dim=1) if mask is not None else torch.ones(n_out)  # (out,)
+    # (1, in) broadcasts over A's rank rows; (out, 1) over B's rank columns
+    return {**_covered(key_a, state[key_a], cols[None, :]), **_covered(key_b, state[key_b], rows[:, None])}
+
+
 def _mean_or_keep(total: torch.Tensor, norm: torch.Tensor | float, previous: torch.Tensor) -> torch.Tensor:
     """``total / norm`` where some client contributed, the previous value elsewhere."""
     norm = torch.as_tensor(norm, dtype=torch.float64)
@@ -195,12 +209,7 @@ class HeteroFL(LoraFedAvg):
         """A's input channels and B's output channels count only where the client's block keeps them."""
         out = {}
         for module, (key_a, key_b) in factor_pairs(state).items():
-            mask = self.mask(client, module)
-            n_out, n_in = state[key_b].shape[0], state[key_a].shape[1]
-            cols = mask.any(dim=0) if mask is not None else torch.ones(n_in, dtype=torch.bool)  # (in,)
-            rows = mask.any(dim=1) if mask is not None else torch.ones(n_out, dtype=torch.bool)  # (out,)
-            out.update(_covered(key_a, state[key_a], cols.float()[None, :]))  # (1, in): over A's rank rows
-            out.update(_covered(key_b, state[key_b], rows.float()[:, None]))  # (out, 1): over B's rank columns
+            out.update(_by_channel(state, key_a, key_b, self.mask(client, module), "amax"))
         return out
 
 
@@ -231,11 +240,7 @@ class Lego(LoraFedAvg):
                 keep = mask.float() if mask is not None else torch.ones_like(delta)
                 out.update(_covered(module + DELTA, delta, keep))
             else:
-                n_out, n_in = state[key_b].shape[0], state[key_a].shape[1]
-                share_in = mask.float().mean(dim=0) if mask is not None else torch.ones(n_in)  # (in,)
-                share_out = mask.float().mean(dim=1) if mask is not None else torch.ones(n_out)  # (out,)
-                out.update(_covered(key_a, state[key_a], share_in[None, :]))
-                out.update(_covered(key_b, state[key_b], share_out[:, None]))
+                out.update(_by_channel(state, key_a, key_b, mask, "mean"))
         return out
 
     def finish(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
