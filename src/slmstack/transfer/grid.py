@@ -47,12 +47,17 @@ class Cell:
         return f"{self.split}__{self.mode}__{'instr' if self.instructions else 'noinstr'}__s{self.seed}__k{self.k}"
 
 
+def _prompt(task: Task, example: Any, instructions: bool) -> str:
+    """A training prompt: with the task's first instruction wording, or the input alone."""
+    return task.render(example, 0 if instructions and task.n_wordings else None)
+
+
 def _pairs(tasks: list[Task], instructions: bool, per_task: int, rng: random.Random) -> list[tuple[str, str]]:
     """Training (prompt, target) pairs: up to ``per_task`` examples of each task, wording 0 or the input alone."""
     pairs = []
     for t in tasks:
         chosen = rng.sample(t.examples, min(per_task, len(t.examples)))
-        pairs += [(t.render(e, 0 if instructions and t.n_wordings else None), e.target) for e in chosen]
+        pairs += [(_prompt(t, e, instructions), e.target) for e in chosen]
     rng.shuffle(pairs)
     return pairs
 
@@ -151,8 +156,7 @@ class Grid:
                 model = self._model(checkpoint)
                 rng = random.Random(f"{cell.id}/{task.name}")
                 shots = rng.sample(split.pool[task.name], cell.k)
-                pairs = [(task.render(e, 0 if cell.instructions and task.n_wordings else None), e.target)
-                         for e in shots]  # fmt: skip
+                pairs = [(_prompt(task, e, cell.instructions), e.target) for e in shots]
                 t = self.cfg.train
                 model.train(pairs, t.few_shot_steps, min(t.batch_size, cell.k), t.lr, cell.seed)
             scores[task.name] = self._evaluate(model, task, split.test[task.name], cell.instructions)

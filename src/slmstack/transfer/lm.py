@@ -117,19 +117,17 @@ class TransferModel:
         its labels on top of its KV cache), with the same tokenisation as training.
         """
         pairs = [(p, label) for p in prompts for label in labels]
-        scores = []
-        if not self.seq2seq:
+        if self.seq2seq:
+            scores = [x for s in range(0, len(pairs), batch_size) for x in self._logprobs(pairs[s : s + batch_size])]
+        else:
             from slmstack.evaluation.scorer import Scorer, _Request
 
             requests = []
             for i, (p, label) in enumerate(pairs):
                 ex = self.features(p, label)
-                n = ex.n_targets
-                requests.append(_Request(i, ex.input_ids[:-n], ex.input_ids[-n:]))
+                requests.append(_Request(i, ex.input_ids[: -ex.n_targets], ex.input_ids[-ex.n_targets :]))
             scorer = Scorer(self.model, self.tokenizer, batch_size=batch_size, max_length=self.max_length)
             scores = [ll for ll, _ in scorer.loglikelihood_tokens(requests)]
-        for s in range(0, len(pairs) if self.seq2seq else 0, batch_size):
-            scores += self._logprobs(pairs[s : s + batch_size])
         best = []
         for i in range(len(prompts)):
             row = scores[i * len(labels) : (i + 1) * len(labels)]
