@@ -171,7 +171,11 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
             raise ApiError(400, f"The input has {n} tokens; the limit is {settings.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")  # fmt: skip
 
-    async def answer(name: str, text: str, tokens: int | None, request: Request) -> tuple[Any, StackResult]:
+    def served(endpoint: str, start: float) -> None:
+        metrics.requests.labels(endpoint, "200").inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    async def answer(name: str, text: str, tokens: int | None, request: Request) -> StackResult:
         pending = await batchers[name].submit(text, tokens)
         waiter = asyncio.ensure_future(pending.future)
         while not waiter.done():
@@ -179,7 +183,7 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
             if not done and await request.is_disconnected():
                 pending.future.cancel()  # frees its slot if its batch has not started
                 raise ApiError(499, "Client closed the request")
-        return pending, waiter.result()
+        return waiter.result()
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -209,9 +213,8 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
         if not isinstance(prompt, str):
             raise ApiError(400, "Missing required field 'prompt' (a string)", param="prompt")
         check_prompt(stack, prompt)
-        _, result = await answer(name, prompt, max_tokens(body), request)
-        metrics.requests.labels("/v1/completions", "200").inc()
-        metrics.latency.labels("/v1/completions").observe(time.perf_counter() - start)
+        result = await answer(name, prompt, max_tokens(body), request)
+        served("/v1/completions", start)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "text": result.answer, "finish_reason": "stop",
                                             "logprobs": None}],
@@ -233,9 +236,8 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
         tokens = max_tokens(body)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         if not body.get("stream"):
-            _, result = await answer(name, text, tokens, request)
-            metrics.requests.labels("/v1/chat/completions", "200").inc()
-            metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - start)
+            result = await answer(name, text, tokens, request)
+            served("/v1/chat/completions", start)
             return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
                                  "finish_reason": "stop"}],
@@ -264,8 +266,7 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
                 result = await pending.future
                 yield chunk({}, "stop", slmstack_trace=_trace(result), usage=_usage(result))
                 yield "data: [DONE]\n\n"
-                metrics.requests.labels("/v1/chat/completions", "200").inc()
-                metrics.latency.labels("/v1/chat/completions").observe(time.perf_counter() - start)
+                served("/v1/chat/completions", start)
             except asyncio.CancelledError:
                 pending.future.cancel()  # the client left: free the slot if its batch has not started
                 raise
