@@ -21,7 +21,14 @@ from slmstack.io import read_text
 
 T = TypeVar("T")
 
-__all__ = ["apply_overrides", "build_dataclass", "dataclass_to_dict", "load_yaml"]
+__all__ = ["apply_overrides", "build_dataclass", "dataclass_to_dict", "load_yaml", "require_at_least_one"]
+
+
+def require_at_least_one(obj: Any, names: tuple[str, ...], prefix: str = "") -> None:
+    """Raise a :class:`ConfigError` for the first of ``names`` below 1 on ``obj`` (``prefix``: its section)."""
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise ConfigError(f"{prefix}{name} must be >= 1, got {getattr(obj, name)}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

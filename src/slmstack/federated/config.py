@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slmstack.config import apply_overrides, build_dataclass, load_yaml
+from slmstack.config import apply_overrides, build_dataclass, load_yaml, require_at_least_one
 from slmstack.errors import ConfigError
 
 __all__ = ["ClientSpec", "DataConfig", "FederateConfig", "LocalTrainConfig", "PrivacyConfig",
@@ -68,9 +68,7 @@ class LocalTrainConfig:
     target_modules: list[str] | None = field(default=None, metadata={"help": "default: attention + MLP"})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "rank", "alpha"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("steps", "batch_size", "rank", "alpha"), "train.")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.max_length < 8:

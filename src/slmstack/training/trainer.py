@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slmstack.arch import get_arch
-from slmstack.config import dataclass_to_dict
+from slmstack.config import dataclass_to_dict, require_at_least_one
 from slmstack.errors import ConfigError
 from slmstack.io import atomic_write_json, atomic_write_text, check_output_dir, read_json
 from slmstack.models import load_model, resolve_precision
@@ -64,9 +64,7 @@ class TrainConfig:
     skip_bad: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("rank", "alpha", "epochs", "batch_size", "grad_accum", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("rank", "alpha", "epochs", "batch_size", "grad_accum", "checkpoint_every"))
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 8:

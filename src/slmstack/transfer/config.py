@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slmstack.config import apply_overrides, build_dataclass, load_yaml
+from slmstack.config import apply_overrides, build_dataclass, load_yaml, require_at_least_one
 from slmstack.errors import ConfigError
 
 __all__ = ["MODES", "CollectionConfig", "EvalSettings", "SplitConfig", "TrainSettings", "TransferConfig",
@@ -75,9 +75,9 @@ class TrainSettings:
     per_task_train: int = field(default=64, metadata={"help": "training examples drawn from each task"})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "few_shot_steps", "batch_size", "rank", "alpha", "per_task_train"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(
+            self, ("steps", "few_shot_steps", "batch_size", "rank", "alpha", "per_task_train"), "train."
+        )
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.max_length < 16:
@@ -95,9 +95,7 @@ class EvalSettings:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("examples", "pool", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("examples", "pool", "max_new_tokens", "batch_size"), "eval.")
 
 
 @dataclass(kw_only=True)
