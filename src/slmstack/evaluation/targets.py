@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from slmstack.errors import ConfigError
 from slmstack.evaluation.scorer import Scorer
 from slmstack.models import LoadedModel, load_model
 from slmstack.stack.adapters import attach_adapters
@@ -98,6 +99,9 @@ class StackTarget:
     """A stack: the final stage scores, given the question and the upstream stages' outputs."""
 
     def __init__(self, stack: Stack) -> None:
+        if stack.model is None:
+            raise ConfigError(f"stack {stack.config.name!r} generates on a remote backend; evaluation scores "
+                              "log-likelihoods in process: remove its backend: section to evaluate it")  # fmt: skip
         self.stack = stack
         self.final = stack.config.stages[-1]
         self._upstream: dict[str, dict[str, str]] = {}

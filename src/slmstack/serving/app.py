@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from slmstack.serving.batcher import MicroBatcher
 from slmstack.serving.settings import ServeSettings
+from slmstack.stack.backends import BackendError
 from slmstack.stack.runtime import Stack, StackResult
 
 logger = logging.getLogger(__name__)
@@ -97,11 +98,15 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        by_backend: dict[int, MicroBatcher] = {}  # one batcher per backend: stacks on one base share batches
         for name, stack in stacks.items():
-            batchers[name] = MicroBatcher(stack, settings.max_batch_size, settings.max_wait_ms, executor, on_batch)
-            batchers[name].start()
+            if id(stack.backend) not in by_backend:
+                by_backend[id(stack.backend)] = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, executor,
+                                                             on_batch)  # fmt: skip
+                by_backend[id(stack.backend)].start()
+            batchers[name] = by_backend[id(stack.backend)]
         yield
-        for b in batchers.values():
+        for b in by_backend.values():
             await b.stop()
         executor.shutdown(wait=False, cancel_futures=True)
 
@@ -125,6 +130,10 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
             return await call_next(request)
         except ApiError as err:
             return error_response(err, path)
+        except BackendError:
+            logger.exception("the generation backend failed on %s", path)
+            return error_response(ApiError(502, "The generation backend failed; see the server log", "server_error"),
+                                  path)  # fmt: skip
         except Exception:  # noqa: BLE001 - never leak a traceback or a path
             logger.exception("internal error on %s", path)
             return error_response(ApiError(500, "Internal server error", "server_error"), path)
@@ -166,7 +175,7 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
     def check_prompt(stack: Stack, text: str) -> None:
         if not text.strip():
             raise ApiError(400, "The input is empty", param="messages")
-        n = len(stack.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n = stack.count_tokens(text)
         if n > settings.max_prompt_tokens:
             raise ApiError(400, f"The input has {n} tokens; the limit is {settings.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")  # fmt: skip
@@ -176,7 +185,7 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     async def answer(name: str, text: str, tokens: int | None, request: Request) -> StackResult:
-        pending = await batchers[name].submit(text, tokens)
+        pending = await batchers[name].submit(stacks[name], text, tokens)
         waiter = asyncio.ensure_future(pending.future)
         while not waiter.done():
             done, _ = await asyncio.wait({waiter}, timeout=0.25)
@@ -242,8 +251,7 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
                                  "finish_reason": "stop"}],
                     "usage": _usage(result), "slmstack_trace": _trace(result)}  # fmt: skip
-        pending = await batchers[name].submit(text, tokens)
-        n_stages = len(stack.config.stages)
+        pending = await batchers[name].submit(stack, text, tokens, stream=True)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
             data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -253,16 +261,14 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
         async def events() -> AsyncIterator[str]:
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                seen = 0
                 while True:
-                    stage = await pending.stages.get()
-                    if stage is None:
+                    event = await pending.events.get()
+                    if event is None:
                         break
-                    seen += 1
-                    if seen < n_stages:  # an earlier stage, reported as it finishes
-                        yield chunk({}, slmstack_stage=asdict(stage))
-                    else:
-                        yield chunk({"content": stage.output}, slmstack_stage=asdict(stage))
+                    if isinstance(event, str):  # a piece of the final stage's text, as it is decoded
+                        yield chunk({"content": event})
+                    else:  # a stage finished (the earlier ones before the final stage's text starts)
+                        yield chunk({}, slmstack_stage=asdict(event))
                 result = await pending.future
                 yield chunk({}, "stop", slmstack_trace=_trace(result), usage=_usage(result))
                 yield "data: [DONE]\n\n"

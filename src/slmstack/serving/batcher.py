@@ -1,10 +1,12 @@
-"""Micro-batching: concurrent requests for one stack share each stage's batched forward passes.
+"""Micro-batching: concurrent requests share each stage's batched forward passes.
 
-Requests wait at most ``max_wait_ms`` for company, up to ``max_batch_size`` per batch; requests with the
-same ``max_tokens`` share a batch (it sets the last stage's budget). Generation runs in one worker
-thread, off the event loop, so ``/health`` answers while a batch decodes. A request whose client went
-away before its batch started is dropped from the batch (its slot is free for others). Each stage's
-result reaches the request as soon as the stage finishes, which is how streaming reports the stages.
+One batcher serves every stack on one backend (for in-process stacks: one loaded base model), so rows of
+different stacks on the same base share a forward pass, each under its own adapter. Requests wait at most
+``max_wait_ms`` for company, up to ``max_batch_size`` per batch. Generation runs in one worker thread,
+off the event loop, so ``/health`` answers while a batch decodes. Each finished stage, and for streaming
+requests each piece of the final stage's text, reaches the request as soon as it exists. A request
+whose client went away is dropped: before its batch starts, or at the next stage boundary (its slot in
+the remaining stages is freed).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
-from slmstack.stack.runtime import Stack, StackResult, StageTrace
+from slmstack.stack.runtime import Stack, StackResult, StageCall, run_stage_calls
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +30,22 @@ __all__ = ["MicroBatcher", "Pending"]
 class Pending:
     """One request waiting for (or being served by) a batch."""
 
+    stack: Stack
     text: str
     max_tokens: int | None
     future: asyncio.Future
-    stages: asyncio.Queue = field(default_factory=asyncio.Queue)  # StageTrace per finished stage, then None
+    stream: bool = False
+    # a StageTrace per finished stage and, when streaming, str pieces of the final stage's text; then None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued_at: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher:
-    """Collects requests for one stack and runs them through it in batches."""
+    """Collects requests for the stacks on one backend and runs them through their stages in batches."""
 
-    def __init__(self, stack: Stack, max_batch_size: int, max_wait_ms: float, executor: ThreadPoolExecutor,
+    def __init__(self, max_batch_size: int, max_wait_ms: float, executor: ThreadPoolExecutor,
                  on_batch: Callable[[int, list[float]], None] | None = None) -> None:  # fmt: skip
-        self.stack, self.max_batch_size, self.max_wait = stack, max_batch_size, max_wait_ms / 1000
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.executor, self.on_batch = executor, on_batch
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.task: asyncio.Task | None = None
@@ -54,25 +60,22 @@ class MicroBatcher:
         if self.task:
             self.task.cancel()
 
-    async def submit(self, text: str, max_tokens: int | None) -> Pending:
+    async def submit(self, stack: Stack, text: str, max_tokens: int | None, stream: bool = False) -> Pending:
         """Queue one request; await ``pending.future`` for its :class:`StackResult`."""
-        pending = Pending(text, max_tokens, asyncio.get_running_loop().create_future())
+        pending = Pending(stack, text, max_tokens, asyncio.get_running_loop().create_future(), stream)
         await self.queue.put(pending)
         return pending
 
     async def _loop(self) -> None:
-        held: list[Pending] = []
         while True:
-            first = held.pop(0) if held else await self.queue.get()
-            batch, deadline = [first], time.perf_counter() + self.max_wait
+            batch, deadline = [await self.queue.get()], time.perf_counter() + self.max_wait
             while len(batch) < self.max_batch_size:
                 timeout = deadline - time.perf_counter()
                 try:
                     item = await asyncio.wait_for(self.queue.get(), timeout) if timeout > 0 else None
-                    item = item or self.queue.get_nowait()
+                    batch.append(item or self.queue.get_nowait())
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
-                (batch if item.max_tokens == first.max_tokens else held).append(item)
             batch = [p for p in batch if not p.future.cancelled()]  # clients that left free their slot
             if batch:
                 await self._run(batch)
@@ -84,35 +87,56 @@ class MicroBatcher:
             self.on_batch(len(batch), [now - p.queued_at for p in batch])
         self.batches += 1
 
-        def stage_done(stage: StageTrace, row: int) -> None:
-            loop.call_soon_threadsafe(batch[row].stages.put_nowait, stage)
+        def report(row: int, event: Any) -> None:
+            loop.call_soon_threadsafe(batch[row].events.put_nowait, event)
 
         try:
-            results = await loop.run_in_executor(self.executor, self._generate, batch, stage_done)
+            results = await loop.run_in_executor(self.executor, self._generate, batch, report)
         except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
             logger.exception("batch of %d failed", len(batch))
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
-                p.stages.put_nowait(None)
+                p.events.put_nowait(None)
             return
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)
-            p.stages.put_nowait(None)
+            p.events.put_nowait(None)
 
-    def _generate(self, batch: list[Pending], stage_done: Callable[[StageTrace, int], None]) -> list[StackResult]:
-        """Run the stack stage by stage on the batch (in the worker thread), reporting each finished stage."""
+    def _generate(self, batch: list[Pending], report: Callable[[int, Any], None]) -> list[StackResult]:
+        """Run the batch stage by stage (in the worker thread), reporting each finished stage and streamed text.
+
+        Stage ``i`` of every row runs together; rows of stacks with fewer stages have finished, and rows
+        whose client left are skipped.
+        """
         from slmstack.stack.config import INPUT_FIELD
 
-        stages = list(self.stack.config.stages)
-        if batch[0].max_tokens is not None:
-            last = stages[-1]
-            stages[-1] = replace(last, generation=replace(last.generation, max_new_tokens=batch[0].max_tokens))
         values = [{INPUT_FIELD: p.text} for p in batch]
         results = [StackResult(input=p.text, answer="") for p in batch]
-        for stage in stages:
-            self.stack.run_stage(stage, values, results)
-            for row, result in enumerate(results):
-                stage_done(result.trace[-1], row)
+        for depth in range(max(len(p.stack.config.stages) for p in batch)):
+            rows = [r for r, p in enumerate(batch) if depth < len(p.stack.config.stages) and not p.future.cancelled()]
+            calls, streamed = [], {}
+            for r in rows:
+                p = batch[r]
+                stages = p.stack.config.stages
+                last = depth == len(stages) - 1
+                calls.append(StageCall(p.stack, stages[depth], values[r], results[r], p.max_tokens if last else None))
+                if last and p.stream:
+                    streamed[len(calls) - 1] = r
+            if not calls:
+                break
+            run_stage_calls(calls, _forward(streamed, report) if streamed else None)
+            for r in rows:
+                report(r, results[r].trace[-1])
         return results
+
+
+def _forward(streamed: dict[int, int], report: Callable[[int, Any], None]) -> Callable[[int, str], None]:
+    """Passes a streamed call's text on to its request (calls that do not stream are ignored)."""
+
+    def on_text(call: int, delta: str) -> None:
+        if call in streamed:
+            report(streamed[call], delta)
+
+    return on_text

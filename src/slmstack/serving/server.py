@@ -24,7 +24,8 @@ def require_serve() -> None:
 def load_stacks(stack_files: list[str], models: list[str]) -> dict[str, Any]:
     """Model name -> loaded :class:`Stack`: each stack YAML under its ``name``, each ``NAME=REF`` as a plain model.
 
-    With neither, the packaged default stack. Names must be unique.
+    With neither, the packaged default stack. Names must be unique. Stacks on the same base model share
+    one loaded copy (and their rows share forward passes).
     """
     from slmstack.stack.config import GenerationSettings, StackConfig, StageConfig, load_stack_config
     from slmstack.stack.runtime import Stack
@@ -42,7 +43,7 @@ def load_stacks(stack_files: list[str], models: list[str]) -> dict[str, Any]:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ConfigError(f"two served models are named {duplicated[0]!r}; rename one stack (its name field)")
-    return {c.name: Stack(c) for c in configs}
+    return {c.name: s for c, s in zip(configs, Stack.sharing_bases(configs), strict=True)}
 
 
 def serve(stacks: dict[str, Any], settings: ServeSettings) -> None:

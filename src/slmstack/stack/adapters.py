@@ -95,7 +95,7 @@ def attach_adapters(base: nn.Module, adapters: dict[str, Path], base_ref: str | 
     """Load each adapter onto ``base`` as a named peft adapter; no copy of the base is made.
 
     Args:
-        base: the loaded causal LM (shared by all stages).
+        base: the loaded causal LM (shared by all stages), or a peft model to add the adapters to.
         adapters: adapter name (the stage name) -> peft adapter directory.
         base_ref: the base model reference, to warn when an adapter names a different base.
 
@@ -110,7 +110,7 @@ def attach_adapters(base: nn.Module, adapters: dict[str, Path], base_ref: str | 
         return base
     from peft import PeftModel
 
-    model: Any = None
+    model: Any = base if hasattr(base, "peft_config") else None  # adding to another stack's wrapper
     for name, path in adapters.items():
         check_adapter(base, path, f"stage {name!r}", base_ref)
         if model is None:

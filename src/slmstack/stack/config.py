@@ -20,6 +20,7 @@ from slmstack.errors import ConfigError
 from slmstack.io import atomic_write_text
 
 __all__ = [
+    "BackendConfig",
     "GenerationSettings",
     "StackConfig",
     "StageConfig",
@@ -51,6 +52,33 @@ class GenerationSettings:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}; use do_sample: false for greedy")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(kw_only=True)
+class BackendConfig:
+    """A remote OpenAI-compatible engine that generates for the stack's stages.
+
+    Example (vLLM serving the base with two LoRA modules)::
+
+        backend:
+          url: http://127.0.0.1:8001/v1
+          base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+          models: {recall: recall, answer: answer}
+    """
+
+    type: str = field(default="openai", metadata={"help": "backend kind (openai)"})
+    url: str = field(metadata={"help": "the server's base URL, ending in /v1"})
+    base_model: str = field(metadata={"help": "model name of the bare base model there"})
+    models: dict[str, str] = field(default_factory=dict, metadata={"help": "stage -> model name of its adapter"})
+    api_key_env: str | None = field(default=None, metadata={"help": "environment variable holding the API key"})
+    timeout_s: float = 300.0
+    max_concurrency: int = field(default=16, metadata={"help": "rows sent at once"})
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"backend.url: {self.url!r} is not an http(s) URL; e.g. http://127.0.0.1:8001/v1")
+        if self.timeout_s <= 0 or self.max_concurrency < 1:
+            raise ConfigError("backend.timeout_s must be > 0 and backend.max_concurrency >= 1")
 
 
 @dataclass(kw_only=True)
@@ -88,6 +116,7 @@ class StackConfig:
     max_input_tokens: int | None = field(default=None, metadata={"help": "default: context window - max_new"})
     on_overflow: Literal["truncate", "error"] = "truncate"
     stages: list[StageConfig] = field(default_factory=list)
+    backend: BackendConfig | None = field(default=None, metadata={"help": "remote engine; none: run in process"})
     source: Path | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +125,11 @@ class StackConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         _check_templates(self.stages)
+        if self.backend is not None:
+            unknown = sorted(set(self.backend.models) - {s.name for s in self.stages})
+            if unknown:
+                raise ConfigError(f"backend.models: {unknown[0]!r} is not a stage; stages are "
+                                  f"{', '.join(s.name for s in self.stages)}")  # fmt: skip
 
     def stage(self, name: str) -> StageConfig:
         """Return the stage called ``name``."""

@@ -8,6 +8,8 @@ different stacks, can share a batch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ from slmstack.stack.config import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASE_ADAPTER", "Generated", "format_prompt", "generate_batch", "prompt_token_limit"]
+__all__ = ["BASE_ADAPTER", "Generated", "RowStreamer", "format_prompt", "generate_batch", "prompt_token_limit"]
 
 BASE_ADAPTER = "__base__"
 
@@ -31,6 +33,66 @@ class Generated:
     tokens_in: int
     tokens_out: int
     truncated: bool = False
+
+
+class RowStreamer:
+    """Streams each row's text while ``generate`` decodes: ``on_text(row, delta)`` per new piece of text.
+
+    A transformers streamer (``put``/``end``, as ``BaseStreamer``) that handles batches: the first ``put``
+    is the prompt batch and is skipped; each later one holds one new token per row. A row stops streaming
+    at its EOS token. Text that may still change is held back: an incomplete UTF-8 character, trailing
+    whitespace (the final answer is stripped), a tail that could grow into a stop string, and everything
+    from a stop string on. So the streamed pieces always add up to a prefix of the final answer, and
+    :meth:`flush` sends the rest.
+    """
+
+    def __init__(self, tokenizer: Any, n_rows: int, eos_ids: list[int], stop: list[str],
+                 on_text: Any) -> None:  # fmt: skip
+        self.tokenizer, self.eos_ids, self.on_text = tokenizer, set(eos_ids), on_text
+        self.stop = [s for s in stop if s]
+        self.ids: list[list[int]] = [[] for _ in range(n_rows)]
+        self.done = [False] * n_rows
+        self.sent = [""] * n_rows
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        """Called by ``generate``: first the prompts (B, T), then one token per row (B,)."""
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            if token in self.eos_ids:
+                self.done[row] = True
+                self._emit(row, self._safe_text(row, ended=True))
+                continue
+            self.ids[row].append(token)
+            self._emit(row, self._safe_text(row))
+
+    def end(self) -> None:
+        """Called by ``generate`` when decoding ends (the caller sends the final text with :meth:`flush`)."""
+
+    def flush(self, row: int, final: str) -> None:
+        """Send whatever of ``final`` (the row's finished answer) has not been streamed yet."""
+        self._emit(row, final)
+
+    def _safe_text(self, row: int, ended: bool = False) -> str:
+        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            return ""
+        for s in self.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        if not ended:  # a tail that may yet grow into a stop string
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold]
+        return text.rstrip()
+
+    def _emit(self, row: int, text: str) -> None:
+        if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
+            delta, self.sent[row] = text[len(self.sent[row]) :], text
+            self.on_text(row, delta)
 
 
 def format_prompt(tokenizer: Any, role: str, message: str, chat_template: bool = True) -> str:
@@ -114,6 +176,7 @@ def generate_batch(
     max_input_tokens: int | None = None,
     on_overflow: str = "truncate",
     chat: bool = True,
+    on_text: Any = None,
 ) -> list[Generated]:
     """Generate a continuation for every text in one left-padded batch.
 
@@ -126,6 +189,7 @@ def generate_batch(
         max_input_tokens: cap on prompt length (default: context window minus ``max_new_tokens``).
         on_overflow: ``truncate`` (keep the last tokens, with a warning) or ``error``.
         chat: the texts came from a chat template (so the tokenizer adds no special tokens).
+        on_text: ``on_text(row, delta)`` streams each row's text as it is decoded (see :class:`RowStreamer`).
 
     Returns:
         One :class:`Generated` per text, in order.
@@ -137,23 +201,51 @@ def generate_batch(
     device = next(model.parameters()).device
     batch = _left_pad(rows, pad_id, device)
     extra: dict[str, Any] = {}
+    single = None  # the one adapter every row uses: run peft's plain path, not the mixed-batch one
     if adapter_names is not None and hasattr(model, "peft_config"):
-        # Always route explicitly: without adapter_names peft would apply its "active" adapter,
-        # also to rows meant for the bare base model.
-        extra["adapter_names"] = list(adapter_names)
+        if len(set(adapter_names)) == 1:
+            single = adapter_names[0]
+        else:
+            extra["adapter_names"] = list(adapter_names)
     elif adapter_names is not None and any(name != BASE_ADAPTER for name in adapter_names):
         raise ValueError(f"adapters {sorted(set(adapter_names))} requested, but the model has no adapters loaded")
     if settings.stop:
         extra["tokenizer"] = tokenizer
+    streamer = None
+    if on_text is not None:
+        streamer = RowStreamer(tokenizer, len(rows), eos_ids, settings.stop, on_text)
+        extra["streamer"] = streamer
     if settings.do_sample:
         torch.manual_seed(settings.seed)
-    with torch.inference_mode():
-        out = model.generate(**batch, generation_config=_generation_config(settings, pad_id, eos_ids), **extra)
+    config = _generation_config(settings, pad_id, eos_ids)
+    with torch.inference_mode(), _only_adapter(model, single):
+        out = model.generate(**batch, generation_config=config, **extra)
     new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()  # (B, new)
-    return [
+    results = [
         _finish(tokenizer, ids, len(row), cut, eos_ids, settings.stop)
         for ids, row, cut in zip(new_tokens, rows, truncated, strict=True)
     ]
+    if streamer is not None:
+        for i, r in enumerate(results):
+            streamer.flush(i, r.text)
+    return results
+
+
+@contextmanager
+def _only_adapter(model: Any, name: str | None) -> Iterator[None]:
+    """Make ``name`` the only adapter in use (``"__base__"``: none) for the block; None: leave routing alone."""
+    if name is None:
+        yield
+    elif name == BASE_ADAPTER:
+        with model.disable_adapter():
+            yield
+    else:
+        previous = model.active_adapter
+        model.set_adapter(name, inference_mode=True)
+        try:
+            yield
+        finally:
+            model.set_adapter(previous, inference_mode=True)
 
 
 def _finish(tokenizer: Any, ids: list[int], n_in: int, cut: bool, eos_ids: list[int], stop: list[str]) -> Generated:

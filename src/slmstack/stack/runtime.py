@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,13 @@ from tqdm.auto import tqdm
 from slmstack.errors import InputError
 from slmstack.models import LoadedModel, load_model
 from slmstack.stack.adapters import attach_adapters
+from slmstack.stack.backends import LocalBackend, Row, make_backend
 from slmstack.stack.config import INPUT_FIELD, StackConfig, StageConfig, load_stack_config
-from slmstack.stack.generation import BASE_ADAPTER, format_prompt, generate_batch
+from slmstack.stack.generation import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stack", "StackResult", "StageTrace"]
+__all__ = ["Stack", "StackResult", "StageCall", "StageTrace", "run_stage_calls"]
 
 
 @dataclass
@@ -71,15 +72,52 @@ class Stack:
         >>> [t.stage for t in result.trace], result.answer
     """
 
-    def __init__(self, config: StackConfig, loaded: LoadedModel | None = None, show_progress: bool = False) -> None:
+    def __init__(self, config: StackConfig, loaded: LoadedModel | None = None, show_progress: bool = False,
+                 adapter_prefix: str = "") -> None:  # fmt: skip
         self.config = config
         self.show_progress = show_progress
+        if config.backend is not None:  # a remote engine generates; nothing is loaded here
+            self.loaded = self.model = self.tokenizer = None
+            self._chat = config.chat_template
+            self.backend: Any = make_backend(config.backend, self._chat)
+            remote = set(config.backend.models)
+            self._adapter_of = {s.name: (s.name if s.name in remote or s.adapter else BASE_ADAPTER)
+                                for s in config.stages}  # fmt: skip
+            return
         self.loaded = loaded or load_model(config.model, device=config.device, dtype=config.dtype)
         self.tokenizer = self.loaded.tokenizer
         adapters = {s.name: path for s in config.stages if (path := config.adapter_path(s)) is not None}
-        self.model = attach_adapters(self.loaded.model, adapters, base_ref=config.model)
+        named = {f"{adapter_prefix}{name}": path for name, path in adapters.items()}
+        self.model = attach_adapters(self.loaded.model, named, base_ref=config.model)
         self._chat = config.chat_template and bool(getattr(self.tokenizer, "chat_template", None))
-        self._adapter_of = {s.name: (s.name if s.name in adapters else BASE_ADAPTER) for s in config.stages}
+        self._adapter_of = {s.name: (f"{adapter_prefix}{s.name}" if s.name in adapters else BASE_ADAPTER)
+                            for s in config.stages}  # fmt: skip
+        self.backend = LocalBackend(self.model, self.tokenizer)
+
+    @classmethod
+    def sharing_bases(cls, configs: list[StackConfig]) -> list[Stack]:
+        """Load several stacks, one base model per distinct (model, device, dtype).
+
+        Stacks on the same base share one loaded model and one peft wrapper holding every stack's adapters
+        (named ``<stack>/<stage>``), so rows of different stacks can share a forward pass
+        (:func:`run_stage_calls`). Stacks with a remote ``backend`` load nothing.
+        """
+        stacks: list[Stack] = []
+        shared: dict[tuple[str, str, str], Stack] = {}
+        for config in configs:
+            if config.backend is not None:
+                stacks.append(cls(config))
+                continue
+            key = (config.model, config.device, config.dtype)
+            first = shared.get(key)
+            loaded = replace(first.loaded, model=first.model) if first else None
+            stack = cls(config, loaded=loaded, adapter_prefix=config.name.replace(".", "_") + "/")
+            for other in stacks:  # everyone on this base now uses the wrapper that holds every adapter
+                if other.loaded is not None and (other.config.model, other.config.device, other.config.dtype) == key:
+                    other.model, other.backend = stack.model, stack.backend
+            shared[key] = stack
+            stacks.append(stack)
+        return stacks
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Stack:
@@ -110,7 +148,11 @@ class Stack:
 
     def model_input(self, stage: StageConfig, values: dict[str, str]) -> str:
         """The exact text the model sees for ``stage`` (chat template applied)."""
-        return format_prompt(self.tokenizer, stage.role, self.render(stage, values), self.config.chat_template)
+        return self.backend.model_input(stage.role, self.render(stage, values), self._chat)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for this stack's model (an estimate for a remote backend)."""
+        return self.backend.count_tokens(text)
 
     def run_batch(
         self, texts: Sequence[str], batch_size: int | None = None, stages: Sequence[str] | None = None
@@ -146,27 +188,58 @@ class Stack:
     def run_stage(self, stage: StageConfig, values: list[dict[str, str]], results: list[StackResult]) -> None:
         """Run one stage on a batch whose earlier stages have run; appends to ``values`` and ``results``.
 
-        ``values`` holds each row's input and earlier outputs (the template fields). Serving calls this
-        stage by stage, to report each stage as soon as it finishes.
+        ``values`` holds each row's input and earlier outputs (the template fields).
         """
-        prompts = [self.render(stage, v) for v in values]
-        inputs = [format_prompt(self.tokenizer, stage.role, p, self.config.chat_template) for p in prompts]
-        adapter = self._adapter_of[stage.name]
+        run_stage_calls([StageCall(self, stage, v, r) for v, r in zip(values, results, strict=True)])
+
+
+@dataclass
+class StageCall:
+    """One row's next stage: its stack, the stage, the row's template values and its result so far.
+
+    ``max_new_tokens`` overrides the stage's budget (serving's ``max_tokens`` on the last stage).
+    """
+
+    stack: Stack
+    stage: StageConfig
+    values: dict[str, str]
+    result: StackResult
+    max_new_tokens: int | None = None
+
+
+def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] | None = None) -> None:
+    """Run one stage for each call; calls may come from different stacks.
+
+    Calls on the same backend (for in-process stacks: the same loaded base) with the same decoding
+    settings run as one batch, each row under its own adapter. Appends each row's output to its
+    ``values`` and trace. ``on_text(call_index, delta)`` streams the text as it is decoded.
+    """
+    groups: list[tuple[Any, tuple, list[int]]] = []
+    for i, call in enumerate(calls):
+        settings = call.stage.generation
+        if call.max_new_tokens is not None:
+            settings = replace(settings, max_new_tokens=call.max_new_tokens)
+        cfg = call.stack.config
+        key = (call.stack._chat, settings, cfg.max_input_tokens, cfg.on_overflow)
+        group = next((g for g in groups if g[0] is call.stack.backend and g[1] == key), None)
+        if group is None:
+            groups.append(group := (call.stack.backend, key, []))
+        group[2].append(i)
+    for backend, (chat, settings, max_input, overflow), members in groups:
+        rows = [Row(calls[i].stage.role, calls[i].stack.render(calls[i].stage, calls[i].values),
+                    calls[i].stack.adapter_for(calls[i].stage.name)) for i in members]  # fmt: skip
+        stream = None if on_text is None else (lambda row, delta, m=members: on_text(m[row], delta))
         start = time.perf_counter()
-        outs = generate_batch(
-            self.model, self.tokenizer, inputs, stage.generation,
-            adapter_names=[adapter] * len(inputs), max_input_tokens=self.config.max_input_tokens,
-            on_overflow=self.config.on_overflow, chat=self._chat,
-        )  # fmt: skip
+        outs = backend.generate(rows, settings, chat, max_input, overflow, stream)
         seconds = time.perf_counter() - start
-        logger.debug("stage %s: %d inputs in %.2fs", stage.name, len(values), seconds)
-        for value, result, prompt, out in zip(values, results, prompts, outs, strict=True):
-            value[stage.name] = out.text
-            result.trace.append(StageTrace(
-                stage.name, prompt, out.text, out.tokens_in, out.tokens_out, round(seconds, 4),
-                None if adapter == BASE_ADAPTER else adapter, out.truncated,
-            ))  # fmt: skip
-            result.answer = out.text
+        logger.debug("%d rows of %d stages in %.2fs", len(rows), len({calls[i].stage.name for i in members}), seconds)
+        for i, row, out in zip(members, rows, outs, strict=True):
+            call = calls[i]
+            call.values[call.stage.name] = out.text
+            adapter = None if row.adapter == BASE_ADAPTER else row.adapter
+            call.result.trace.append(StageTrace(call.stage.name, row.prompt, out.text, out.tokens_in, out.tokens_out,
+                                                round(seconds, 4), adapter, out.truncated))  # fmt: skip
+            call.result.answer = out.text
 
 
 def _check_inputs(texts: Sequence[str]) -> None:

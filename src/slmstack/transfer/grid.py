@@ -143,7 +143,8 @@ class Grid:
             twin = next((c for c in self.cells if c.mode == cell.mode and not c.k and c.split == cell.split
                          and c.instructions == cell.instructions and self.cell_path(c).is_file()), None)  # fmt: skip
             if twin is not None:
-                result = {**read_json(self.cell_path(twin), "transfer cell result"), "cell": asdict(cell)}
+                result = {**read_json(self.cell_path(twin), "transfer cell result"), "cell": asdict(cell),
+                          "seconds": 0.0, "reused": twin.id}  # fmt: skip
                 atomic_write_json(path, result)
                 return result
         start = time.perf_counter()

@@ -99,6 +99,9 @@ ROWS: list[tuple[str, str, str]] = [
     ("serve", "--stack {stack} --model plain", "give NAME=REF"),
     ("serve", "--stack {stack} --stack {stack}", "two served models are named 'tiny'"),
     ("serve", "--stack {stack} --port many", "invalid int value"),
+    ("serve", "--stack {remote_bad_url}", "'localhost:8001' is not an http(s) URL"),
+    ("serve", "--stack {remote_bad_stage}", "backend.models: 'nope' is not a stage"),
+    ("serve", "--stack {remote_bad_type}", "unknown backend 'vlm'"),
     # ---- transfer
     ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout=[is_rd]", "Did you mean 'is_red'"),
     ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout_category=colr", "Did you mean 'colour'"),
@@ -223,6 +226,12 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
         entry.mkdir(parents=True)
         (entry / "slmstack-cache.json").write_text(marker)
         f[name] = root / name
+    remote = {"name": "remote", "stages": [{"name": "answer", "template": "{input}"}],
+              "backend": {"url": "http://127.0.0.1:9/v1", "base_model": "base"}}  # fmt: skip
+    broken = {"remote_bad_url": {"url": "localhost:8001"}, "remote_bad_stage": {"models": {"nope": "x"}},
+              "remote_bad_type": {"type": "vlm"}}  # fmt: skip
+    for name, backend in broken.items():
+        f[name] = write_yaml(root / f"{name}.yaml", {**remote, "backend": {**remote["backend"], **backend}})
     return {k: str(v) for k, v in f.items()}
 
 

@@ -74,11 +74,18 @@ def test_the_openai_client_lists_models_chats_streams_and_completes(live) -> Non
         -1
     ]["output"]
     chunks = list(client.chat.completions.create(model="tiny-stack", messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=3, stream=True))  # fmt: skip
+                                                 max_tokens=8, stream=True))  # fmt: skip
     stages = [c.model_extra["slmstack_stage"]["stage"] for c in chunks if c.model_extra.get("slmstack_stage")]
     assert stages == ["first", "second", "third"] and chunks[-1].choices[0].finish_reason == "stop"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == chunks[-1].model_extra["slmstack_trace"][-1]["output"]
+    # the final stage's text streams while it decodes: its pieces come before that stage's report
+    pieces = [i for i, c in enumerate(chunks) if c.choices[0].delta.content]
+    last_stage = next(i for i, c in enumerate(chunks) if (c.model_extra.get("slmstack_stage") or {}).get("stage")
+                      == "third")  # fmt: skip
+    second = next(i for i, c in enumerate(chunks) if (c.model_extra.get("slmstack_stage") or {}).get("stage")
+                  == "second")  # fmt: skip
+    assert len(pieces) >= 2 and all(second < i < last_stage for i in pieces)
     done = client.completions.create(model="plain", prompt="say blue", max_tokens=2)
     assert [t["stage"] for t in done.model_extra["slmstack_trace"]] == ["answer"]
     assert done.choices[0].text == done.model_extra["slmstack_trace"][0]["output"]

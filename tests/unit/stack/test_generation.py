@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from slmstack.errors import InputError
 from slmstack.models import load_model
@@ -45,3 +46,35 @@ def test_generate_batch_respects_max_new_tokens_and_base_rows(tiny_model_dir: Pa
     outs = generate_batch(lm.model, lm.tokenizer, texts, settings, adapter_names=["__base__"] * 2)
     assert [o.tokens_in for o in outs] == [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert all(1 <= o.tokens_out <= 5 for o in outs)
+
+
+def test_row_streamer_holds_back_stop_strings_whitespace_and_stops_at_eos(tiny_model_dir: Path) -> None:
+    from slmstack.stack.generation import RowStreamer
+
+    tok = load_model(tiny_model_dir, device="cpu").tokenizer
+    a = tok("hello world STOP more", add_special_tokens=False)["input_ids"]
+    b = tok("hi ", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    got: dict[int, list[str]] = {0: [], 1: []}
+    streamer = RowStreamer(tok, 2, [eos], ["STOP"], lambda row, delta: got[row].append(delta))
+    # Execute: the prompt batch, then one token per row per step; row 1 ends with EOS and then pads
+    streamer.put(torch.zeros((2, 3), dtype=torch.long))
+    for step in range(len(a)):
+        second = b[step] if step < len(b) else eos if step == len(b) else 7
+        streamer.put(torch.tensor([a[step], second]))
+    # Assert: never past the stop string or the trailing space; nothing after EOS; flush completes the answer
+    assert "".join(got[0]) == "hello world"
+    assert len(got[0]) > 1  # streamed piece by piece, not at the end
+    assert "".join(got[1]) == "hi"
+    streamer.flush(0, "hello world")
+    assert "".join(got[0]) == "hello world"
+
+
+def test_generate_batch_streams_each_rows_text_as_decoded(tiny_model_dir: Path) -> None:
+    lm = load_model(tiny_model_dir, device="cpu")
+    texts = [format_prompt(lm.tokenizer, "r", q) for q in ["a", "bbbbbbbbbb", "cc"]]
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    outs = generate_batch(lm.model, lm.tokenizer, texts, GenerationSettings(max_new_tokens=8),
+                          on_text=lambda row, delta: pieces[row].append(delta))  # fmt: skip
+    assert ["".join(pieces[i]) for i in range(3)] == [o.text for o in outs]
+    assert any(len(p) > 1 for p in pieces.values())

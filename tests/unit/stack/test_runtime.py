@@ -179,3 +179,55 @@ def test_adapter_naming_another_base_loads_with_a_warning(tiny_model_dir: Path, 
     with caplog.at_level("WARNING"):
         Stack.from_config(write_yaml(tmp_path / "t.yaml", stack_dict(tiny_model_dir, tiny_adapters)))
     assert "was trained on" not in caplog.text
+
+
+def test_stacks_on_one_base_share_the_model_and_each_forward_pass(tiny_model_dir, tiny_adapters, tmp_path) -> None:
+    from slmstack.stack.config import load_stack_config
+    from slmstack.stack.runtime import StackResult, StageCall, run_stage_calls
+
+    # Prepare: two stacks on the same base with different adapters, loaded together and each alone
+    other = {**stack_dict(tiny_model_dir, {"first": tiny_adapters["third"]}), "name": "other"}
+    paths = [write_yaml(tmp_path / "a.yaml", stack_dict(tiny_model_dir, tiny_adapters)),
+             write_yaml(tmp_path / "b.yaml", other)]  # fmt: skip
+    a, b = Stack.sharing_bases([load_stack_config(p) for p in paths])
+    alone = [Stack.from_config(p) for p in paths]
+    calls_made = []
+    generate = a.backend.generate
+    a.backend.generate = lambda rows, *args: calls_made.append(len(rows)) or generate(rows, *args)
+    # Execute: rows of both stacks, stage by stage
+    rows = [(s, q) for q in QUESTIONS[:2] for s in (a, b)]
+    values = [{"input": q} for _, q in rows]
+    results = [StackResult(q, "") for _, q in rows]
+    for depth in range(3):
+        triples = zip(rows, values, results, strict=True)
+        run_stage_calls([StageCall(s, s.config.stages[depth], v, r) for (s, _), v, r in triples])
+    # Assert: one base, every adapter on one wrapper; one forward batch per stage; same text as each stack alone
+    assert a.model is b.model and a.backend is b.backend
+    assert set(a.model.peft_config) == {"tiny/first", "tiny/third", "other/first"}
+    assert calls_made == [4, 4, 4]
+    for (stack, q), result in zip(rows, results, strict=True):
+        own = alone[0 if stack is a else 1](q)
+        assert [t.output for t in result.trace] == [t.output for t in own.trace]
+    assert results[0].trace[0].output != results[1].trace[0].output  # the two stacks' adapters differ
+
+
+def test_one_adapter_batches_take_peft_single_adapter_path_with_equal_text(stack: Stack, monkeypatch) -> None:
+    from peft.tuners.lora.layer import Linear
+
+    from slmstack.stack.generation import generate_batch
+
+    mixed_calls = []
+    original = Linear._mixed_batch_forward
+    monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: mixed_calls.append(1) or original(*a, **k))
+    # Prepare: the same rows alone under one adapter, and mixed with a base row (peft's mixed-batch path)
+    texts = [stack.model_input(stack.config.stages[0], {"input": q}) for q in QUESTIONS]
+    settings = stack.config.stages[0].generation
+    single = generate_batch(stack.model, stack.tokenizer, texts, settings, adapter_names=["first"] * 4)
+    assert not mixed_calls  # one adapter for the whole batch: peft's plain path
+    mixed = generate_batch(stack.model, stack.tokenizer, [*texts, texts[0]], settings,
+                           adapter_names=["first"] * 4 + ["__base__"])  # fmt: skip
+    base = generate_batch(stack.model, stack.tokenizer, texts, settings, adapter_names=["__base__"] * 4)
+    # Assert: equal text on both paths; the adapter is really on (base rows differ); routing restored after
+    assert mixed_calls and [g.text for g in single] == [g.text for g in mixed[:4]]
+    assert [g.text for g in base] != [g.text for g in single]
+    assert mixed[4].text == base[0].text
