@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP API for stacks: FastAPI app, errors in OpenAI's shape, Prometheus metrics.
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (non-streaming and SSE streaming),
+Endpoints: ``GET /`` (a page that shows each stage as a card; no CDN, everything served from here),
+``GET /v1/models``, ``POST /v1/chat/completions`` (non-streaming and SSE streaming),
 ``POST /v1/completions``, ``GET /health``, ``GET /metrics`` and FastAPI's ``/openapi.json``. Every
 completion carries the stage trace in ``slmstack_trace`` (OpenAI clients ignore unknown fields). A chat
 request's input is its last user message. Errors are ``{"error": {"message", "type", "param", "code"}}``
@@ -193,6 +194,14 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
                 pending.future.cancel()  # frees its slot if its batch has not started
                 raise ApiError(499, "Client closed the request")
         return waiter.result()
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> Any:
+        from importlib import resources
+
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse((resources.files("slmstack.serving") / "static" / "index.html").read_text("utf-8"))
 
     @app.get("/health")
     async def health() -> dict[str, str]:

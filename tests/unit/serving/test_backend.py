@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse  # noqa: E402
 
 from slmstack.serving.settings import ServeSettings  # noqa: E402
 from tests.conftest import write_yaml  # noqa: E402
-from tests.unit.serving.test_server import _free_port, _start  # noqa: E402
+from tests.unit.serving.conftest import free_port, start_server  # noqa: E402
 
 
 def _fake_engine(calls: list[dict]):
@@ -51,7 +51,7 @@ def engine():
     import uvicorn
 
     calls: list[dict] = []
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_fake_engine(calls), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -80,8 +80,8 @@ def test_a_remote_backend_runs_the_stack_on_the_engine_under_each_stages_model_n
     url, calls = engine
     stacks = load_stacks([str(write_yaml(tmp_path / "remote.yaml", _remote_stack(tmp_path, url)))], [])
     assert stacks["remote-stack"].model is None  # nothing loaded in process
-    settings = ServeSettings(port=_free_port())
-    server, thread, _ = _start(stacks, settings)
+    settings = ServeSettings(port=free_port())
+    server, thread, _ = start_server(stacks, settings)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="unused")
         reply = client.chat.completions.create(model="remote-stack", messages=[{"role": "user", "content": "hi"}])
@@ -112,10 +112,10 @@ def test_a_backend_that_is_down_gets_a_502_without_its_address(tmp_path) -> None
 
     from slmstack.serving.server import load_stacks
 
-    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
     stacks = load_stacks([str(write_yaml(tmp_path / "remote.yaml", _remote_stack(tmp_path, dead)))], [])
-    settings = ServeSettings(port=_free_port())
-    server, thread, _ = _start(stacks, settings)
+    settings = ServeSettings(port=free_port())
+    server, thread, _ = start_server(stacks, settings)
     try:
         body = {"model": "remote-stack", "messages": [{"role": "user", "content": "hi"}]}
         response = httpx.post(f"http://127.0.0.1:{settings.port}/v1/chat/completions", json=body, timeout=30)

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -17,50 +13,9 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
 from slmstack.serving.settings import ServeSettings  # noqa: E402
-from tests.conftest import stack_dict, write_yaml  # noqa: E402
+from tests.unit.serving.conftest import free_port, start_server  # noqa: E402
 
 KEY = "sk-test-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(stacks, settings: ServeSettings):
-    import uvicorn
-
-    from slmstack.serving.app import build_app
-
-    app = build_app(stacks, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            return server, thread, app
-        time.sleep(0.05)
-    raise RuntimeError("server did not start")
-
-
-@pytest.fixture(scope="module")
-def stacks(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from slmstack.serving.server import load_stacks
-
-    root = tmp_path_factory.mktemp("serve")
-    stack = write_yaml(root / "stack.yaml", {**stack_dict(tiny_model_dir, max_new=4), "name": "tiny-stack"})
-    return load_stacks([str(stack)], [f"plain={tiny_model_dir}"])
-
-
-@pytest.fixture(scope="module")
-def live(stacks):
-    settings = ServeSettings(port=_free_port(), max_batch_size=16, max_wait_ms=200, max_prompt_tokens=200,
-                             max_tokens=64, max_body_bytes=20_000)  # fmt: skip
-    server, thread, app = _start(stacks, settings)
-    yield f"http://127.0.0.1:{settings.port}", app
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_the_openai_client_lists_models_chats_streams_and_completes(live) -> None:
@@ -156,8 +111,8 @@ def test_bad_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(live, c
 
 
 def test_an_api_key_guards_the_api_but_not_health(stacks) -> None:
-    settings = ServeSettings(port=_free_port(), api_key=KEY)
-    server, thread, _ = _start(stacks, settings)
+    settings = ServeSettings(port=free_port(), api_key=KEY)
+    server, thread, _ = start_server(stacks, settings)
     base = f"http://127.0.0.1:{settings.port}"
     try:
         assert httpx.get(f"{base}/v1/models").status_code == 401
