@@ -52,6 +52,8 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
            "--max-wait-ms", str(args.max_wait_ms)]  # fmt: skip
     if args.stack:
         cmd += ["--stack", str(args.stack)]
+    if getattr(args, "dtype", None):
+        cmd += ["--dtype", args.dtype]
     env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import httpx
@@ -116,6 +118,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (caps the last stage)")
     p.add_argument("--max-wait-ms", type=float, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default=None, help="serve --dtype (e.g. float16-weights); default: the stack's own")
     p.add_argument("--data", type=Path, default=HERE.parent.parent / "shared/data/arc_easy/arc_easy.jsonl")
     p.add_argument("--out", type=Path, default=HERE / "results" / "serve_load.json")
     args = p.parse_args()

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from slmstack.errors import ConfigError, InputError, ModelNotFoundError
+from slmstack.fp16_weights import FP16_WEIGHTS, check_available
 from slmstack.io import guard_read, read_json
 
 logger = logging.getLogger(__name__)
@@ -153,11 +154,14 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    """``auto`` is bfloat16 on CUDA and float32 on CPU; ``float16-weights`` loads float32 (see fp16_weights)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == FP16_WEIGHTS:
+        check_available(device)
+        return torch.float32
     if dtype not in _DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported. Use auto, {', '.join(_DTYPES)}.")
+        raise ConfigError(f"dtype {dtype!r} is not supported. Use auto, {', '.join(_DTYPES)} or {FP16_WEIGHTS}.")
     return _DTYPES[dtype]
 
 

@@ -12,6 +12,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", action="append", default=[], metavar="FILE", help="a stack YAML to serve (repeatable)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=REF",
                    help="also serve a plain model under NAME, e.g. base=default (repeatable)")  # fmt: skip
+    p.add_argument("--dtype", default=None,
+                   help="weights of every in-process stack: auto, float32, bfloat16, float16 or "
+                        "float16-weights (x86 CPU: float16 weights, float32 math). Default: each stack's")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="requests per stack batch")
@@ -33,7 +36,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
                              max_wait_ms=args.max_wait_ms, max_prompt_tokens=args.max_prompt_tokens,
                              max_tokens=args.max_tokens,
                              api_key=args.api_key or os.environ.get("SLMSTACK_API_KEY") or None)  # fmt: skip
-    serve(load_stacks(args.stack, args.model), settings)
+    serve(load_stacks(args.stack, args.model, dtype=args.dtype), settings)
     return 0
 
 

@@ -21,11 +21,11 @@ def require_serve() -> None:
         raise ConfigError(f"serving needs {', '.join(missing)}: pip install 'slmstack[serve]'")
 
 
-def load_stacks(stack_files: list[str], models: list[str]) -> dict[str, Any]:
+def load_stacks(stack_files: list[str], models: list[str], dtype: str | None = None) -> dict[str, Any]:
     """Model name -> loaded :class:`Stack`: each stack YAML under its ``name``, each ``NAME=REF`` as a plain model.
 
     With neither, the packaged default stack. Names must be unique. Stacks on the same base model share
-    one loaded copy (and their rows share forward passes).
+    one loaded copy (and their rows share forward passes). ``dtype`` overrides every stack's own.
     """
     from slmstack.stack.config import GenerationSettings, StackConfig, StageConfig, load_stack_config
     from slmstack.stack.runtime import Stack
@@ -39,6 +39,8 @@ def load_stacks(stack_files: list[str], models: list[str]) -> dict[str, Any]:
         configs.append(StackConfig(name=name, model=ref, stages=[stage], description=f"the plain model {ref}"))
     if not configs:
         configs = [load_stack_config(None)]
+    for config in configs:
+        config.dtype = dtype or config.dtype
     names = [c.name for c in configs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmstack.errors import SlmstackError
+from slmstack.fp16_weights import use_float16_weights
 from slmstack.registry import Registry
 from slmstack.stack.config import BackendConfig
 from slmstack.stack.generation import BASE_ADAPTER, Generated, format_prompt, generate_batch
@@ -45,8 +46,9 @@ class Row:
 class LocalBackend:
     """The loaded (peft-wrapped) base model: rows share one left-padded batch, routed per row by adapter."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, float16_weights: bool = False) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self._convert = float16_weights  # done at the first generate, once every adapter is attached
 
     def model_input(self, role: str, prompt: str, chat: bool) -> str:
         """The exact text the model sees (the chat template applied when ``chat``)."""
@@ -59,6 +61,9 @@ class LocalBackend:
     def generate(self, rows: list[Row], settings: Any, chat: bool, max_input_tokens: int | None,
                  on_overflow: str, on_text: OnText | None = None) -> list[Generated]:  # fmt: skip
         """Generate every row in one batch."""
+        if self._convert:
+            use_float16_weights(self.model)
+            self._convert = False
         return generate_batch(
             self.model, self.tokenizer, [self.model_input(r.role, r.prompt, chat) for r in rows], settings,
             adapter_names=[r.adapter for r in rows], max_input_tokens=max_input_tokens, on_overflow=on_overflow,

@@ -110,7 +110,7 @@ class StackConfig:
     description: str = ""
     model: str = field(default="default", metadata={"help": "model reference: default, a .gguf, a dir, a hub id"})
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16, float16-weights"})
     chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"})
     batch_size: int = 8
     max_input_tokens: int | None = field(default=None, metadata={"help": "default: context window - max_new"})

@@ -17,6 +17,7 @@ import torch
 
 from slmstack.errors import InputError
 from slmstack.stack.config import GenerationSettings
+from slmstack.stack.fused_lora import fused_lora
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def generate_batch(
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     config = _generation_config(settings, pad_id, eos_ids)
-    with torch.inference_mode(), _only_adapter(model, single):
+    with torch.inference_mode(), _only_adapter(model, single), fused_lora(model):
         out = model.generate(**batch, generation_config=config, **extra)
     new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()  # (B, new)
     results = [

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from slmstack.errors import InputError
+from slmstack.fp16_weights import FP16_WEIGHTS
 from slmstack.models import LoadedModel, load_model
 from slmstack.stack.adapters import attach_adapters
 from slmstack.stack.backends import LocalBackend, Row, make_backend
@@ -92,7 +93,7 @@ class Stack:
         self._chat = config.chat_template and bool(getattr(self.tokenizer, "chat_template", None))
         self._adapter_of = {s.name: (f"{adapter_prefix}{s.name}" if s.name in adapters else BASE_ADAPTER)
                             for s in config.stages}  # fmt: skip
-        self.backend = LocalBackend(self.model, self.tokenizer)
+        self.backend = LocalBackend(self.model, self.tokenizer, float16_weights=config.dtype == FP16_WEIGHTS)
 
     @classmethod
     def sharing_bases(cls, configs: list[StackConfig]) -> list[Stack]:

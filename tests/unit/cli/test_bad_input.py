@@ -99,6 +99,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("serve", "--stack {stack} --model plain", "give NAME=REF"),
     ("serve", "--stack {stack} --stack {stack}", "two served models are named 'tiny'"),
     ("serve", "--stack {stack} --port many", "invalid int value"),
+    ("serve", "--stack {stack} --dtype half", "dtype 'half' is not supported"),
     ("serve", "--stack {remote_bad_url}", "'localhost:8001' is not an http(s) URL"),
     ("serve", "--stack {remote_bad_stage}", "backend.models: 'nope' is not a stage"),
     ("serve", "--stack {remote_bad_type}", "unknown backend 'vlm'"),

@@ -211,23 +211,29 @@ def test_stacks_on_one_base_share_the_model_and_each_forward_pass(tiny_model_dir
     assert results[0].trace[0].output != results[1].trace[0].output  # the two stacks' adapters differ
 
 
-def test_one_adapter_batches_take_peft_single_adapter_path_with_equal_text(stack: Stack, monkeypatch) -> None:
-    from peft.tuners.lora.layer import Linear
-
+def test_one_adapter_batches_take_the_single_adapter_path_with_equal_text(stack: Stack, monkeypatch) -> None:
+    from slmstack.stack import fused_lora
     from slmstack.stack.generation import generate_batch
 
-    mixed_calls = []
-    original = Linear._mixed_batch_forward
-    monkeypatch.setattr(Linear, "_mixed_batch_forward", lambda *a, **k: mixed_calls.append(1) or original(*a, **k))
-    # Prepare: the same rows alone under one adapter, and mixed with a base row (peft's mixed-batch path)
+    routed = []  # per LoRA layer call: was the batch routed row by row (adapter_names) or not
+    original = fused_lora._forward
+
+    def spy(self, x, *args, **kwargs):
+        routed.append("adapter_names" in kwargs)
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(fused_lora, "_forward", spy)
+    # Prepare: the same rows alone under one adapter, and mixed with a base row (routed by adapter name)
     texts = [stack.model_input(stack.config.stages[0], {"input": q}) for q in QUESTIONS]
     settings = stack.config.stages[0].generation
     single = generate_batch(stack.model, stack.tokenizer, texts, settings, adapter_names=["first"] * 4)
-    assert not mixed_calls  # one adapter for the whole batch: peft's plain path
+    assert routed and not any(routed)  # one adapter for the whole batch: the active adapter, no routing
+    routed.clear()
     mixed = generate_batch(stack.model, stack.tokenizer, [*texts, texts[0]], settings,
                            adapter_names=["first"] * 4 + ["__base__"])  # fmt: skip
+    assert routed and all(routed)  # a mixed batch is routed row by row
     base = generate_batch(stack.model, stack.tokenizer, texts, settings, adapter_names=["__base__"] * 4)
     # Assert: equal text on both paths; the adapter is really on (base rows differ); routing restored after
-    assert mixed_calls and [g.text for g in single] == [g.text for g in mixed[:4]]
+    assert [g.text for g in single] == [g.text for g in mixed[:4]]
     assert [g.text for g in base] != [g.text for g in single]
     assert mixed[4].text == base[0].text

@@ -1,0 +1,65 @@
+"""float16 weights with float32 arithmetic for generation on an x86 CPU (``dtype: float16-weights``).
+
+Decoding one row at a time on a CPU is bound by memory bandwidth: every step reads every weight once.
+Keeping the ``Linear`` weights in float16 halves those bytes, while activations and accumulation stay
+float32 (torch's fbgemm kernel ``quantized::linear_dynamic_fp16`` widens the weights on the fly). No
+activation is quantized, so a row's result never depends on the other rows of its batch. The model is
+converted in place the first time a stack generates, after every adapter is attached; LoRA factors
+stay float32 and embeddings are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from slmstack.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FP16_WEIGHTS", "Float16WeightLinear", "check_available", "use_float16_weights"]
+
+FP16_WEIGHTS = "float16-weights"
+_SKIP = {"lora_A", "lora_B"}  # peft's adapter factors: small, and read directly by the fused LoRA path
+
+
+def check_available(device: torch.device) -> None:
+    """Raise :class:`ConfigError` unless float16 weights can run here (a CPU with torch's fbgemm)."""
+    if device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise ConfigError(
+            f"dtype {FP16_WEIGHTS!r} needs an x86 CPU (torch's fbgemm kernels); on {device.type} use "
+            "dtype: bfloat16 or float16."
+        )
+
+
+class Float16WeightLinear(nn.Module):
+    """A ``Linear`` whose weight is packed as float16 for fbgemm; input and output stay float32."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weightᵀ + bias`` in float32 arithmetic."""
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self._packed).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        """Shown in ``print(model)``."""
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
+
+
+def use_float16_weights(model: nn.Module) -> int:
+    """Replace every plain ``nn.Linear`` in ``model`` (LoRA factors excepted) in place; returns how many."""
+    targets = [name for name, m in model.named_modules()
+               if type(m) is nn.Linear and not _SKIP.intersection(name.split("."))]  # fmt: skip
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Float16WeightLinear(getattr(parent, child)))
+    if targets:
+        logger.info("float16 weights: %d linear layers converted", len(targets))
+    return len(targets)
