@@ -6,8 +6,9 @@ then for ``--seconds`` each:
 * ``concurrent``: ``--clients`` threads, each sending chat completions back to back (micro-batched);
 * ``sequential``: one client sending the same questions one at a time (the baseline).
 
-It records requests/s, p50/p95 latency, the error count and the server's RSS at the start and the end
-(a leak shows as growth), writes JSON and prints a table. Questions are ARC-Easy questions.
+It records requests/s, p50/p95 latency, the error count and the server's RSS at the start (after a warm-up
+batch of ``--clients`` requests) and at the end (a leak shows as growth), writes JSON and prints a table.
+Questions are ARC-Easy questions.
 
     python benchmarks/serve_load.py --clients 16 --seconds 60
 """
@@ -70,7 +71,8 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
 
 
 def phase(url: str, model: str, questions: list[str], clients: int, seconds: float, max_tokens: int | None) -> dict:
-    """``clients`` threads sending back to back until ``seconds`` have passed; every request is waited for."""
+    """``clients`` threads sending back to back until ``seconds`` have passed (each sends at least one);
+    every request is waited for."""
     import httpx
 
     latencies: list[float] = []
@@ -81,7 +83,9 @@ def phase(url: str, model: str, questions: list[str], clients: int, seconds: flo
 
     def client() -> None:
         with httpx.Client(timeout=600) as http:
-            while time.perf_counter() < deadline:
+            first = True
+            while first or time.perf_counter() < deadline:
+                first = False
                 with lock:
                     q = questions[next(counter) % len(questions)]
                 body = {"model": model, "messages": [{"role": "user", "content": q}]}
@@ -133,7 +137,9 @@ def main() -> None:
     proc = start_server(args, port)
     try:
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        phase(url, model, questions[:1], 1, 0, args.max_tokens)  # warm-up: one request
+        # warm-up: one full batch of `clients` requests at once, so that the start RSS already holds the
+        # buffers a full batch needs and any growth after it is a leak
+        phase(url, model, questions, args.clients, 0, args.max_tokens)
         rss_start = rss_mb(proc.pid)
         runs = {
             "concurrent": phase(url, model, questions, args.clients, args.seconds, args.max_tokens),

@@ -58,6 +58,8 @@ def test_the_block_swaps_the_forward_and_restores_it(peft_model) -> None:
     assert layers  # q_proj, v_proj, down_proj of two layers
     with fused_lora(peft_model):
         assert all("forward" in layer.__dict__ for layer in layers)
+        # every adapter is packed on entry, before any activation exists (lazy packing fragmented the heap)
+        assert all(set(layer.__dict__["_slmstack_fused"]) == set(layer.lora_A) for layer in layers)
     assert not any("forward" in layer.__dict__ for layer in layers)
 
 
