@@ -16,7 +16,6 @@ Questions are ARC-Easy questions.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -27,24 +26,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from stack_inference import load_questions, proc_status_mb  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def load_questions(path: Path, n: int) -> list[str]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["query"].removeprefix("Question: ").strip() for r in rows[:n]]
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
@@ -140,12 +130,12 @@ def main() -> None:
         # warm-up: one full batch of `clients` requests at once, so that the start RSS already holds the
         # buffers a full batch needs and any growth after it is a leak
         phase(url, model, questions, args.clients, 0, args.max_tokens)
-        rss_start = rss_mb(proc.pid)
+        rss_start = proc_status_mb("VmRSS", proc.pid)
         runs = {
             "concurrent": phase(url, model, questions, args.clients, args.seconds, args.max_tokens),
             "sequential": phase(url, model, questions, 1, args.seconds, args.max_tokens),
         }
-        rss_end = rss_mb(proc.pid)
+        rss_end = proc_status_mb("VmRSS", proc.pid)
         metrics = httpx.get(f"{url}/metrics").text
     finally:
         proc.terminate()

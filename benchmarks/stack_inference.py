@@ -29,11 +29,16 @@ import yaml
 HERE = Path(__file__).resolve().parent
 
 
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+def proc_status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``, ...) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return proc_status_mb("VmHWM")
 
 
 def load_questions(path: Path, n: int) -> list[str]:

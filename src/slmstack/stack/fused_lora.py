@@ -8,9 +8,10 @@ Rows of a mixed batch are grouped by adapter as peft groups them (``"__base__"``
 
 :func:`fused_lora` swaps this forward in for the duration of a ``with`` block, on every plain LoRA
 ``Linear`` of a peft model; layers peft handles differently (DoRA and other variants, merged weights,
-bitsandbytes) keep peft's own forward. The packed factors are cached per layer and adapter and rebuilt
-when the adapter's weights change. With ``s`` a power of two (``lora_alpha / r`` is 2 by default) the
-product is the one peft computes, bit for bit; otherwise it differs by rounding only.
+bitsandbytes) keep peft's own forward. The packed factors are cached per layer and adapter, checked on
+entry to the block and rebuilt when the adapter's weights changed (they cannot change inside it). With
+``s`` a power of two (``lora_alpha / r`` is 2 by default) the product is the one peft computes, bit for
+bit; otherwise it differs by rounding only.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def _packed(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _add_lora(layer: Any, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += lora(x)`` in place; ``x`` is (N, in) and ``out`` (N, out)."""
-    a_t, b_t = _packed(layer, name)
+    """``out += lora(x)`` in place; ``x`` is (N, in) and ``out`` (N, out). Packed on entry to :func:`fused_lora`."""
+    _, a_t, b_t = layer.__dict__[_CACHE][name]
     if a_t.dtype == out.dtype:
         out.addmm_(x.to(a_t.dtype) @ a_t, b_t)
     else:  # e.g. fp32 adapters on a bf16 base, as peft keeps them: compute in the adapter's dtype
