@@ -21,7 +21,15 @@ from slmstack.io import read_text
 
 T = TypeVar("T")
 
-__all__ = ["apply_overrides", "build_dataclass", "dataclass_to_dict", "load_yaml", "require_at_least_one"]
+__all__ = [
+    "apply_overrides",
+    "build_dataclass",
+    "check_range",
+    "check_target_modules_given",
+    "dataclass_to_dict",
+    "load_yaml",
+    "require_at_least_one",
+]
 
 
 def require_at_least_one(obj: Any, names: tuple[str, ...], prefix: str = "") -> None:
@@ -31,11 +39,47 @@ def require_at_least_one(obj: Any, names: tuple[str, ...], prefix: str = "") -> 
             raise ConfigError(f"{prefix}{name} must be >= 1, got {getattr(obj, name)}")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping from ``path``; raise :class:`ConfigError` naming the file otherwise."""
+def check_range(obj: Any, name: str, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, prefix: str = "") -> None:  # fmt: skip
+    """Raise a :class:`ConfigError` unless ``obj.name`` (None: not set, allowed) lies in the interval.
+
+    Example:
+        >>> check_range(settings, "top_p", 0, 1, low_open=True)  # top_p in (0, 1]
+    """
+    value = getattr(obj, name)
+    if value is None:
+        return
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above or value != value:  # value != value: NaN
+        if high is None:
+            allowed = f"{'>' if low_open else '>='} {low}"
+        elif low is None:
+            allowed = f"{'<' if high_open else '<='} {high}"
+        else:
+            allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{prefix}{name} must be {allowed}, got {value}")
+
+
+def check_target_modules_given(targets: list[str] | None, prefix: str = "") -> None:
+    """A given ``target_modules`` list must name at least one module, each a non-empty name.
+
+    Whether the names exist is checked against the model once it is loaded
+    (:func:`slmstack.training.trainer.check_target_modules`).
+    """
+    if targets is not None and (not targets or any(not t.strip() for t in targets)):
+        raise ConfigError(f"{prefix}target_modules must list module names (e.g. [q_proj, v_proj]), got {targets}")
+
+
+def load_yaml(path: str | Path, optional: bool = True) -> dict[str, Any]:
+    """Read a YAML mapping from ``path``; raise :class:`ConfigError` naming the file otherwise.
+
+    ``optional``: the option that named the file may be left out (the message then says so).
+    """
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: config file not found. Check the path, or omit the option to use the default.")
+        hint = ", or omit the option to use the default" if optional else ""
+        raise ConfigError(f"{path}: config file not found. Check the path{hint}.")
     text = read_text(path, "config file (YAML)")
     try:
         data = yaml.safe_load(text)

@@ -21,11 +21,13 @@ __all__ = [
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
+    "check_json_shape",
     "check_output_dir",
     "check_output_file",
     "check_input_file",
     "guard_read",
     "iter_jsonl",
+    "jsonl_lines",
     "read_done_jsonl",
     "read_json",
     "read_text",
@@ -86,14 +88,52 @@ def read_text(path: Path, what: str, fix: str = "") -> str:
         return path.read_text(encoding="utf-8")
 
 
-def read_json(path: Path, what: str, fix: str = "") -> Any:
-    """Parse a JSON file; a malformed one raises :class:`InputError` with the file and line."""
+def read_json(path: Path, what: str, fix: str = "", expect: type | dict[str, Any] | None = None) -> Any:
+    """Parse a JSON file; a malformed one raises :class:`InputError` with the file and line.
+
+    Args:
+        path: the file.
+        what: what it should be, for the message ("federation plan").
+        fix: how to fix it, appended to the message.
+        expect: ``dict`` or ``list``: the top-level type; a mapping ``{key: type or tuple of types}``: a JSON
+            object holding at least those keys with values of those types. A file written by the tool and
+            read back (a plan, a checkpoint record, a report) is checked this way before it is used.
+    """
     text = read_text(path, what, fix)
+    suffix = f" {fix}" if fix else ""
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        suffix = f" {fix}" if fix else ""
         raise InputError(f"{path}:{exc.lineno}: the {what} is not valid JSON ({exc.msg}).{suffix}") from None
+    except RecursionError:
+        raise InputError(f"{path}: the {what} is nested too deeply to be read.{suffix}") from None
+    if expect is not None:
+        check_json_shape(data, expect, f"{path}: the {what}", suffix)
+    return data
+
+
+def check_json_shape(data: Any, expect: type | dict[str, Any], where: str, suffix: str = "") -> None:
+    """Raise :class:`InputError` unless ``data`` has the shape ``expect`` describes (see :func:`read_json`)."""
+    if isinstance(expect, type):
+        if not isinstance(data, expect):
+            raise InputError(f"{where} must be a JSON {_json_name(expect)}, got {_json_name(type(data))}.{suffix}")
+        return
+    if not isinstance(data, dict):
+        raise InputError(f"{where} must be a JSON object, got {_json_name(type(data))}.{suffix}")
+    for key, types in expect.items():
+        if key not in data:
+            raise InputError(f"{where} lacks the field {key!r}.{suffix}")
+        if not isinstance(data[key], types) or (isinstance(data[key], bool) and bool not in _as_tuple(types)):
+            raise InputError(f"{where}: field {key!r} has the wrong type ({_json_name(type(data[key]))}).{suffix}")
+
+
+def _as_tuple(types: Any) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _json_name(tp: type) -> str:
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+    return names.get(tp, "null" if tp is type(None) else tp.__name__)
 
 
 def check_output_file(path: Path, what: str) -> Path:
@@ -174,10 +214,11 @@ def iter_jsonl(path: Path, skip_bad: bool = False) -> Iterator[tuple[int, dict[s
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 if skip_bad:
                     continue
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}). Fix or remove the line.") from None
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise InputError(f"{path}:{number}: not valid JSON ({msg}). Fix or remove the line.") from None
             if not isinstance(record, dict):
                 if skip_bad:
                     continue
@@ -186,25 +227,42 @@ def iter_jsonl(path: Path, skip_bad: bool = False) -> Iterator[tuple[int, dict[s
 
 
 def read_done_jsonl(path: Path, key: str) -> set[Any]:
-    """Values of ``key`` in an append-only results file, repairing a torn last line first.
+    """Values of ``key`` in an append-only results file, repairing a torn last line once the file is shown ours.
 
-    A process killed mid-append can leave a partial last line; it is cut off so that the item is
-    simply redone on resume.
+    A process killed mid-append can leave a partial last line; it is cut off so that the item is simply
+    redone on resume. Nothing is written until every complete line has been read as one of our records
+    (a JSON object holding ``key``), and a torn tail is cut only if it starts as one of our records does:
+    a file that is not ours is refused byte for byte unchanged.
     """
     path = check_output_file(path, "results file")
     if not path.exists():
         return set()
-    with guard_read(path, "results file", "Pass another output path, or remove the file to start over."):
+    fix = "Pass another output path, or remove the file to start over."
+    with guard_read(path, "results file", fix):
         data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end != len(data):
+    not_ours = InputError(f"{path}: not a results file written by slmstack (each line must be a JSON object "
+                          f"with {key!r}), so it was left untouched. {fix}")  # fmt: skip
+    done = set()
+    try:
+        for line in jsonl_lines(data[:end]):
+            done.add(json.loads(line)[key])
+    except (ValueError, KeyError, TypeError, RecursionError):  # ValueError: bad JSON or not UTF-8
+        raise not_ours from None
+    torn = data[end:]
+    if torn:
+        if not torn.startswith(b'{"' + key.encode() + b'":'):
+            raise not_ours
         with path.open("r+b") as fh:
             fh.truncate(end)
-    done = set()
-    for line in data[:end].decode("utf-8", errors="replace").splitlines():
-        if line.strip():
-            try:
-                done.add(json.loads(line)[key])
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise InputError(f"{path}: not a results file written by slmstack (line lacks {key!r})") from None
     return done
+
+
+def jsonl_lines(data: str | bytes) -> list[str]:
+    """The non-blank lines of JSONL text, split on newlines only.
+
+    ``str.splitlines`` also splits on U+0085, U+2028 and U+2029, which JSON allows unescaped inside a
+    string, so it would cut such a record in two.
+    """
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    return [line for line in text.split("\n") if line.strip()]

@@ -21,12 +21,19 @@ def _federate_args(p: argparse.ArgumentParser) -> None:
 
 def federate_cmd(args: argparse.Namespace) -> int:
     """Prune the blocks, partition the data, and run federated LoRA on Flower's simulation engine."""
-    from slmstack.federated.config import load_federate_config
+    from slmstack.federated.config import load_federate_config, require_flwr
+    from slmstack.federated.plan import PLAN, load_plan
     from slmstack.io import check_output_dir
 
-    cfg = load_federate_config(args.config, args.overrides)  # checks Flower is installed first
+    cfg = load_federate_config(args.config, args.overrides)
     check_output_dir(args.out, "--out run directory")
-    from slmstack.federated.run import federate, prepare
+    from slmstack.federated.run import check_inputs, federate, prepare
+
+    if args.resume and (args.out / PLAN).is_file():
+        load_plan(args.out)  # a damaged plan is named before Flower is needed
+    else:
+        check_inputs(cfg)  # the data, its column and the blocks, before Flower is needed
+    require_flwr()
 
     if args.prepare_only:
         plan = prepare(cfg, args.out, resume=args.resume)

@@ -29,14 +29,24 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from slmstack.serving.server import require_serve
 
     require_serve()
-    from slmstack.serving.server import load_stacks, serve
+    from slmstack.serving.server import bind_socket, serve, stack_configs
     from slmstack.serving.settings import ServeSettings
 
+    # an empty key (e.g. --api-key "$KEY" with KEY unset) is refused, never read as "no authentication"
+    key = args.api_key if args.api_key is not None else os.environ.get("SLMSTACK_API_KEY")
     settings = ServeSettings(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_prompt_tokens=args.max_prompt_tokens,
-                             max_tokens=args.max_tokens,
-                             api_key=args.api_key or os.environ.get("SLMSTACK_API_KEY") or None)  # fmt: skip
-    serve(load_stacks(args.stack, args.model, dtype=args.dtype), settings)
+                             max_tokens=args.max_tokens, api_key=key)  # fmt: skip
+    configs = stack_configs(args.stack, args.model, dtype=args.dtype)
+    sock = bind_socket(settings.host, settings.port)  # a bad --host or --port fails before any model loads
+    try:
+        from slmstack.stack.runtime import Stack
+
+        stacks = {c.name: s for c, s in zip(configs, Stack.sharing_bases(configs), strict=True)}
+    except BaseException:
+        sock.close()
+        raise
+    serve(stacks, settings, sock)
     return 0
 
 

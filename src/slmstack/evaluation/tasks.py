@@ -268,12 +268,18 @@ def _read_file(path: Path, kind: str) -> list[Doc]:
             raise InputError(f"{path}: a .json task data file must hold a list of records")
         return [Doc(f"{path} record {i}", rec) for i, rec in enumerate(data)]
     docs = []
-    for number, line in enumerate(read_text(path, "task data file").splitlines(), start=1):
+    # split on "\n" only: JSON strings may hold U+0085, U+2028 and U+2029, which str.splitlines splits on
+    for number, line in enumerate(read_text(path, "task data file").split("\n"), start=1):
         if line.strip():
             try:
-                docs.append(Doc(f"{path}:{number}", json.loads(line)))
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InputError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            docs.append(Doc(f"{path}:{number}", record))
     return docs
 
 

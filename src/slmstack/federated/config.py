@@ -16,11 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slmstack.config import apply_overrides, build_dataclass, load_yaml, require_at_least_one
+from slmstack.config import (
+    apply_overrides,
+    build_dataclass,
+    check_range,
+    check_target_modules_given,
+    load_yaml,
+    require_at_least_one,
+)
 from slmstack.errors import ConfigError
+from slmstack.registry import did_you_mean
 
 __all__ = ["ClientSpec", "DataConfig", "FederateConfig", "LocalTrainConfig", "PrivacyConfig",
            "SecureAggregationConfig", "load_federate_config", "require_flwr"]  # fmt: skip
+
+
+# The names ``slmstack.federated.strategies.STRATEGIES`` registers (a test keeps the two equal): known here so
+# that a config is checked without importing Flower.
+STRATEGY_NAMES = ["fedavg", "heterofl", "lego"]
 
 
 @dataclass(kw_only=True)
@@ -73,6 +86,7 @@ class LocalTrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.max_length < 8:
             raise ConfigError(f"train.max_length must be >= 8, got {self.max_length}")
+        check_target_modules_given(self.target_modules, "train.")
 
 
 @dataclass(kw_only=True)
@@ -80,8 +94,12 @@ class PrivacyConfig:
     """Optional differential privacy: Flower's server-side fixed clipping with Gaussian noise."""
 
     enabled: bool = False
-    clipping_norm: float = 1.0
-    noise_multiplier: float = 0.1
+    clipping_norm: float = field(default=1.0, metadata={"help": "L2 norm each update is clipped to (> 0)"})
+    noise_multiplier: float = field(default=0.1, metadata={"help": "Gaussian noise std / clipping_norm (>= 0)"})
+
+    def __post_init__(self) -> None:
+        check_range(self, "clipping_norm", 0, low_open=True, prefix="privacy.")
+        check_range(self, "noise_multiplier", 0, prefix="privacy.")
 
 
 @dataclass(kw_only=True)
@@ -124,6 +142,19 @@ class FederateConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        check_range(self, "round_timeout", 0, low_open=True)
+        check_range(self, "seed", 0)
+        if self.strategy not in STRATEGY_NAMES:
+            hint = did_you_mean(self.strategy, STRATEGY_NAMES)
+            raise ConfigError(
+                f"strategy: unknown strategy {self.strategy!r}.{hint} Known: {', '.join(STRATEGY_NAMES)}."
+            )
+        from slmstack.pruning.methods import PRUNERS
+
+        try:
+            PRUNERS.get(self.pruning_method)
+        except ConfigError as exc:
+            raise ConfigError(f"pruning_method: {exc}") from None
         if not self.clients:
             raise ConfigError("clients: give at least one client, e.g. [{sparsity: 0.0}, {sparsity: 0.5}]")
         if not 1 <= self.min_clients <= len(self.clients):
@@ -151,17 +182,11 @@ def load_federate_config(path: str | Path, overrides: list[str] | None = None) -
     """Read and validate a federation YAML (strict: unknown fields are errors naming the file).
 
     Raises:
-        ConfigError: a bad field (with a did-you-mean for an unknown strategy), or Flower not installed.
+        ConfigError: a bad field (with a did-you-mean for an unknown strategy). Flower is not needed to check
+            a config: :func:`require_flwr` runs once the inputs are known to be good.
     """
-    require_flwr()
-    from slmstack.federated.strategies import STRATEGIES
-
-    data = apply_overrides(load_yaml(path), overrides or [])
+    data = apply_overrides(load_yaml(path, optional=False), overrides or [])
     config = build_dataclass(FederateConfig, data, source=path)
-    try:
-        STRATEGIES.get(config.strategy)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: strategy: {exc}") from None
     config.source = Path(path).resolve()
     return config
 

@@ -19,7 +19,7 @@ from typing import Any
 from slmstack.errors import ConfigError, InputError
 from slmstack.io import check_input_file, guard_read, iter_jsonl
 
-__all__ = ["load_records", "partition_records", "plot_partitions", "split_heldout"]
+__all__ = ["check_partition", "load_records", "partition_records", "plot_partitions", "split_heldout"]
 
 _EOT = "<|endoftext|>"
 
@@ -75,6 +75,17 @@ def split_heldout(records: list[dict], fraction: float, seed: int = 0) -> tuple[
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def check_partition(records: list[dict], n: int, mode: str, column: str) -> None:
+    """Raise :class:`ConfigError` when the records cannot be split as asked (checked without Flower)."""
+    if mode != "iid" and any(column not in r for r in records):
+        have = sorted(set().union(*(r.keys() for r in records)) - {"prompt", "completion"})
+        raise ConfigError(f"data.column: {column!r} is not a column of the data; columns: {', '.join(have) or 'none'}")
+    if mode == "task":
+        values = {str(r.get(column, "")) for r in records}
+        if len(values) < n:
+            raise ConfigError(f"data.partition task: {len(values)} distinct {column!r} values for {n} clients")
+
+
 def partition_records(records: list[dict], n: int, mode: str = "iid", column: str = "category",
                       alpha: float = 0.5, seed: int = 0) -> list[list[dict]]:  # fmt: skip
     """Split ``records`` into ``n`` client partitions with flwr-datasets' partitioners.
@@ -89,14 +100,10 @@ def partition_records(records: list[dict], n: int, mode: str = "iid", column: st
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
-    if mode != "iid" and any(column not in r for r in records):
-        have = sorted(set().union(*(r.keys() for r in records)) - {"prompt", "completion"})
-        raise ConfigError(f"data.column: {column!r} is not a column of the data; columns: {', '.join(have) or 'none'}")
+    check_partition(records, n, mode, column)
     rows = [{"index": i, "label": str(r.get(column, ""))} for i, r in enumerate(records)]
     if mode == "task":
         values = sorted({row["label"] for row in rows})
-        if len(values) < n:
-            raise ConfigError(f"data.partition task: {len(values)} distinct {column!r} values for {n} clients")
         chosen = set(random.Random(seed).sample(values, n))
         rows = [row for row in rows if row["label"] in chosen]
     dataset = datasets.Dataset.from_list(rows)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from slmstack.errors import InputError
 from slmstack.federated.plan import Plan
-from slmstack.io import atomic_dir, atomic_write_json, guard_read, read_json
+from slmstack.io import atomic_dir, atomic_write_json, check_json_shape, guard_read, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,12 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict]]
         return None
     with guard_read(path / "global.safetensors", "federation checkpoint", "Remove it (or --out) to start over."):
         state = load_file(str(path / "global.safetensors"))
-    history = read_json(path / "history.json", "federation checkpoint history")
+    fix = "The checkpoint is damaged: remove it (or use another --out) to start over."
+    history = read_json(path / "history.json", "federation checkpoint history", fix, expect=list)
+    for entry in history:
+        check_json_shape(entry, {"round": int, "eval_loss": (int, float)}, f"{path / 'history.json'}: a round", fix)
+    if not history:
+        raise InputError(f"{path / 'history.json'}: the federation checkpoint history is empty. {fix}")
     logger.info("resuming after round %d", history[-1]["round"])
     return state, history
 

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmstack.config import build_dataclass
+from slmstack.errors import ConfigError, InputError
 from slmstack.io import atomic_write_json, iter_jsonl, read_json
 
 __all__ = ["PLAN", "Plan", "load_plan", "save_plan"]
@@ -67,5 +69,10 @@ def save_plan(plan: Plan, run_dir: Path) -> Path:
 
 def load_plan(run_dir: Path) -> Plan:
     """Read ``plan.json`` from ``run_dir``."""
-    data = read_json(run_dir / PLAN, "federation plan", "Run slmstack federate to prepare the run directory.")
-    return Plan(**data)
+    path = run_dir / PLAN
+    fix = "It is not a plan that slmstack federate wrote: use another --out, or remove the file to start over."
+    data = read_json(path, "federation plan", fix, expect=dict)
+    try:
+        return build_dataclass(Plan, data, where="plan")
+    except ConfigError as exc:
+        raise InputError(f"{path}: not a federation plan ({exc}). {fix}") from None

@@ -15,34 +15,69 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slmstack.errors import ConfigError, InputError
+from slmstack.errors import ConfigError, InputError, SlmstackError
 from slmstack.federated.config import FederateConfig
-from slmstack.federated.data import load_records, partition_records, plot_partitions, split_heldout, write_records
-from slmstack.federated.plan import PLAN, Plan, save_plan
+from slmstack.federated.data import (
+    check_partition,
+    load_records,
+    partition_records,
+    plot_partitions,
+    split_heldout,
+    write_records,
+)
+from slmstack.federated.plan import PLAN, Plan, load_plan, save_plan
 from slmstack.io import check_input_file, check_output_dir, read_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["federate", "prepare"]
+__all__ = ["check_inputs", "federate", "prepare"]
 
 _PREPARED = {"blocks", "partitions", "partitions.png"}  # what prepare writes before plan.json
+
+
+class FederationFailedError(SlmstackError):
+    """A federated run finished without accepting a single client update."""
+
+
+def _given_block(cfg: FederateConfig, spec: Any) -> dict[str, Any]:
+    """A client block taken from a ``slmstack prune`` output: its directory, masks and sparsity."""
+    from slmstack.pruning.export import read_report
+
+    block = cfg.resolve(spec.block)
+    fix = "A block directory must be a slmstack prune output (it holds masks.safetensors)."
+    masks = check_input_file(block / "masks.safetensors", "block masks", fix)
+    sparsity = read_report(block).get("actual_sparsity", spec.sparsity)
+    return {"model": str(block.resolve()), "masks": str(masks.resolve()), "sparsity": sparsity}
+
+
+def check_inputs(cfg: FederateConfig) -> list[dict[str, Any]]:
+    """Check what the config points at, without Flower and without a model: the data, its column, the blocks.
+
+    Returns:
+        The records (so :func:`prepare` reads them once).
+    """
+    data = cfg.data
+    records = load_records(cfg.resolve(data.path), data.limit, cfg.seed)
+    check_partition(records, len(cfg.clients), data.partition, data.column)
+    for spec in cfg.clients:
+        if spec.block is not None:
+            _given_block(cfg, spec)
+    if cfg.calibration is not None:
+        check_input_file(cfg.resolve(cfg.calibration), "calibration file")
+    return records
 
 
 def _blocks(cfg: FederateConfig, out: Path) -> list[dict[str, Any]]:
     """Each client's model (a block directory or the dense model) and masks, pruning what is missing."""
     from slmstack.models import load_model
     from slmstack.pruning.engine import load_calibration, prune
-    from slmstack.pruning.export import REPORT, save_pruned
+    from slmstack.pruning.export import save_pruned
 
     blocks = []
     calibration_path = cfg.resolve(cfg.calibration)
     for i, spec in enumerate(cfg.clients):
         if spec.block is not None:
-            block = cfg.resolve(spec.block)
-            fix = "A block directory must be a slmstack prune output (it holds masks.safetensors)."
-            masks = check_input_file(block / "masks.safetensors", "block masks", fix)
-            sparsity = read_json(block / REPORT, "prune report").get("actual_sparsity", spec.sparsity)
-            blocks.append({"model": str(block.resolve()), "masks": str(masks.resolve()), "sparsity": sparsity})
+            blocks.append(_given_block(cfg, spec))
         elif spec.sparsity == 0:
             blocks.append({"model": cfg.model, "masks": None, "sparsity": 0.0})
         else:
@@ -69,14 +104,12 @@ def prepare(cfg: FederateConfig, out: str | Path, resume: bool = False) -> Plan:
     if (out / PLAN).is_file() and not resume:
         raise ConfigError(f"{out} already holds a federated run. Pass --resume to continue it, or use another --out.")
     if resume and (out / PLAN).is_file():
-        from slmstack.federated.plan import load_plan
-
         return load_plan(out)
     leftovers = {p.name for p in out.iterdir()} - _PREPARED if out.is_dir() else set()
     if leftovers:  # an interrupted prepare leaves only its own files, which are redone
         raise ConfigError(f"{out} is not empty and holds no federated run. Use another --out.")
     data = cfg.data
-    records = load_records(cfg.resolve(data.path), data.limit, cfg.seed)
+    records = check_inputs(cfg)
     train, heldout = split_heldout(records, data.eval_fraction, cfg.seed)
     parts = partition_records(train, len(cfg.clients), data.partition, data.column, data.alpha, cfg.seed)
     blocks = _blocks(cfg, out)  # checks given blocks, prunes the others
@@ -125,4 +158,13 @@ def federate(cfg: FederateConfig, out: str | Path, resume: bool = False) -> dict
     metrics = out / "metrics.json"
     if not metrics.is_file():
         raise InputError(f"{out}: the federated run ended without writing metrics.json; see the log above")
-    return read_json(metrics, "federation metrics")
+    result = read_json(metrics, "federation metrics", expect={"rounds": list, "strategy": str})
+    rounds = [r for r in result["rounds"] if r.get("round", 0) >= 1]
+    if rounds and not any(r.get("clients_ok", 0) for r in rounds):
+        failures = sorted({str(f) for r in rounds for f in r.get("failures", [])})[:3]
+        raise FederationFailedError(
+            f"no round accepted a client update ({len(rounds)} round(s), every update failed or was rejected: "
+            f"{'; '.join(failures) or 'no replies'}), so the global adapter is unchanged. Check round_timeout and "
+            f"the clients' log, then rerun (see {metrics})."
+        )
+    return result

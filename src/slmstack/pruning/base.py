@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from slmstack.config import check_range
 from slmstack.errors import ConfigError
 from slmstack.pruning.masks import layer_mask, nm_mask, row_mask
 from slmstack.registry import Registry
@@ -38,6 +39,9 @@ class PruneConfig:
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError(f"nsamples must be >= 1 and seqlen >= 2, got {self.nsamples} and {self.seqlen}")
+        check_range(self, "seed", 0)
+        check_range(self, "blocksize", 1)
+        check_range(self, "percdamp", 0, 1, low_open=True)
 
 
 class LayerStats:

@@ -40,4 +40,4 @@ def save_pruned(result: PruneResult, tokenizer: Any, out: Path, overwrite: bool 
 
 def read_report(path: Path) -> dict[str, Any]:
     """The ``prune_report.json`` of a pruned model directory."""
-    return read_json(Path(path) / REPORT, "prune report")
+    return read_json(Path(path) / REPORT, "prune report", "Prune the block again.", expect=dict)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,26 +27,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from slmstack.serving.batcher import MicroBatcher
+from slmstack.serving.requests import ApiError, CompletionRequest, parse_chat, parse_completion
 from slmstack.serving.settings import ServeSettings
 from slmstack.stack.backends import BackendError
+from slmstack.stack.generation import GenerationCancelled
 from slmstack.stack.runtime import Stack, StackResult
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ApiError", "build_app"]
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's JSON shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -91,6 +81,7 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
     metrics = _Metrics.create()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmstack-generate")
     batchers: dict[str, MicroBatcher] = {}
+    stopping = threading.Event()  # set on SIGTERM/SIGINT: generation in flight stops, its clients get a 503
 
     def on_batch(size: int, waits: list[float]) -> None:
         metrics.batch_size.observe(size)
@@ -103,7 +94,7 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
         for name, stack in stacks.items():
             if id(stack.backend) not in by_backend:
                 by_backend[id(stack.backend)] = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, executor,
-                                                             on_batch)  # fmt: skip
+                                                             on_batch, cancel=stopping)  # fmt: skip
                 by_backend[id(stack.backend)].start()
             batchers[name] = by_backend[id(stack.backend)]
         yield
@@ -113,6 +104,23 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
 
     app = FastAPI(title="slmstack", version="1", lifespan=lifespan)
     app.state.batchers = batchers
+    app.state.stop = stopping.set  # the server calls it when it is told to stop
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own 404/405 in OpenAI's shape, like every other error
+        messages = {404: f"No such endpoint: {request.method} {request.url.path[:100]}",
+                    405: f"Method {request.method} is not allowed on {request.url.path[:100]}"}  # fmt: skip
+        err = ApiError(exc.status_code, messages.get(exc.status_code, str(exc.detail)[:200]),
+                       code="not_found" if exc.status_code == 404 else None)  # fmt: skip
+        return error_response(err, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(ApiError(400, "The request is not valid"), request.url.path)
 
     def error_response(err: ApiError, endpoint: str) -> JSONResponse:
         metrics.requests.labels(endpoint, str(err.status)).inc()
@@ -131,6 +139,9 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
             return await call_next(request)
         except ApiError as err:
             return error_response(err, path)
+        except GenerationCancelled:
+            return error_response(ApiError(503, "The server is shutting down; retry on another server", "server_error",
+                                           code="shutting_down"), path)  # fmt: skip
         except BackendError:
             logger.exception("the generation backend failed on %s", path)
             return error_response(ApiError(502, "The generation backend failed; see the server log", "server_error"),
@@ -152,26 +163,21 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "Request body is not valid JSON") from None
+        except RecursionError:
+            raise ApiError(400, "Request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "Request body must be a JSON object")
+        try:  # a lone surrogate ("\ud800") is valid JSON but not text: refuse it here, not in the tokenizer
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "Request body holds a string that is not valid Unicode (a lone surrogate)") from None
         return body
 
-    def stack_for(body: dict[str, Any]) -> tuple[str, Stack]:
-        name = body.get("model")
-        if not isinstance(name, str):
-            raise ApiError(400, "Missing required field 'model'", param="model")
+    def stack_for(name: str) -> tuple[str, Stack]:
         if name not in stacks:
             raise ApiError(404, f"The model '{name[:100]}' does not exist; GET /v1/models lists them",
                            param="model", code="model_not_found")  # fmt: skip
         return name, stacks[name]
-
-    def max_tokens(body: dict[str, Any]) -> int | None:
-        value = body.get("max_completion_tokens", body.get("max_tokens"))
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= settings.max_tokens:
-            raise ApiError(400, f"max_tokens must be an integer from 1 to {settings.max_tokens}", param="max_tokens")
-        return value
 
     def check_prompt(stack: Stack, text: str) -> None:
         if not text.strip():
@@ -185,8 +191,9 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
         metrics.requests.labels(endpoint, "200").inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
-    async def answer(name: str, text: str, tokens: int | None, request: Request) -> StackResult:
-        pending = await batchers[name].submit(stacks[name], text, tokens)
+    async def answer(req: CompletionRequest, request: Request) -> StackResult:
+        pending = await batchers[req.model].submit(stacks[req.model], req.text, req.max_tokens,
+                                                   overrides=req.overrides)  # fmt: skip
         waiter = asyncio.ensure_future(pending.future)
         while not waiter.done():
             done, _ = await asyncio.wait({waiter}, timeout=0.25)
@@ -223,15 +230,12 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         start = time.perf_counter()
-        body = await read_json(request)
-        name, stack = stack_for(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "Missing required field 'prompt' (a string)", param="prompt")
-        check_prompt(stack, prompt)
-        result = await answer(name, prompt, max_tokens(body), request)
+        req = parse_completion(await read_json(request), settings.max_tokens)
+        name, stack = stack_for(req.model)
+        if req.stream:
+            raise ApiError(400, "'stream' is supported on /v1/chat/completions only", param="stream")
+        check_prompt(stack, req.text)
+        result = await answer(req, request)
         served("/v1/completions", start)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "text": result.answer, "finish_reason": "stop",
@@ -241,26 +245,18 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         start = time.perf_counter()
-        body = await read_json(request)
-        name, stack = stack_for(body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "Missing required field 'messages' (a non-empty list)", param="messages")
-        users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        if not users or not isinstance(users[-1], str):
-            raise ApiError(400, "messages needs a user message with string content", param="messages")
-        text = users[-1]
-        check_prompt(stack, text)
-        tokens = max_tokens(body)
+        req = parse_chat(await read_json(request), settings.max_tokens)
+        name, stack = stack_for(req.model)
+        check_prompt(stack, req.text)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        if not body.get("stream"):
-            result = await answer(name, text, tokens, request)
+        if not req.stream:
+            result = await answer(req, request)
             served("/v1/chat/completions", start)
             return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
                                  "finish_reason": "stop"}],
                     "usage": _usage(result), "slmstack_trace": _trace(result)}  # fmt: skip
-        pending = await batchers[name].submit(stack, text, tokens, stream=True)
+        pending = await batchers[name].submit(stack, req.text, req.max_tokens, stream=True, overrides=req.overrides)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
             data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -285,6 +281,8 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
             except asyncio.CancelledError:
                 pending.future.cancel()  # the client left: free the slot if its batch has not started
                 raise
+            except GenerationCancelled:
+                yield f"data: {json.dumps(ApiError(503, 'The server is shutting down', 'server_error').body())}\n\n"
             except Exception:  # noqa: BLE001
                 logger.exception("stream failed")
                 yield f"data: {json.dumps(ApiError(500, 'Internal server error', 'server_error').body())}\n\n"

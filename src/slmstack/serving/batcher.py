@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ class Pending:
     max_tokens: int | None
     future: asyncio.Future
     stream: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # the request's sampling fields
     # a StageTrace per finished stage and, when streaming, str pieces of the final stage's text; then None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued_at: float = field(default_factory=time.perf_counter)
@@ -44,9 +46,11 @@ class MicroBatcher:
     """Collects requests for the stacks on one backend and runs them through their stages in batches."""
 
     def __init__(self, max_batch_size: int, max_wait_ms: float, executor: ThreadPoolExecutor,
-                 on_batch: Callable[[int, list[float]], None] | None = None) -> None:  # fmt: skip
+                 on_batch: Callable[[int, list[float]], None] | None = None,
+                 cancel: threading.Event | None = None) -> None:  # fmt: skip
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.executor, self.on_batch = executor, on_batch
+        self.cancel = cancel or threading.Event()  # set: generation in flight stops at its next token
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.batches = 0
@@ -60,9 +64,11 @@ class MicroBatcher:
         if self.task:
             self.task.cancel()
 
-    async def submit(self, stack: Stack, text: str, max_tokens: int | None, stream: bool = False) -> Pending:
+    async def submit(self, stack: Stack, text: str, max_tokens: int | None, stream: bool = False,
+                     overrides: dict[str, Any] | None = None) -> Pending:  # fmt: skip
         """Queue one request; await ``pending.future`` for its :class:`StackResult`."""
-        pending = Pending(stack, text, max_tokens, asyncio.get_running_loop().create_future(), stream)
+        pending = Pending(stack, text, max_tokens, asyncio.get_running_loop().create_future(), stream,
+                          dict(overrides or {}))  # fmt: skip
         await self.queue.put(pending)
         return pending
 
@@ -121,12 +127,15 @@ class MicroBatcher:
                 p = batch[r]
                 stages = p.stack.config.stages
                 last = depth == len(stages) - 1
-                calls.append(StageCall(p.stack, stages[depth], values[r], results[r], p.max_tokens if last else None))
+                overrides = dict(p.overrides) if last or p.stack.config.request_sampling == "all" else {}
+                if last and p.max_tokens is not None:
+                    overrides["max_new_tokens"] = p.max_tokens
+                calls.append(StageCall(p.stack, stages[depth], values[r], results[r], overrides))
                 if last and p.stream:
                     streamed[len(calls) - 1] = r
             if not calls:
                 break
-            run_stage_calls(calls, _forward(streamed, report) if streamed else None)
+            run_stage_calls(calls, _forward(streamed, report) if streamed else None, cancel=self.cancel)
             for r in rows:
                 report(r, results[r].trace[-1])
         return results

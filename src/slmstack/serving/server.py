@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
+import socket
 from typing import Any
 
 from slmstack.errors import ConfigError
@@ -11,7 +13,7 @@ from slmstack.serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_stacks", "require_serve", "serve"]
+__all__ = ["bind_socket", "load_stacks", "require_serve", "serve"]
 
 
 def require_serve() -> None:
@@ -27,8 +29,16 @@ def load_stacks(stack_files: list[str], models: list[str], dtype: str | None = N
     With neither, the packaged default stack. Names must be unique. Stacks on the same base model share
     one loaded copy (and their rows share forward passes). ``dtype`` overrides every stack's own.
     """
-    from slmstack.stack.config import GenerationSettings, StackConfig, StageConfig, load_stack_config
     from slmstack.stack.runtime import Stack
+
+    configs = stack_configs(stack_files, models, dtype)
+    return {c.name: s for c, s in zip(configs, Stack.sharing_bases(configs), strict=True)}
+
+
+def stack_configs(stack_files: list[str], models: list[str], dtype: str | None = None) -> list[Any]:
+    """The validated configs :func:`load_stacks` would load (nothing is loaded)."""
+    from slmstack.models import pick_device, pick_dtype
+    from slmstack.stack.config import GenerationSettings, StackConfig, StageConfig, load_stack_config
 
     configs = [load_stack_config(f) for f in stack_files]
     for item in models:
@@ -45,14 +55,56 @@ def load_stacks(stack_files: list[str], models: list[str], dtype: str | None = N
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ConfigError(f"two served models are named {duplicated[0]!r}; rename one stack (its name field)")
-    return {c.name: s for c, s in zip(configs, Stack.sharing_bases(configs), strict=True)}
+    for config in configs:
+        if config.backend is None:
+            pick_dtype(config.dtype, pick_device(config.device))
+    return configs
 
 
-def serve(stacks: dict[str, Any], settings: ServeSettings) -> None:
-    """Serve until interrupted."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, taken before any model is loaded so that a bad address fails at once.
+
+    Raises:
+        ConfigError: naming ``--host`` (not an address of this machine) or ``--port`` (in use, or not allowed).
+    """
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise ConfigError(f"--host {host!r} is not a valid address ({getattr(exc, 'strerror', None) or exc}); "
+                          "use e.g. 127.0.0.1 or 0.0.0.0") from None  # fmt: skip
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--port {port} is already in use on {host}; pick another port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"--host {host} is not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+        raise ConfigError(f"--port {port} on --host {host}: cannot listen there ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(stacks: dict[str, Any], settings: ServeSettings, sock: socket.socket | None = None) -> None:
+    """Serve until SIGTERM or SIGINT.
+
+    On either signal the server stops accepting connections, cancels the generation in flight (its clients
+    get a 503), and exits: within a few seconds, since decoding stops at its next token.
+    """
     import uvicorn
 
     from slmstack.serving.app import build_app
 
+    app = build_app(stacks, settings)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.stop()
+            super().handle_exit(sig, frame)
+
+    sock = sock or bind_socket(settings.host, settings.port)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
     logger.info("serving %s on http://%s:%d", ", ".join(stacks), settings.host, settings.port)
-    uvicorn.run(build_app(stacks, settings), host=settings.host, port=settings.port, log_level="warning")
+    _Server(config).run(sockets=[sock])

@@ -30,3 +30,8 @@ class ServeSettings:
             raise ConfigError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if not self.host.strip():
+            raise ConfigError("--host is empty; use e.g. 127.0.0.1")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty (from --api-key or SLMSTACK_API_KEY), which would leave the API "
+                              "open; give a real key, or leave both unset to serve without one")  # fmt: skip

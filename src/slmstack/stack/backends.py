@@ -59,15 +59,15 @@ class LocalBackend:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def generate(self, rows: list[Row], settings: Any, chat: bool, max_input_tokens: int | None,
-                 on_overflow: str, on_text: OnText | None = None) -> list[Generated]:  # fmt: skip
-        """Generate every row in one batch."""
+                 on_overflow: str, on_text: OnText | None = None, cancel: Any = None) -> list[Generated]:  # fmt: skip
+        """Generate every row in one batch (``cancel``, a ``threading.Event``, stops it at the next token)."""
         if self._convert:
             use_float16_weights(self.model)
             self._convert = False
         return generate_batch(
             self.model, self.tokenizer, [self.model_input(r.role, r.prompt, chat) for r in rows], settings,
             adapter_names=[r.adapter for r in rows], max_input_tokens=max_input_tokens, on_overflow=on_overflow,
-            chat=chat, on_text=on_text,
+            chat=chat, on_text=on_text, cancel=cancel,
         )  # fmt: skip
 
 
@@ -100,7 +100,7 @@ class OpenAIBackend:
         return self.config.base_model if adapter == BASE_ADAPTER else self.config.models.get(adapter, adapter)
 
     def generate(self, rows: list[Row], settings: Any, chat: bool, max_input_tokens: int | None,
-                 on_overflow: str, on_text: OnText | None = None) -> list[Generated]:  # fmt: skip
+                 on_overflow: str, on_text: OnText | None = None, cancel: Any = None) -> list[Generated]:  # fmt: skip
         """Send every row (concurrently) and wait for all (the remote engine applies its own input limit)."""
         workers = min(len(rows), self.config.max_concurrency)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slmstack-backend") as pool:

@@ -28,11 +28,11 @@ def read_inputs(path: Path, field: str | None = None) -> list[tuple[int, str, di
         InputError: naming the file and line of malformed JSON, a missing field or an empty input.
     """
     path = Path(path)
-    if path.suffix == ".txt":
-        lines = read_text(path, "input file").splitlines()
-        return [(n, line.strip(), {}) for n, line in enumerate(lines, start=1) if line.strip()]
     items = []
-    for number, record in iter_jsonl(path):
+    if path.suffix == ".txt":
+        lines = read_text(path, "input file").split("\n")
+        items = [(n, line.strip(), {}) for n, line in enumerate(lines, start=1) if line.strip()]
+    for number, record in iter_jsonl(path) if path.suffix != ".txt" else ():
         key = field or next((k for k in _FIELDS if k in record), None)
         if key is None or key not in record:
             want = repr(field) if field else "one of " + ", ".join(_FIELDS)
@@ -42,7 +42,7 @@ def read_inputs(path: Path, field: str | None = None) -> list[tuple[int, str, di
             raise InputError(f"{path}:{number}: field {key!r} is empty or not text")
         items.append((number, text, record))
     if not items:
-        raise InputError(f"{path}: no inputs found")
+        raise InputError(f"{path}: no inputs found (the file is empty or blank). Give at least one input.")
     return items
 
 

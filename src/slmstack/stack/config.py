@@ -7,6 +7,7 @@ later stages are rejected when the file is loaded, not when it runs.
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,7 +16,7 @@ from typing import Literal
 
 import yaml
 
-from slmstack.config import apply_overrides, build_dataclass, dataclass_to_dict, load_yaml
+from slmstack.config import apply_overrides, build_dataclass, check_range, dataclass_to_dict, load_yaml
 from slmstack.errors import ConfigError
 from slmstack.io import atomic_write_text
 
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 INPUT_FIELD = "input"
+MIN_TEMPERATURE = 1e-4  # below it logits / temperature overflows; greedy decoding is what is meant
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float16-weights")
 
 
 @dataclass(kw_only=True)
@@ -48,10 +51,15 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}; use do_sample: false for greedy")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.temperature >= MIN_TEMPERATURE:
+            raise ConfigError(f"temperature must be >= {MIN_TEMPERATURE}, got {self.temperature}; "
+                              "use do_sample: false for greedy")  # fmt: skip
+        check_range(self, "top_p", 0, 1, low_open=True)
+        check_range(self, "top_k", 0)
+        check_range(self, "repetition_penalty", 0, low_open=True)
+        check_range(self, "seed", 0, 2**63 - 1)
+        if any(not s for s in self.stop):
+            raise ConfigError("stop: every stop string must be non-empty")
 
 
 @dataclass(kw_only=True)
@@ -77,8 +85,8 @@ class BackendConfig:
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"backend.url: {self.url!r} is not an http(s) URL; e.g. http://127.0.0.1:8001/v1")
-        if self.timeout_s <= 0 or self.max_concurrency < 1:
-            raise ConfigError("backend.timeout_s must be > 0 and backend.max_concurrency >= 1")
+        check_range(self, "timeout_s", 0, low_open=True, prefix="backend.")
+        check_range(self, "max_concurrency", 1, prefix="backend.")
 
 
 @dataclass(kw_only=True)
@@ -115,6 +123,10 @@ class StackConfig:
     batch_size: int = 8
     max_input_tokens: int | None = field(default=None, metadata={"help": "default: context window - max_new"})
     on_overflow: Literal["truncate", "error"] = "truncate"
+    request_sampling: Literal["final", "all"] = field(
+        default="final", metadata={"help": "serving: a request's temperature/top_p/seed/stop apply to the final "
+                                           "stage only, or to every stage"}
+    )  # fmt: skip
     stages: list[StageConfig] = field(default_factory=list)
     backend: BackendConfig | None = field(default=None, metadata={"help": "remote engine; none: run in process"})
     source: Path | None = field(default=None, init=False, repr=False, compare=False)
@@ -124,6 +136,11 @@ class StackConfig:
             raise ConfigError("stages: a stack needs at least one stage")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_range(self, "max_input_tokens", 1)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported. Use one of {', '.join(DTYPES)}.")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
         _check_templates(self.stages)
         if self.backend is not None:
             unknown = sorted(set(self.backend.models) - {s.name for s in self.stages})

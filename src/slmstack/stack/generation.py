@@ -15,15 +15,20 @@ from typing import Any
 
 import torch
 
-from slmstack.errors import InputError
+from slmstack.errors import InputError, SlmstackError
 from slmstack.stack.config import GenerationSettings
 from slmstack.stack.fused_lora import fused_lora
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASE_ADAPTER", "Generated", "RowStreamer", "format_prompt", "generate_batch", "prompt_token_limit"]
+__all__ = ["BASE_ADAPTER", "GenerationCancelled", "Generated", "RowStreamer", "format_prompt", "generate_batch",
+           "prompt_token_limit"]  # fmt: skip
 
 BASE_ADAPTER = "__base__"
+
+
+class GenerationCancelled(SlmstackError):
+    """Generation was stopped from outside (the server is shutting down, or the caller cancelled)."""
 
 
 @dataclass
@@ -163,8 +168,6 @@ def _generation_config(settings: GenerationSettings, pad_id: int, eos_ids: list[
     }
     if settings.do_sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
-    if settings.stop:
-        kwargs["stop_strings"] = list(settings.stop)
     return GenerationConfig(**kwargs)
 
 
@@ -178,6 +181,7 @@ def generate_batch(
     on_overflow: str = "truncate",
     chat: bool = True,
     on_text: Any = None,
+    cancel: Any = None,
 ) -> list[Generated]:
     """Generate a continuation for every text in one left-padded batch.
 
@@ -191,6 +195,8 @@ def generate_batch(
         on_overflow: ``truncate`` (keep the last tokens, with a warning) or ``error``.
         chat: the texts came from a chat template (so the tokenizer adds no special tokens).
         on_text: ``on_text(row, delta)`` streams each row's text as it is decoded (see :class:`RowStreamer`).
+        cancel: a ``threading.Event``; once set, decoding stops at the next token and
+            :class:`GenerationCancelled` is raised.
 
     Returns:
         One :class:`Generated` per text, in order.
@@ -210,8 +216,6 @@ def generate_batch(
             extra["adapter_names"] = list(adapter_names)
     elif adapter_names is not None and any(name != BASE_ADAPTER for name in adapter_names):
         raise ValueError(f"adapters {sorted(set(adapter_names))} requested, but the model has no adapters loaded")
-    if settings.stop:
-        extra["tokenizer"] = tokenizer
     streamer = None
     if on_text is not None:
         streamer = RowStreamer(tokenizer, len(rows), eos_ids, settings.stop, on_text)
@@ -219,8 +223,13 @@ def generate_batch(
     if settings.do_sample:
         torch.manual_seed(settings.seed)
     config = _generation_config(settings, pad_id, eos_ids)
+    criteria = _stopping_criteria(tokenizer, batch["input_ids"].shape[1], settings.stop, cancel)
+    if criteria:
+        extra["stopping_criteria"] = criteria
     with torch.inference_mode(), _only_adapter(model, single), fused_lora(model):
         out = model.generate(**batch, generation_config=config, **extra)
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("generation was cancelled")
     new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()  # (B, new)
     results = [
         _finish(tokenizer, ids, len(row), cut, eos_ids, settings.stop)
@@ -230,6 +239,31 @@ def generate_batch(
         for i, r in enumerate(results):
             streamer.flush(i, r.text)
     return results
+
+
+def _stopping_criteria(tokenizer: Any, width: int, stop: list[str], cancel: Any) -> list[Any]:
+    """Stop a row once its text holds a stop string, and every row once ``cancel`` is set.
+
+    transformers' own ``stop_strings`` maps each string onto the vocabulary first and raises on characters
+    the vocabulary lacks; matching the decoded text works for any string.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stops = [s for s in stop if s]
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if cancel is not None and cancel.is_set():
+                return done.fill_(True)
+            if stops:
+                tail = max(len(s) for s in stops) + 4  # tokens enough to hold any stop string
+                texts = tokenizer.batch_decode(input_ids[:, max(width, input_ids.shape[1] - tail) :],
+                                               skip_special_tokens=True)  # fmt: skip
+                done |= torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
+            return done
+
+    return StoppingCriteriaList([_Stop()]) if stops or cancel is not None else []
 
 
 @contextmanager

@@ -8,6 +8,7 @@ each stage together, and every stage's text is kept in the trace.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +23,7 @@ from slmstack.models import LoadedModel, load_model
 from slmstack.stack.adapters import attach_adapters
 from slmstack.stack.backends import LocalBackend, Row, make_backend
 from slmstack.stack.config import INPUT_FIELD, StackConfig, StageConfig, load_stack_config
-from slmstack.stack.generation import BASE_ADAPTER
+from slmstack.stack.generation import BASE_ADAPTER, GenerationCancelled
 
 logger = logging.getLogger(__name__)
 
@@ -198,28 +199,29 @@ class Stack:
 class StageCall:
     """One row's next stage: its stack, the stage, the row's template values and its result so far.
 
-    ``max_new_tokens`` overrides the stage's budget (serving's ``max_tokens`` on the last stage).
+    ``overrides`` replaces fields of the stage's :class:`GenerationSettings` for this row (serving's per-request
+    ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop``).
     """
 
     stack: Stack
     stage: StageConfig
     values: dict[str, str]
     result: StackResult
-    max_new_tokens: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] | None = None) -> None:
+def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] | None = None,
+                    cancel: threading.Event | None = None) -> None:  # fmt: skip
     """Run one stage for each call; calls may come from different stacks.
 
     Calls on the same backend (for in-process stacks: the same loaded base) with the same decoding
     settings run as one batch, each row under its own adapter. Appends each row's output to its
-    ``values`` and trace. ``on_text(call_index, delta)`` streams the text as it is decoded.
+    ``values`` and trace. ``on_text(call_index, delta)`` streams the text as it is decoded. Setting ``cancel``
+    stops generation at the next token with :class:`GenerationCancelled`.
     """
     groups: list[tuple[Any, tuple, list[int]]] = []
     for i, call in enumerate(calls):
-        settings = call.stage.generation
-        if call.max_new_tokens is not None:
-            settings = replace(settings, max_new_tokens=call.max_new_tokens)
+        settings = replace(call.stage.generation, **call.overrides) if call.overrides else call.stage.generation
         cfg = call.stack.config
         key = (call.stack._chat, settings, cfg.max_input_tokens, cfg.on_overflow)
         group = next((g for g in groups if g[0] is call.stack.backend and g[1] == key), None)
@@ -231,7 +233,9 @@ def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] 
                     calls[i].stack.adapter_for(calls[i].stage.name)) for i in members]  # fmt: skip
         stream = None if on_text is None else (lambda row, delta, m=members: on_text(m[row], delta))
         start = time.perf_counter()
-        outs = backend.generate(rows, settings, chat, max_input, overflow, stream)
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("generation was cancelled")
+        outs = backend.generate(rows, settings, chat, max_input, overflow, stream, cancel)
         seconds = time.perf_counter() - start
         logger.debug("%d rows of %d stages in %.2fs", len(rows), len({calls[i].stage.name for i in members}), seconds)
         for i, row, out in zip(members, rows, outs, strict=True):

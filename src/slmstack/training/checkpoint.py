@@ -1,7 +1,8 @@
 """Crash-safe training checkpoints in safetensors (never pickle).
 
 A checkpoint is a directory ``step-NNNNNN`` holding the adapter weights, the optimizer tensors, the
-torch RNG state and a JSON of the rest. It is written under a temp name and renamed into place; only
+torch RNG states (the CPU generator and every CUDA device's: dropout on a GPU draws from the CUDA one)
+and a JSON of the rest. It is written under a temp name and renamed into place; only
 then does the ``latest`` pointer file move to it (atomically). A kill or a full disk at any moment
 leaves ``latest`` pointing at a complete checkpoint.
 """
@@ -19,9 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from slmstack.io import atomic_write_text, guard_read
+from slmstack.errors import InputError
+from slmstack.io import atomic_write_text, guard_read, read_json, read_text
 
-__all__ = ["Checkpoint", "load_latest", "save_checkpoint"]
+__all__ = ["Checkpoint", "load_latest", "restore_rng", "rng_state", "save_checkpoint"]
 
 LATEST = "latest"
 
@@ -34,8 +36,36 @@ class Checkpoint:
     adapter: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    rng: torch.Tensor
+    rng: dict[str, torch.Tensor]
     extra: dict[str, Any]
+
+
+_CPU_RNG = "__rng__"
+_CUDA_RNG = "__rng_cuda{}__"
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The torch generators a training step draws from: the CPU one, and each CUDA device's once CUDA is in use."""
+    state = {_CPU_RNG: torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state.update({_CUDA_RNG.format(i): torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())})
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    """Put the generators back as :func:`rng_state` found them, so a resumed run draws the same dropout masks.
+
+    Raises:
+        InputError: the checkpoint holds CUDA generator states but this machine has fewer CUDA devices.
+    """
+    torch.set_rng_state(state[_CPU_RNG])
+    cuda = sorted(k for k in state if k != _CPU_RNG)
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(cuda) > devices:
+        raise InputError(f"the checkpoint was written on {len(cuda)} CUDA device(s) and this machine has {devices}; "
+                         "resume it where it started, or start over (--overwrite) to train here")  # fmt: skip
+    for i in range(len(cuda)):
+        torch.cuda.set_rng_state(state[_CUDA_RNG.format(i)], i)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -67,7 +97,7 @@ def save_checkpoint(
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
         opt_tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
-        opt_tensors["__rng__"] = torch.get_rng_state()
+        opt_tensors.update(rng_state())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         meta = {"step": step, "optimizer": opt_rest, "scheduler": scheduler.state_dict(), "extra": extra}
         (tmp / "state.json").write_text(json.dumps(meta))
@@ -92,11 +122,15 @@ def load_latest(root: Path) -> Checkpoint | None:
     if not pointer.is_file():
         return None
     fix = "The checkpoint is damaged: rerun without --resume (or with --overwrite) to start over."
-    with guard_read(pointer, "checkpoint", fix):
-        path = root / pointer.read_text().strip()
-        meta = json.loads((path / "state.json").read_text())
+    name = read_text(pointer, "checkpoint pointer", fix).strip()
+    path = root / name
+    if not name.startswith("step-") or "/" in name or not path.is_dir():
+        raise InputError(f"{pointer}: points at {name[:60]!r}, which is not a checkpoint here. {fix}")
+    meta = read_json(path / "state.json", "checkpoint state", fix,
+                     expect={"step": int, "optimizer": dict, "scheduler": dict, "extra": dict})  # fmt: skip
+    with guard_read(path, "checkpoint", fix):
         tensors = load_file(str(path / "optimizer.safetensors"))
-        rng = tensors.pop("__rng__")
+        rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("__rng")]}
         return Checkpoint(
             step=meta["step"], adapter=load_file(str(path / "adapter.safetensors")),
             optimizer=_unflatten_optimizer(tensors, meta["optimizer"]), scheduler=meta["scheduler"], rng=rng,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slmstack.errors import InputError
-from slmstack.io import check_input_file, read_text
+from slmstack.io import check_input_file, read_json, read_text
 from slmstack.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -69,21 +69,19 @@ def _records(path: Path, skip_bad: bool, skipped: list[str]) -> list[tuple[str, 
     """(location, record) pairs from a .json array or a .jsonl file."""
     text = read_text(path, "data file")
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        data = read_json(path, "data file", expect=list)
         return [(f"{path} record {i}", rec) for i, rec in enumerate(data)]
     out = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # "\n" only: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
             out.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
             if not skip_bad:
                 raise InputError(
-                    f"{path}:{number}: not valid JSON ({exc.msg}). Fix the line or pass --skip-bad."
+                    f"{path}:{number}: not valid JSON ({msg}). Fix the line or pass --skip-bad."
                 ) from None
             skipped.append(f"{path}:{number}: not valid JSON")
     return out

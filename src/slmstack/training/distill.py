@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 
 from slmstack.config import dataclass_to_dict
 from slmstack.errors import ConfigError
-from slmstack.io import atomic_write_json, atomic_write_text, check_output_dir, read_done_jsonl, read_json
+from slmstack.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    jsonl_lines,
+    read_done_jsonl,
+    read_json,
+    read_text,
+)
 from slmstack.stack.config import INPUT_FIELD, StackConfig, save_stack_config
 from slmstack.training.data import Example
 from slmstack.training.teachers import Teacher, TeacherReply
@@ -236,7 +244,7 @@ def distill(
 
 
 def _materialize(stack: StackConfig, teacher: str, out: Path, resumed: int) -> DistillReport:
-    rows = [json.loads(line) for line in (out / JOURNAL).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in jsonl_lines(read_text(out / JOURNAL, "distillation journal"))]
     kept = [r for r in rows if r["ok"]]
     dropped = Counter(f"{r['reason']}@{r['stage']}" for r in rows if not r["ok"])
     per_stage = {}

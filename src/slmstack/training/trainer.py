@@ -22,17 +22,25 @@ import torch
 from tqdm.auto import tqdm
 
 from slmstack.arch import get_arch
-from slmstack.config import dataclass_to_dict, require_at_least_one
-from slmstack.errors import ConfigError
-from slmstack.io import atomic_write_json, atomic_write_text, check_output_dir, read_json
+from slmstack.config import check_range, check_target_modules_given, dataclass_to_dict, require_at_least_one
+from slmstack.errors import ConfigError, SlmstackError
+from slmstack.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    guard_read,
+    jsonl_lines,
+    read_json,
+    read_text,
+)
 from slmstack.models import load_model, resolve_precision
 from slmstack.stack.config import StackConfig, StageConfig, save_stack_config
-from slmstack.training.checkpoint import load_latest, save_checkpoint
+from slmstack.training.checkpoint import load_latest, restore_rng, save_checkpoint
 from slmstack.training.train_data import collate, load_stage_records, make_batches, tokenize_example
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "eval_loss", "train_lora_steps", "train_stack"]
+__all__ = ["TrainConfig", "TrainingDivergedError", "eval_loss", "train_lora_steps", "train_stack"]
 
 RUN_FILE = "run.json"
 
@@ -77,6 +85,25 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise ConfigError("warmup_steps and eval_every must be >= 0")
+        check_range(self, "seed", 0)
+        check_target_modules_given(self.target_modules)
+
+
+def check_target_modules(model: Any, targets: list[str] | None, label: str = "target_modules") -> None:
+    """Every name in ``targets`` must be the last part of some module of ``model`` (what peft matches on).
+
+    Raises:
+        ConfigError: naming the field, the missing names, and the names that exist.
+    """
+    if targets is None:
+        return
+    from torch import nn
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ConfigError(f"{label}: {', '.join(map(repr, missing))} is not a linear layer of this model; "
+                          f"it has {', '.join(sorted(names))}")  # fmt: skip
 
 
 def _sha_files(paths: list[Path]) -> str:
@@ -196,14 +223,43 @@ def train_lora_steps(
             order = {epoch: make_batches(lengths, batch_size, seed, epoch)}
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[epoch][pos]], pad_id).items()}
         loss, _ = _masked_loss(model, batch, precision)
+        check_finite(loss, "local training", step + 1, precision)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        check_finite(
+            torch.nn.utils.clip_grad_norm_(params, 1.0), "local training", step + 1, precision, what="gradient"
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         tokens += int(batch["attention_mask"].sum())
     model.eval()
     return {"loss": sum(losses) / len(losses), "tokens": tokens, "seconds": time.perf_counter() - start}
+
+
+class TrainingDivergedError(SlmstackError):
+    """The loss (or the gradient) stopped being a finite number; the run stops before it corrupts the weights."""
+
+
+def check_finite(value: torch.Tensor, where: str, step: int, precision: str, stage_dir: Path | None = None,
+                 what: str = "loss") -> None:  # fmt: skip
+    """Raise :class:`TrainingDivergedError` naming the step and the likely cause when ``value`` is NaN or inf."""
+    if bool(torch.isfinite(value.detach()).all()):
+        return
+    kept = _checkpoint_step(stage_dir) if stage_dir is not None else None
+    cause = ("bf16 overflow (set precision: fp32), or " if precision == "bf16" else "") + (
+        "too high a learning rate (lower lr), or a bad data row"
+    )
+    kept_text = (f" The last good checkpoint (step {kept}) is kept; fix the cause and rerun with --resume."
+                 if kept else " No checkpoint was written yet.")  # fmt: skip
+    raise TrainingDivergedError(f"{where}: the {what} became {float(value.detach().float().sum())} at step {step}; "
+                                f"training stopped. Likely cause: {cause}.{kept_text}")  # fmt: skip
+
+
+def _checkpoint_step(stage_dir: Path) -> int | None:
+    """The step of the latest complete checkpoint of a stage, if any."""
+    pointer = stage_dir / "checkpoints" / "latest"
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    return int(name.split("-")[1]) if name.startswith("step-") and name.split("-")[1].isdigit() else None
 
 
 class _StageTrainer:
@@ -251,7 +307,7 @@ class _StageTrainer:
             set_peft_model_state_dict(peft, ckpt.adapter)
             optimizer.load_state_dict(ckpt.optimizer)
             scheduler.load_state_dict(ckpt.scheduler)
-            torch.set_rng_state(ckpt.rng)
+            restore_rng(ckpt.rng)
             start, tokens, elapsed = ckpt.step, ckpt.extra["tokens"], ckpt.extra["seconds"]
             logger.info("stage %s: resuming at step %d of %d", self.stage.name, start, total)
         metrics = _Metrics(stage_dir, start)
@@ -270,10 +326,12 @@ class _StageTrainer:
                 rows = [train[i] for i in epoch_cache[epoch][pos]]
                 batch = {k: v.to(self.device) for k, v in collate(rows, self.tok.pad_token_id).items()}
                 loss, _ = _masked_loss(peft, batch, self.precision)
+                check_finite(loss, f"stage {self.stage.name!r}", step + 1, self.precision, stage_dir)
                 (loss / cfg.grad_accum).backward()
                 step_loss += float(loss.detach()) / cfg.grad_accum
                 tokens += int(batch["attention_mask"].sum())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            check_finite(norm, f"stage {self.stage.name!r}", step + 1, self.precision, stage_dir, "gradient")
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
@@ -313,8 +371,10 @@ class _Metrics:
         self.path = stage_dir / "metrics.jsonl"
         self.rows = []
         if self.path.is_file() and start:
-            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= start
-                         and not r.get("final")]  # fmt: skip
+            fix = "The metrics log is damaged: rerun with --overwrite to start over."
+            with guard_read(self.path, "training metrics log", fix):
+                rows = [json.loads(line) for line in jsonl_lines(read_text(self.path, "training metrics log"))]
+                self.rows = [r for r in rows if r["step"] <= start and not r.get("final")]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.writer = _tensorboard(stage_dir / "tensorboard")
 
@@ -398,8 +458,10 @@ def train_stack(
            "train": {k: v for k, v in dataclass_to_dict(cfg).items() if k != "skip_bad"}}  # fmt: skip
     for f in files:
         load_stage_records(f, skip_bad=cfg.skip_bad)  # fail on bad data before loading the model
-    _claim_out_dir(out, run, resume, overwrite)
+    check_output_dir(out, "training output (--out)")
     loaded = load_model(stack.model, device=stack.device, dtype="float32" if stack.dtype == "auto" else stack.dtype)
+    check_target_modules(loaded.model, cfg.target_modules, "train.target_modules")
+    _claim_out_dir(out, run, resume, overwrite)
     chat = stack.chat_template and bool(getattr(loaded.tokenizer, "chat_template", None))
     model = loaded.model
     summaries = []
@@ -407,7 +469,9 @@ def train_stack(
         done = out / stage.name / "done.json"
         if done.is_file() and (out / stage.name / "adapter" / "adapter_model.safetensors").is_file():
             logger.info("stage %s: already trained, skipping", stage.name)
-            summaries.append(json.loads(done.read_text()))
+            summaries.append(
+                read_json(done, "stage summary", "Delete it to retrain the stage.", expect={"stage": str})
+            )
             continue
         trainer = _StageTrainer(model, loaded.tokenizer, stage, replace(cfg, seed=cfg.seed + i), out, chat)
         summaries.append(trainer.run(data_dir, resume, on_step))

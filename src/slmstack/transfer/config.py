@@ -131,6 +131,8 @@ class TransferConfig:
             raise ConfigError("splits: names must be unique")
         if not self.seeds or not self.instructions:
             raise ConfigError("seeds and instructions need at least one value each")
+        if any(s < 0 for s in self.seeds):
+            raise ConfigError(f"seeds: every seed must be >= 0, got {self.seeds}")
         if any(k < 1 for k in self.few_shot):
             raise ConfigError(f"few_shot: every k must be >= 1, got {self.few_shot}")
 
@@ -142,7 +144,7 @@ class TransferConfig:
 
 def load_transfer_config(path: str | Path, overrides: list[str] | None = None) -> TransferConfig:
     """Read and validate a transfer YAML (strict: unknown fields are errors naming the file)."""
-    data = apply_overrides(load_yaml(path), overrides or [])
+    data = apply_overrides(load_yaml(path, optional=False), overrides or [])
     config = build_dataclass(TransferConfig, data, source=path)
     config.source = Path(path).resolve()
     return config

@@ -62,6 +62,12 @@ def _pairs(tasks: list[Task], instructions: bool, per_task: int, rng: random.Ran
     return pairs
 
 
+def read_cell(path: Path) -> dict[str, Any]:
+    """A finished cell's result, checked to be one (a damaged file names itself and the fix)."""
+    fix = "Delete it to rerun the cell."
+    return read_json(path, "transfer cell result", fix, expect={"cell": dict, "scores": dict, "seconds": (int, float)})
+
+
 class Grid:
     """The cells of a :class:`TransferConfig` over its splits, with the checkpoints they need."""
 
@@ -138,12 +144,12 @@ class Grid:
         """Evaluate one cell (training what it needs); cached results are returned as they are."""
         path = self.cell_path(cell)
         if path.is_file():
-            return read_json(path, "transfer cell result")
+            return read_cell(path)
         if cell.mode == "off_the_shelf" and not cell.k:  # no training: every seed scores the same
             twin = next((c for c in self.cells if c.mode == cell.mode and not c.k and c.split == cell.split
                          and c.instructions == cell.instructions and self.cell_path(c).is_file()), None)  # fmt: skip
             if twin is not None:
-                result = {**read_json(self.cell_path(twin), "transfer cell result"), "cell": asdict(cell),
+                result = {**read_cell(self.cell_path(twin)), "cell": asdict(cell),
                           "seconds": 0.0, "reused": twin.id}  # fmt: skip
                 atomic_write_json(path, result)
                 return result

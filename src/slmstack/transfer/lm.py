@@ -10,7 +10,6 @@ handles both. A label is chosen by the highest summed log-likelihood of the labe
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from slmstack.errors import ModelNotFoundError
+from slmstack.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def is_seq2seq(ref: str) -> bool:
     """Whether ``ref`` (a local directory or hub id) is an encoder-decoder model."""
     config = Path(ref).expanduser() / "config.json"
     if config.is_file():
-        return bool(json.loads(config.read_text()).get("is_encoder_decoder"))
+        return bool(read_json(config, "model config", expect=dict).get("is_encoder_decoder"))
     if Path(ref).expanduser().exists() or ref == "default" or ref.endswith(".gguf"):
         return False
     try:

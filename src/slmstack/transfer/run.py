@@ -27,7 +27,7 @@ def prepare_grid(cfg: TransferConfig, out: Path) -> Grid:
     out = check_output_dir(Path(out), "transfer output (--out)")
     settings = dataclass_to_dict(cfg)
     if (out / STUDY).is_file():
-        if read_json(out / STUDY, "transfer study record") != settings:
+        if read_json(out / STUDY, "transfer study record", expect=dict) != settings:
             raise ConfigError(f"{out} holds a different transfer study; use another --out")
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty and holds no transfer study; use another --out")

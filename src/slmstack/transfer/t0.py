@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmstack.errors import InputError
-from slmstack.io import check_input_file, iter_jsonl
+from slmstack.io import check_input_file, guard_read, iter_jsonl
 from slmstack.transfer.tasks import Example, Task, Wording
 
 __all__ = ["MAX_LABELS", "MIN_WORDS", "TemplateSplit", "load_t0", "split_instruction", "split_report"]
@@ -109,22 +109,23 @@ class _Template:
 def _read(root: Path, per_task: int | None) -> list[_Template]:
     manifest = check_input_file(root / "tasks.csv", "T0 task manifest", "Point data at the t0_multitask folder.")
     templates = []
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        for number, row in enumerate(csv.DictReader(handle), start=2):
-            if not {"file", "source_dataset", "category"} <= set(row):
-                raise InputError(f"{manifest}:{number}: needs columns file, source_dataset, category")
-            records = []
-            for line, rec in iter_jsonl(root / row["file"]):
-                if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
-                    raise InputError(f"{root / row['file']}:{line}: a record needs text 'prompt' and 'completion'")
-                records.append(rec)
-            split = split_instruction([r["prompt"] for r in records])
-            targets = [r["completion"].removesuffix(STOP).strip() for r in records]
-            distinct = sorted(set(targets))
-            labels = distinct if 2 <= len(distinct) <= MAX_LABELS else None
-            examples = [Example(i, [t], r["prompt"]) for i, t, r in zip(split.inputs, targets, records, strict=True)]
-            examples = examples[:per_task] if per_task else examples
-            templates.append(_Template(row["file"], row["source_dataset"], row["category"], split, examples, labels))
+    with guard_read(manifest, "T0 task manifest"), manifest.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for number, row in enumerate(rows, start=2):
+        if not {"file", "source_dataset", "category"} <= set(row) or not row["file"]:
+            raise InputError(f"{manifest}:{number}: needs columns file, source_dataset, category")
+        records = []
+        for line, rec in iter_jsonl(root / row["file"]):
+            if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
+                raise InputError(f"{root / row['file']}:{line}: a record needs text 'prompt' and 'completion'")
+            records.append(rec)
+        split = split_instruction([r["prompt"] for r in records])
+        targets = [r["completion"].removesuffix(STOP).strip() for r in records]
+        distinct = sorted(set(targets))
+        labels = distinct if 2 <= len(distinct) <= MAX_LABELS else None
+        examples = [Example(i, [t], r["prompt"]) for i, t, r in zip(split.inputs, targets, records, strict=True)]
+        examples = examples[:per_task] if per_task else examples
+        templates.append(_Template(row["file"], row["source_dataset"], row["category"], split, examples, labels))
     return templates
 
 

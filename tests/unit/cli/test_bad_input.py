@@ -8,6 +8,7 @@ adds its rows here (at least six).
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,14 @@ ROWS: list[tuple[str, str, str]] = [
     ("run", "--stack {stack} --batch-size 0 q", "--batch-size 0"),
     ("run", "--stack {stack} --set stages.0.generation.max_new_tokens=0 q", "max_new_tokens must be >= 1"),
     ("run", "--stack {stack} --nope q", "unrecognized arguments: --nope"),
+    ("run", "--stack {stack} --input {questions} --output {notes}", "not a results file written by slmstack"),
+    ("run", "--stack {stack} --input {questions} --output {questions}", "left untouched"),
+    ("run", "--stack {stack} --input {empty_txt} --output {tmp}/o.jsonl", "no inputs found"),
+    ("run", "--stack {stack} --input {blank_jsonl} --output {tmp}/o.jsonl", "no inputs found"),
+    ("run", "--stack {stack} --set stages.0.generation.top_k=-1 q", "top_k must be >= 0"),
+    ("run", "--stack {stack} --set stages.0.generation.repetition_penalty=0 q", "repetition_penalty must be > 0"),
+    ("run", "--stack {stack} --set device=gpu q", "device 'gpu' is not valid"),
+    ("run", "--stack {stack} --set max_input_tokens=0 q", "max_input_tokens must be >= 1"),
     # ---- models
     ("models", "--nope", "unrecognized arguments"),
     ("models", "extra", "unrecognized arguments: extra"),
@@ -60,6 +69,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first,nope", "unknown stage 'nope'"),
     ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --config {train_cfg}", "Did you mean 'epochs'"),
     ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first,second", "second.jsonl"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first --config {train_targets}", "linear"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first --config {train_seed}", "seed must be"),
     # ---- eval
     ("eval", "--model {model} --tasks arc_esay --out {tmp}/r.json", "Did you mean 'arc_easy'"),
     ("eval", "--model {model} --tasks {task_gold} --out {tmp}/r.json", "gold 3 (field 'gold') is not a choice index"),
@@ -103,6 +114,11 @@ ROWS: list[tuple[str, str, str]] = [
     ("serve", "--stack {remote_bad_url}", "'localhost:8001' is not an http(s) URL"),
     ("serve", "--stack {remote_bad_stage}", "backend.models: 'nope' is not a stage"),
     ("serve", "--stack {remote_bad_type}", "unknown backend 'vlm'"),
+    ("serve", "--stack {stack} --api-key=", "the API key is empty"),
+    ("serve", "--stack {stack} env:SLMSTACK_API_KEY=", "the API key is empty"),
+    ("serve", "--stack {stack} --port {busy_port}", "is already in use"),
+    ("serve", "--stack {stack} --host 256.0.0.1", "--host '256.0.0.1' is not a valid address"),
+    ("serve", "--stack {stack} --host 10.255.255.1", "--host 10.255.255.1 is not an address of this machine"),
     # ---- transfer
     ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout=[is_rd]", "Did you mean 'is_red'"),
     ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout_category=colr", "Did you mean 'colour'"),
@@ -114,6 +130,9 @@ ROWS: list[tuple[str, str, str]] = [
     ("transfer", "--config {xfer} --out {tmp}/x --set collection.name=t1", "unknown collection 't1'"),
     ("transfer", "--config {xfer} --out {file}", "exists and is not a directory"),
     ("transfer", "--config {xfer} --out {tmp}/x --set train.steps=0", "train.steps must be >= 1"),
+    ("transfer", "--config {tmp}/none.yaml --out {tmp}/x", "Check the path."),
+    ("transfer", "--config {xfer_t0} --out {tmp}/x", "cannot read the T0 task manifest (not UTF-8 text)"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set seeds=[-1]", "seeds: every seed must be >= 0"),
     # ---- federate
     ("federate", "--config {fed} --out {tmp}/f --set strategy=legoo", "Did you mean 'lego'"),
     ("federate", "--config {fed} --out {tmp}/f --set clients.1.sparsity=1.0", "sparsity must be in [0, 1)"),
@@ -142,7 +161,18 @@ ROWS: list[tuple[str, str, str]] = [
         "exclude each other",
     ),
     ("federate", "--config {fed} --out {tmp}/f --set data.path={bad_jsonl}", "bad.jsonl:1: a record needs text"),
+    ("federate", "--config {fed} --out {tmp}/f --set privacy.clipping_norm=-1", "privacy.clipping_norm must be > 0"),
+    ("federate", "--config {fed} --out {tmp}/f --set privacy.noise_multiplier=-0.5", "noise_multiplier must be >= 0"),
+    ("federate", "--config {fed} --out {tmp}/f --set round_timeout=-1", "round_timeout must be > 0"),
+    ("federate", "--config {fed} --out {tmp}/f --set train.target_modules=[]", "target_modules must list"),
+    ("federate", "--config {fed} --out {tmp}/f --set pruning_method=wandaa", "Did you mean 'wanda'"),
+    ("federate", "--config {fed} --out {tmp}/f --set data.path={collection_latin1}", "not UTF-8 text"),
+    ("federate", "--config {fed} --out {not_a_plan_dir} --resume", "plan.json: not a federation plan"),
+    ("federate", "--config {fed} --out {list_plan_dir} --resume", "must be a JSON object, got array"),
 ]
+
+
+_KEEP: list[socket.socket] = []
 
 
 def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
@@ -218,6 +248,31 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
     (root / "collection" / "nolabels.yaml").write_text(yaml.safe_dump(spec))
     f["xfer_nolabels"] = write_yaml(root / "xfer_nl.yaml", {**xfer, "collection": {
         "name": "yaml", "path": str(root / "collection" / "nolabels.yaml")}})  # fmt: skip
+    f["notes"] = root / "notes.txt"
+    f["notes"].write_bytes(b"my notes\nthe last line has no newline")
+    f["empty_txt"] = root / "empty.txt"
+    f["empty_txt"].write_text("")
+    f["blank_jsonl"] = root / "blank.jsonl"
+    f["blank_jsonl"].write_text("\n  \n")
+    f["train_targets"] = write_yaml(root / "train_targets.yaml", {"target_modules": ["no_such_proj"]})
+    f["train_seed"] = write_yaml(root / "train_seed.yaml", {"seed": -3})
+    latin1 = root / "collection_latin1"
+    latin1.mkdir()
+    (latin1 / "tasks.csv").write_bytes("file,category\nt.jsonl,caf\xe9\n".encode("latin-1"))
+    f["collection_latin1"] = latin1
+    t0 = root / "t0_latin1"
+    t0.mkdir()
+    (t0 / "tasks.csv").write_bytes("file,source_dataset,category\nt.jsonl,caf\xe9,x\n".encode("latin-1"))
+    f["xfer_t0"] = write_yaml(root / "xfer_t0.yaml", {**xfer, "collection": {"name": "t0", "path": str(t0)}})
+    for name, plan in (("not_a_plan_dir", {"model": "x", "clients": []}), ("list_plan_dir", [1, 2])):
+        f[name] = root / name
+        f[name].mkdir()
+        (f[name] / "plan.json").write_text(json.dumps(plan))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    _KEEP.append(busy)  # held open for the module: the port stays busy
+    f["busy_port"] = busy.getsockname()[1]
     f["json_list"] = root / "list.json"
     f["json_list"].write_text("[1, 2]\n")
     f["results"] = root / "results.json"
@@ -294,7 +349,7 @@ def test_serve_without_the_extra_names_it(bad, capsys, monkeypatch) -> None:
     assert code == 2 and len(err) == 1 and "pip install 'slmstack[serve]'" in err[0]
 
 
-def test_federate_without_flower_names_the_extra(bad, capsys, monkeypatch) -> None:
+def test_federate_without_flower_names_the_extra_once_the_input_is_good(bad, capsys, monkeypatch) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
@@ -302,3 +357,51 @@ def test_federate_without_flower_names_the_extra(bad, capsys, monkeypatch) -> No
     code = _run(["federate", "--config", bad["fed"], "--out", f"{bad['tmp']}/nf"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install 'slmstack[federated]'" in err[0]
+
+
+FEDERATE_ROWS = [row for row in ROWS if row[0] == "federate"]
+
+
+@pytest.mark.parametrize(("verb", "template", "fragment"), FEDERATE_ROWS)
+def test_federate_rows_give_their_own_line_without_flower(verb, template, fragment, bad, capsys, monkeypatch) -> None:
+    # Prepare: hide Flower, as on a machine without the federated extra
+    import importlib.util
+
+    real = importlib.util.find_spec
+    hidden = lambda name, *a: None if name.startswith("flwr") else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    # Execute
+    code = _run([verb, *(item.format(**bad) for item in template.split())])
+    # Assert: the config's own problem is named, not the missing extra
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0] and "slmstack[federated]" not in err[0], err
+
+
+def test_a_refused_output_file_is_byte_for_byte_unchanged(bad, tmp_path, capsys) -> None:
+    # Prepare: a user's text file with no final newline (what a torn results line looks like)
+    notes = tmp_path / "notes.txt"
+    original = b"line one\nline two, no final newline"
+    notes.write_bytes(original)
+    # Execute
+    code = _run(["run", "--stack", bad["stack"], "--input", bad["questions"], "--output", str(notes)])
+    # Assert
+    assert code == 2 and "not a results file" in capsys.readouterr().err
+    assert notes.read_bytes() == original
+
+
+def test_a_torn_last_line_of_our_own_results_is_repaired(bad, tmp_path, capsys) -> None:
+    out = tmp_path / "o.jsonl"
+    assert _run(["run", "--stack", bad["stack"], "--input", bad["questions"], "--output", str(out)]) == 0
+    whole = out.read_bytes()
+    out.write_bytes(whole + b'{"line": 7, "input": "cut off mid-wri')  # a kill during the next append
+    assert _run(["run", "--stack", bad["stack"], "--input", bad["questions"], "--output", str(out)]) == 0
+    assert out.read_bytes() == whole  # the torn tail is gone, the finished line kept (and not redone)
+
+
+def test_a_whitespace_api_key_is_refused() -> None:
+    from slmstack.errors import ConfigError
+    from slmstack.serving.settings import ServeSettings
+
+    with pytest.raises(ConfigError, match="the API key is empty"):
+        ServeSettings(api_key="  \t")
+    assert ServeSettings(api_key="sk-1").api_key == "sk-1"

@@ -157,3 +157,23 @@ def test_differential_privacy_clips_and_noises_through_flowers_wrapper(tiny_mode
     b = load_file(str(tmp_path / "noisy" / "global_adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.isfinite(b[k]).all() and not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_a_run_in_which_no_round_accepted_an_update_exits_2(tiny_model_dir: Path, tmp_path: Path, capsys,
+                                                             monkeypatch) -> None:  # fmt: skip
+    import flwr.simulation
+
+    # Prepare: the simulation "finishes" with every update of every round rejected (as a timeout gives)
+    def every_update_rejected(server_app, client_app, num_supernodes, backend_config):
+        rounds = [{"round": 0, "eval_loss": 3.0}] + [
+            {"round": r, "eval_loss": 3.0, "clients_ok": 0, "clients_failed": 3, "bytes_up": 0,
+             "failures": ["client 0: no reply (timeout)"]} for r in (1, 2)]  # fmt: skip
+        (tmp_path / "out" / "metrics.json").write_text(json.dumps({"strategy": "lego", "rounds": rounds}))
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", every_update_rejected)
+    # Execute
+    code = main(["federate", "--config", str(_config(tmp_path, tiny_model_dir)), "--out", str(tmp_path / "out")])
+    # Assert
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(err) == 1, err
+    assert "no round accepted a client update (2 round(s)" in err[0] and "no reply (timeout)" in err[0]

@@ -97,6 +97,30 @@ def test_sixteen_concurrent_requests_succeed_in_shared_batches(live) -> None:
             413,
             "larger than",
         ),
+        ("[" * 5000 + "]" * 5000, {}, 400, "nested too deeply"),
+        ('{"model": "tiny-stack", "messages": [{"role": "user", "content": "a\\ud800b"}]}', {}, 400, "lone surrogate"),
+        *[
+            (
+                json.dumps({"model": "tiny-stack", "messages": [{"role": "user", "content": "x"}], **extra}),
+                {},
+                400,
+                fragment,
+            )
+            for extra, fragment in [
+                ({"temperature": -1}, "'temperature' must be in [0.0, 2.0]"),
+                ({"temperature": 5}, "'temperature' must be in [0.0, 2.0]"),
+                ({"temperature": "hot"}, "'temperature' must be a number"),
+                ({"top_p": 2}, "'top_p' must be in"),
+                ({"n": 3}, "'n' > 1 is not supported"),
+                ({"stream": "yes"}, "'stream' must be true or false"),
+                ({"stop": ["a", "b", "c", "d", "e"]}, "'stop' must be"),
+                ({"seed": 1.5}, "'seed' must be an integer"),
+                ({"presence_penalty": 3}, "'presence_penalty' must be in"),
+                ({"stream_options": {"include_usage": True}}, "only allowed with 'stream': true"),
+            ]
+        ],  # fmt: skip
+        (json.dumps({"model": "tiny-stack", "messages": [{"role": "wizard", "content": "x"}]}), {}, 400, "'wizard'"),
+        (json.dumps({"model": "tiny-stack", "messages": [{"role": "user", "content": 7}]}), {}, 400, "content must"),
     ],
 )
 def test_bad_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(live, content, headers, status, fragment):
@@ -108,6 +132,50 @@ def test_bad_requests_get_openai_shaped_4xx_and_the_server_keeps_serving(live, c
     assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert "Traceback" not in reply.text and "/tmp" not in reply.text
     assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "fragment"),
+    [
+        ("GET", "/v1/chat/completions", 405, "not allowed"),
+        ("POST", "/v1/embeddings", 404, "No such endpoint"),
+        ("DELETE", "/v1/models", 405, "not allowed"),
+        ("GET", "/nowhere", 404, "No such endpoint"),
+    ],  # fmt: skip
+)
+def test_unknown_routes_and_methods_answer_in_openais_shape(live, method, path, status, fragment) -> None:
+    base, _ = live
+    reply = httpx.request(method, f"{base}{path}", json={})
+    assert reply.status_code == status and fragment in reply.json()["error"]["message"], reply.text
+    assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_requests_sampling_fields_are_applied_to_the_final_stage(live, stacks) -> None:
+    base, _ = live
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+
+    def ask(**extra):
+        reply = client.chat.completions.create(model="tiny-stack", messages=[{"role": "user", "content": "red?"}],
+                                               max_tokens=8, **extra)  # fmt: skip
+        return [t["output"] for t in reply.model_extra["slmstack_trace"]]
+
+    greedy = ask()
+    sampled = ask(temperature=1.5, seed=7)
+    assert sampled == ask(temperature=1.5, seed=7)  # a seed makes sampling repeatable
+    assert sampled[:2] == greedy[:2]  # only the final stage samples (request_sampling: final)
+    assert {ask(temperature=1.5, seed=s)[2] for s in range(4)} != {greedy[2]}  # sampling does change the text
+    # stop strings and max_tokens reach the final stage too
+    stack = stacks["tiny-stack"]
+    from slmstack.stack.config import INPUT_FIELD
+    from slmstack.stack.runtime import StackResult, StageCall, run_stage_calls
+
+    values, result = {INPUT_FIELD: "red?"}, StackResult("red?", "")
+    for stage in stack.config.stages[:2]:
+        run_stage_calls([StageCall(stack, stage, values, result)])
+    final = StageCall(stack, stack.config.stages[2], values, result, {"max_new_tokens": 8, "do_sample": True,
+                                                                      "temperature": 1.5, "seed": 7})  # fmt: skip
+    run_stage_calls([final])
+    assert result.answer == sampled[2]
 
 
 def test_an_api_key_guards_the_api_but_not_health(stacks) -> None:

@@ -160,3 +160,54 @@ def test_target_only_loss_equals_the_full_logits_loss(tiny_model_dir: Path) -> N
     # Assert
     assert n == sum(r.n_targets for r in rows) == 6  # "abc" + EOS, "x" + EOS
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_nan_loss_stops_training_with_exit_2_and_keeps_the_last_checkpoint(setup, tmp_path: Path, capsys,
+                                                                            monkeypatch) -> None:  # fmt: skip
+    from slmstack.cli import main
+    from slmstack.training import trainer
+
+    # Prepare: the loss turns NaN at the 5th forward (step 5); a checkpoint is written every 2 steps
+    stack, data = setup
+    real, calls = trainer._masked_loss, {"n": 0}
+
+    def nan_at_step_5(model, batch, precision="fp32"):
+        loss, n = real(model, batch, precision)
+        calls["n"] += 1
+        return (loss * float("nan"), n) if calls["n"] == 5 else (loss, n)
+
+    monkeypatch.setattr(trainer, "_masked_loss", nan_at_step_5)
+    cfg = write_yaml(tmp_path / "train.yaml", {"max_steps": 8, "batch_size": 4, "checkpoint_every": 2,
+                                               "eval_fraction": 0.0})  # fmt: skip
+    out = tmp_path / "out"
+    # Execute
+    code = main(["train", "--stack", str(stack.source), "--data", str(data), "--out", str(out), "--stages", "first",
+                 "--config", str(cfg)])  # fmt: skip
+    # Assert: exit 2, one line naming the stage, the step and a cause; checkpoint 4 kept; no adapter, no done
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "error:" in line]
+    assert code == 2 and len(err) == 1 and "Traceback" not in stderr, stderr
+    assert "stage 'first'" in err[0] and "loss became nan at step 5" in err[0] and "Likely cause" in err[0]
+    assert "checkpoint (step 4) is kept" in err[0]
+    assert (out / "first" / "checkpoints" / "latest").read_text() == "step-000004"
+    assert not (out / "first" / "adapter").exists() and not (out / "first" / "done.json").exists()
+
+
+def test_rng_state_round_trips_and_a_cuda_checkpoint_is_refused_without_cuda(tmp_path: Path) -> None:
+    # Prepare: a checkpoint of a run on one CUDA device (its generator state is just bytes here)
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    torch.manual_seed(3)
+    checkpoint.save_checkpoint(tmp_path, 1, {"w": p.detach()}, opt, sched, {})
+    expected = torch.rand(3)  # what the next draw was when the checkpoint was taken
+    # Execute / Assert: restoring puts the CPU generator back exactly
+    ck = checkpoint.load_latest(tmp_path)
+    torch.rand(5)
+    checkpoint.restore_rng(ck.rng)
+    assert torch.equal(torch.rand(3), expected)
+    if not torch.cuda.is_available():
+        from slmstack.errors import InputError
+
+        with pytest.raises(InputError, match="written on 1 CUDA device"):
+            checkpoint.restore_rng({**ck.rng, "__rng_cuda0__": torch.zeros(16, dtype=torch.uint8)})

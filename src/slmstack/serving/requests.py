@@ -1,0 +1,195 @@
+"""Read and validate an OpenAI request body: each field is checked as OpenAI checks it, with a 400 naming it.
+
+Honoured (applied per request): ``model``, ``messages`` (the last user message is the stack's input; text
+content parts are joined), ``prompt`` (completions), ``max_tokens`` / ``max_completion_tokens``,
+``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options``, and ``n`` = 1. The sampling
+fields apply to the stack's final stage, or to every stage when the stack sets ``request_sampling: all``.
+Checked but not applied (accepted at their neutral values only): ``n`` > 1 is refused; ``presence_penalty``,
+``frequency_penalty``, ``logprobs``, ``top_logprobs``, ``logit_bias``, ``user``, ``response_format`` and
+``tools`` are validated for type and otherwise ignored. Unknown fields are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from slmstack.stack.config import MIN_TEMPERATURE
+
+__all__ = ["ApiError", "CompletionRequest", "parse_chat", "parse_completion"]
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class CompletionRequest:
+    """What the server runs for one request: the input text, the per-request decoding overrides, streaming."""
+
+    model: str
+    text: str
+    stream: bool = False
+    include_usage: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # GenerationSettings fields for the sampled stage(s)
+    max_tokens: int | None = None  # the final stage's budget
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float, low_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a number, got {type(value).__name__}", param=name)
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ApiError(400, f"'{name}' must be in {bracket}{low}, {high}], got {value}", param=name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be an integer from {low} to {high}", param=name)
+    return value
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {type(value).__name__}", param=name)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> list[str] | None:
+    value = body.get("stop")
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", param="stop")
+    return stops
+
+
+def _check_ignored(body: dict[str, Any]) -> None:
+    """Fields that are not applied are still type-checked, so a wrong value never passes silently."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        _number(body, name, -2.0, 2.0)
+    if body.get("logprobs") not in (None, False):
+        raise ApiError(400, "'logprobs' is not supported by slmstack", param="logprobs")
+    _integer(body, "top_logprobs", 0, 20)
+    if body.get("logit_bias") is not None and not isinstance(body["logit_bias"], dict):
+        raise ApiError(400, "'logit_bias' must be an object", param="logit_bias")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise ApiError(400, "'user' must be a string", param="user")
+
+
+def _common(body: dict[str, Any], model: str, text: str, max_tokens_limit: int) -> CompletionRequest:
+    _check_ignored(body)
+    n = _integer(body, "n", 1, 128)
+    if n not in (None, 1):
+        raise ApiError(400, "'n' > 1 is not supported: send n requests (each with its own seed)", param="n")
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    include_usage = bool((options or {}).get("include_usage"))
+    if options is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    max_tokens = _integer(body, "max_completion_tokens", 1, max_tokens_limit)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1, max_tokens_limit)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    seed = _integer(body, "seed", -(2**63), 2**63 - 1)
+    stop = _stop(body)
+    overrides: dict[str, Any] = {}
+    if temperature is not None:  # OpenAI: 0 is greedy; anything else samples (a random seed unless one is given)
+        overrides["do_sample"] = temperature >= MIN_TEMPERATURE  # below it, logits / T overflows: greedy
+        if overrides["do_sample"]:
+            overrides["temperature"] = temperature
+            overrides["seed"] = (seed % 2**63) if seed is not None else secrets.randbelow(2**63)
+    if top_p is not None:
+        overrides["top_p"] = max(top_p, 1e-9)  # OpenAI allows 0: keep only the most likely token
+    if seed is not None and "seed" not in overrides:
+        overrides["seed"] = seed % 2**63
+    if stop is not None:
+        overrides["stop"] = stop
+    return CompletionRequest(model, text, stream, include_usage, overrides, max_tokens)
+
+
+def _content(message: dict[str, Any], index: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only text parts are understood
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{index}].content: only text parts are supported", param="messages")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    if content is None and message.get("role") == "assistant":
+        return ""  # an assistant turn that only called tools
+    raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts", param="messages")
+
+
+def model_name(body: dict[str, Any]) -> str:
+    """The ``model`` field, which every completion request needs."""
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "Missing required field 'model' (a string)", param="model")
+    return name
+
+
+def parse_chat(body: dict[str, Any], max_tokens_limit: int) -> CompletionRequest:
+    """A ``/v1/chat/completions`` body: the stack's input is the last user message."""
+    model = model_name(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "Missing required field 'messages' (a non-empty list)", param="messages")
+    last_user = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role {str(role)[:40]!r} is not one of {', '.join(ROLES)}",
+                           param="messages")  # fmt: skip
+        text = _content(message, i)
+        if role == "user":
+            last_user = text
+    if last_user is None:
+        raise ApiError(400, "messages needs a user message", param="messages")
+    return _common(body, model, last_user, max_tokens_limit)
+
+
+def parse_completion(body: dict[str, Any], max_tokens_limit: int) -> CompletionRequest:
+    """A ``/v1/completions`` body: one prompt (a string, or a list holding one string)."""
+    model = model_name(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "Missing required field 'prompt' (a string, or a list of one string)", param="prompt")
+    for name in ("echo", "best_of", "suffix"):
+        if body.get(name) not in (None, False, 1):
+            raise ApiError(400, f"'{name}' is not supported by slmstack", param=name)
+    return _common(body, model, prompt, max_tokens_limit)
