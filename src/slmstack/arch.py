@@ -7,7 +7,7 @@ MLP projections are called (LoRA targets, pruning, structured pruning), looks it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -27,6 +27,8 @@ class ArchSpec:
         mlp: names of the MLP projections inside one layer (relative paths).
         embeddings: dotted path to the input embedding (never pruned).
         shared_inputs: groups of projections that read the same input (their calibration statistics are equal).
+        engine: the generation engine (``slmstack.engine``) runs this architecture; the others generate
+            through transformers.
     """
 
     layers: str
@@ -34,6 +36,7 @@ class ArchSpec:
     mlp: tuple[str, ...]
     embeddings: str
     shared_inputs: tuple[tuple[str, ...], ...] = ()
+    engine: bool = False
 
     @property
     def lora_targets(self) -> list[str]:
@@ -50,9 +53,10 @@ _LLAMA_LIKE = ArchSpec(
 )
 
 ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
-ARCHITECTURES.add("llama", _LLAMA_LIKE)
-ARCHITECTURES.add("qwen2", _LLAMA_LIKE)
-ARCHITECTURES.add("gemma3_text", _LLAMA_LIKE)
+ARCHITECTURES.add("llama", replace(_LLAMA_LIKE, engine=True))
+ARCHITECTURES.add("qwen2", replace(_LLAMA_LIKE, engine=True))
+ARCHITECTURES.add("mistral", replace(_LLAMA_LIKE, engine=True))
+ARCHITECTURES.add("gemma3_text", _LLAMA_LIKE)  # norms around each block and soft-capping: transformers runs it
 # Gemma3ForConditionalGeneration wraps the same text decoder one level deeper.
 ARCHITECTURES.add(
     "gemma3",

@@ -25,12 +25,21 @@ FP16_WEIGHTS = "float16-weights"
 _SKIP = {"lora_A", "lora_B"}  # peft's adapter factors: small, and read directly by the fused LoRA path
 
 
-def check_available(device: torch.device) -> None:
-    """Raise :class:`ConfigError` unless float16 weights can run here (a CPU with torch's fbgemm)."""
-    if device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+def check_available(device: torch.device, dtype: str = FP16_WEIGHTS) -> None:
+    """Raise :class:`ConfigError` unless the CPU weight format ``dtype`` can run here.
+
+    ``float16-weights`` needs torch's fbgemm (x86); ``bfloat16-weights`` oneDNN's bfloat16 kernels;
+    ``int8-weights`` a CPU. The last two run on slmstack's engine only.
+    """
+    ok = device.type == "cpu"
+    if dtype == FP16_WEIGHTS:
+        ok = ok and "fbgemm" in torch.backends.quantized.supported_engines
+    elif dtype == "bfloat16-weights":
+        ok = ok and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not ok:
         raise ConfigError(
-            f"dtype {FP16_WEIGHTS!r} needs an x86 CPU (torch's fbgemm kernels); on {device.type} use "
-            "dtype: bfloat16 or float16."
+            f"dtype {dtype!r} needs a CPU with the kernels for it (an x86 CPU for float16-weights, oneDNN bfloat16 "
+            f"for bfloat16-weights); on {device.type} use dtype: float32, bfloat16 or float16."
         )
 
 

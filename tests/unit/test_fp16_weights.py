@@ -58,12 +58,18 @@ def test_logits_stay_close_to_float32() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="device: auto picks CUDA, where float16-weights is refused")
-def test_a_stack_converts_on_first_generate_and_batching_keeps_its_text(tiny_model_dir: Path, tiny_adapters,
-                                                                       tmp_path: Path) -> None:  # fmt: skip
-    config = stack_dict(tiny_model_dir, tiny_adapters) | {"dtype": "float16-weights"}
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_a_stack_converts_on_first_generate_and_batching_keeps_its_text(
+    tiny_model_dir: Path, tiny_adapters, tmp_path: Path, engine: str
+) -> None:
+    config = stack_dict(tiny_model_dir, tiny_adapters) | {"dtype": "float16-weights", "engine": engine}
     stack = Stack.from_config(write_yaml(tmp_path / "stack.yaml", config))
     batched = stack.run_batch(QUESTIONS, batch_size=len(QUESTIONS))
-    assert any(isinstance(m, Float16WeightLinear) for m in stack.model.modules())
+    if engine == "hf":  # transformers' model converted in place
+        assert any(isinstance(m, Float16WeightLinear) for m in stack.model.modules())
+    else:  # the engine keeps its own float16 copy; the model itself stays float32 (for scoring, training)
+        assert stack.backend.engine.weights.layers[0].qkv.fmt == "float16-weights"
+        assert not any(isinstance(m, Float16WeightLinear) for m in stack.model.modules())
     single = [stack(q) for q in QUESTIONS]
     assert [[t.output for t in r.trace] for r in batched] == [[t.output for t in r.trace] for r in single]
 

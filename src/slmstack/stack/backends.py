@@ -1,9 +1,9 @@
 """Where a stage's text is generated: in process on the shared base model, or on a remote OpenAI-compatible engine.
 
-A backend turns a batch of (role, prompt, adapter) rows into :class:`Generated` rows. ``local`` runs
-:func:`generate_batch` on the loaded base with one LoRA adapter per row. ``openai`` sends each row to an
-OpenAI-compatible server (vLLM with ``--enable-lora``, llama.cpp's server, ...) under the model name the
-stack's ``backend.models`` maps the stage's adapter to, so the same stack, trace and server run while the
+A backend turns a batch of (role, prompt, adapter) rows into :class:`Generated` rows. ``local`` runs them on
+the loaded base with one LoRA adapter per row, on slmstack's engine or transformers' ``generate``. ``openai``
+sends each row to an OpenAI-compatible server (vLLM with ``--enable-lora``, llama.cpp's server, ...) under the
+model name the stack's ``backend.models`` maps the stage's adapter to, so the same stack, trace and server run while the
 generation happens on the remote engine. Each backend is a few lines behind the ``BACKENDS`` registry.
 """
 
@@ -17,11 +17,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from slmstack.errors import SlmstackError
-from slmstack.fp16_weights import use_float16_weights
+from slmstack.errors import ConfigError, SlmstackError
+from slmstack.fp16_weights import FP16_WEIGHTS, use_float16_weights
 from slmstack.registry import Registry
-from slmstack.stack.config import BackendConfig
-from slmstack.stack.generation import BASE_ADAPTER, Generated, format_prompt, generate_batch
+from slmstack.stack.config import ENGINE_WEIGHTS, ENGINES, BackendConfig
+from slmstack.stack.generation import (
+    BASE_ADAPTER,
+    Generated,
+    GenerationCancelled,
+    encode_prompts,
+    format_prompt,
+    generate_batch,
+    prompt_token_limit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +52,46 @@ class Row:
 
 
 class LocalBackend:
-    """The loaded (peft-wrapped) base model: rows share one left-padded batch, routed per row by adapter."""
+    """The loaded (peft-wrapped) base model: the one way slmstack generates in process.
 
-    def __init__(self, model: Any, tokenizer: Any, float16_weights: bool = False) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self._convert = float16_weights  # done at the first generate, once every adapter is attached
+    With ``engine`` ``auto`` (the default) rows run on slmstack's engine (:mod:`slmstack.engine`: continuous
+    batching, one LoRA adapter per row) when it runs this model, else on transformers' ``generate`` (left-padded
+    batch, routed per row by adapter), which stays the reference; ``native`` requires the engine and ``hf``
+    always uses transformers. The engine is built at the first generate, once every adapter is attached, and
+    reads adapters attached later as they appear. Stacks, evaluation, distillation teachers and transfer
+    studies all generate through this class.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, dtype: str = "auto", engine: str = "auto",
+                 max_batch: int = 16) -> None:  # fmt: skip
+        if engine not in ENGINES:
+            raise ConfigError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+        self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
+        self.engine_mode, self.max_batch = engine, max_batch
+        self._engine: Any = None
+        self._converted = False
+
+    @property
+    def engine(self) -> Any:
+        """The :class:`slmstack.engine.Engine` rows run on, or None when they run on transformers."""
+        if self.engine_mode == "hf":
+            return None
+        if self._engine is None:
+            from slmstack.engine import Engine, engine_supports
+
+            reason = engine_supports(self.model)
+            if reason is not None:
+                if self.engine_mode == "native":
+                    raise ConfigError(f"engine: native cannot run this model ({reason}); use engine: auto or hf")
+                logger.info("generating with transformers: the engine cannot run this model (%s)", reason)
+                self.engine_mode = "hf"
+                return None
+            self._engine = Engine(self.model, self.tokenizer, weights=ENGINE_WEIGHTS.get(self.dtype, "dense"),
+                                  max_batch=self.max_batch)  # fmt: skip
+        for name in getattr(self.model, "peft_config", {}) or {}:  # adapters attached since (another stack)
+            if name not in self._engine.lora.ids:
+                self._engine.add_adapter(self.model, name)
+        return self._engine
 
     def model_input(self, role: str, prompt: str, chat: bool) -> str:
         """The exact text the model sees (the chat template applied when ``chat``)."""
@@ -58,17 +101,39 @@ class LocalBackend:
         """Tokens of ``text`` as this model counts them."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def encode(self, texts: list[str], settings: Any, chat: bool, max_input_tokens: int | None,
+               on_overflow: str) -> tuple[list[list[int]], list[bool]]:  # fmt: skip
+        """Token ids of full model inputs, cut to fit as ``on_overflow`` says."""
+        limit = prompt_token_limit(self.model, settings.max_new_tokens, max_input_tokens)
+        return encode_prompts(self.tokenizer, texts, limit, on_overflow, chat)
+
     def generate(self, rows: list[Row], settings: Any, chat: bool, max_input_tokens: int | None,
                  on_overflow: str, on_text: OnText | None = None, cancel: Any = None) -> list[Generated]:  # fmt: skip
-        """Generate every row in one batch (``cancel``, a ``threading.Event``, stops it at the next token)."""
-        if self._convert:
-            use_float16_weights(self.model)
-            self._convert = False
-        return generate_batch(
-            self.model, self.tokenizer, [self.model_input(r.role, r.prompt, chat) for r in rows], settings,
-            adapter_names=[r.adapter for r in rows], max_input_tokens=max_input_tokens, on_overflow=on_overflow,
-            chat=chat, on_text=on_text, cancel=cancel,
-        )  # fmt: skip
+        """Generate every row (``cancel``, a ``threading.Event``, stops it at the next token)."""
+        texts = [self.model_input(r.role, r.prompt, chat) for r in rows]
+        engine = self.engine
+        if engine is None:
+            if self.dtype in ENGINE_WEIGHTS and self.dtype != FP16_WEIGHTS:
+                raise ConfigError(f"dtype {self.dtype!r} needs the engine, which cannot run this model")
+            if self.dtype == FP16_WEIGHTS and not self._converted:
+                use_float16_weights(self.model)  # once every adapter is attached
+                self._converted = True
+            return generate_batch(
+                self.model, self.tokenizer, texts, settings, adapter_names=[r.adapter for r in rows],
+                max_input_tokens=max_input_tokens, on_overflow=on_overflow, chat=chat, on_text=on_text,
+                cancel=cancel,
+            )  # fmt: skip
+        ids, cut = self.encode(texts, settings, chat, max_input_tokens, on_overflow)
+        handles = [engine.submit(p, r.adapter, settings, truncated=c,
+                                 on_text=None if on_text is None else (lambda d, i=i: on_text(i, d)))
+                   for i, (p, r, c) in enumerate(zip(ids, rows, cut, strict=True))]  # fmt: skip
+        engine.run(until=lambda: all(h.done.is_set() for h in handles) or (cancel is not None and cancel.is_set()))
+        if not all(h.done.is_set() for h in handles):
+            for h in handles:
+                h.cancel()
+            engine.run(until=lambda: all(h.done.is_set() for h in handles))
+            raise GenerationCancelled("generation was cancelled")
+        return [h.generated() for h in handles]
 
 
 class OpenAIBackend:

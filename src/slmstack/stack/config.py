@@ -32,7 +32,11 @@ __all__ = [
 
 INPUT_FIELD = "input"
 MIN_TEMPERATURE = 1e-4  # below it logits / temperature overflows; greedy decoding is what is meant
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float16-weights")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float16-weights", "bfloat16-weights", "int8-weights")
+# dtypes that are weight formats of the engine (``slmstack.engine.layers.Linear``); compute stays float32
+ENGINE_WEIGHTS = {"float16-weights": "float16-weights", "bfloat16-weights": "bfloat16-weights",
+                  "int8-weights": "int8-weights"}  # fmt: skip
+ENGINES = ("auto", "native", "hf")
 
 
 @dataclass(kw_only=True)
@@ -118,7 +122,9 @@ class StackConfig:
     description: str = ""
     model: str = field(default="default", metadata={"help": "model reference: default, a .gguf, a dir, a hub id"})
     device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16, float16-weights"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16; on a CPU also "
+                                                         "float16-, bfloat16- and int8-weights"})  # fmt: skip
+    engine: str = field(default="auto", metadata={"help": "auto (the engine where it runs the model), native, hf"})
     chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"})
     batch_size: int = 8
     max_input_tokens: int | None = field(default=None, metadata={"help": "default: context window - max_new"})
@@ -139,6 +145,8 @@ class StackConfig:
         check_range(self, "max_input_tokens", 1)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported. Use one of {', '.join(DTYPES)}.")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
         _check_templates(self.stages)

@@ -21,8 +21,21 @@ from slmstack.stack.fused_lora import fused_lora
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASE_ADAPTER", "GenerationCancelled", "Generated", "RowStreamer", "format_prompt", "generate_batch",
-           "prompt_token_limit"]  # fmt: skip
+__all__ = [
+    "BASE_ADAPTER",
+    "GenerationCancelled",
+    "Generated",
+    "RowStreamer",
+    "TextStream",
+    "cut_left",
+    "encode_prompts",
+    "eos_token_ids",
+    "finish_row",
+    "format_prompt",
+    "generate_batch",
+    "prompt_token_limit",
+    "tail_text",
+]
 
 BASE_ADAPTER = "__base__"
 
@@ -41,24 +54,64 @@ class Generated:
     truncated: bool = False
 
 
+class TextStream:
+    """One row's text as its tokens arrive: ``on_text(delta)`` for each new piece that can no longer change.
+
+    Text that may still change is held back: an incomplete UTF-8 character, trailing whitespace (the final
+    answer is stripped), a tail that could grow into a stop string, and everything from a stop string on. So
+    the streamed pieces always add up to a prefix of the final answer, and :meth:`flush` sends the rest.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str], on_text: Any) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> None:
+        """A new (non-EOS) token of the row."""
+        self.ids.append(token)
+        self._emit(self._safe_text())
+
+    def end(self) -> None:
+        """The row ended on EOS: the held-back tail is final now."""
+        self._emit(self._safe_text(ended=True))
+
+    def flush(self, final: str) -> None:
+        """Send whatever of ``final`` (the row's finished answer) has not been streamed yet."""
+        self._emit(final)
+
+    def _safe_text(self, ended: bool = False) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            return ""
+        for s in self.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        if not ended:  # a tail that may yet grow into a stop string
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold]
+        return text.rstrip()
+
+    def _emit(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            delta, self.sent = text[len(self.sent) :], text
+            self.on_text(delta)
+
+
 class RowStreamer:
     """Streams each row's text while ``generate`` decodes: ``on_text(row, delta)`` per new piece of text.
 
     A transformers streamer (``put``/``end``, as ``BaseStreamer``) that handles batches: the first ``put``
     is the prompt batch and is skipped; each later one holds one new token per row. A row stops streaming
-    at its EOS token. Text that may still change is held back: an incomplete UTF-8 character, trailing
-    whitespace (the final answer is stripped), a tail that could grow into a stop string, and everything
-    from a stop string on. So the streamed pieces always add up to a prefix of the final answer, and
-    :meth:`flush` sends the rest.
+    at its EOS token. Each row's text is a :class:`TextStream`.
     """
 
     def __init__(self, tokenizer: Any, n_rows: int, eos_ids: list[int], stop: list[str],
                  on_text: Any) -> None:  # fmt: skip
-        self.tokenizer, self.eos_ids, self.on_text = tokenizer, set(eos_ids), on_text
-        self.stop = [s for s in stop if s]
-        self.ids: list[list[int]] = [[] for _ in range(n_rows)]
+        self.eos_ids = set(eos_ids)
+        self.rows = [TextStream(tokenizer, stop, lambda delta, row=row: on_text(row, delta)) for row in range(n_rows)]
         self.done = [False] * n_rows
-        self.sent = [""] * n_rows
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -71,34 +124,16 @@ class RowStreamer:
                 continue
             if token in self.eos_ids:
                 self.done[row] = True
-                self._emit(row, self._safe_text(row, ended=True))
+                self.rows[row].end()
                 continue
-            self.ids[row].append(token)
-            self._emit(row, self._safe_text(row))
+            self.rows[row].add(token)
 
     def end(self) -> None:
         """Called by ``generate`` when decoding ends (the caller sends the final text with :meth:`flush`)."""
 
     def flush(self, row: int, final: str) -> None:
         """Send whatever of ``final`` (the row's finished answer) has not been streamed yet."""
-        self._emit(row, final)
-
-    def _safe_text(self, row: int, ended: bool = False) -> str:
-        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True).lstrip()
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character
-            return ""
-        for s in self.stop:
-            if s in text:
-                text = text[: text.index(s)]
-        if not ended:  # a tail that may yet grow into a stop string
-            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[: len(text) - hold]
-        return text.rstrip()
-
-    def _emit(self, row: int, text: str) -> None:
-        if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
-            delta, self.sent[row] = text[len(self.sent[row]) :], text
-            self.on_text(row, delta)
+        self.rows[row].flush(final)
 
 
 def format_prompt(tokenizer: Any, role: str, message: str, chat_template: bool = True) -> str:
@@ -121,7 +156,37 @@ def prompt_token_limit(model: Any, max_new_tokens: int, max_input_tokens: int | 
     return limit
 
 
-def _encode(tokenizer: Any, texts: list[str], limit: int, on_overflow: str, chat: bool) -> tuple[list, list[bool]]:
+def tail_text(tokenizer: Any, ids: list[int], chars: int) -> str:
+    """The decoded text of the last tokens of ``ids``, at least ``chars`` characters of it when there are that many.
+
+    Decodes the last ``chars`` tokens, and twice as many while that gives fewer than ``chars`` characters (tokens
+    that decode to nothing, such as special tokens, would otherwise hide a stop string).
+    """
+    window = chars
+    while True:
+        text = tokenizer.decode(ids[-window:], skip_special_tokens=True)
+        if len(text) >= chars or window >= len(ids):
+            return text
+        window *= 2
+
+
+def cut_left(ids: list[int], limit: int) -> list[int]:
+    """The last ``limit`` tokens of ``ids``, but with its first token kept in front (when ``limit`` >= 2).
+
+    The first token of a prompt (BOS, or the chat template's first marker) stays: a sequence that starts at an
+    arbitrary token can start at one whose embedding is zero (a padding row), and position 0 attends only to
+    itself, so its hidden state stays zero through every layer; RMSNorm's gradient at zero is 1/sqrt(eps)
+    (about 316) per norm, and after a few dozen norms the gradient overflows to NaN.
+    """
+    if len(ids) <= limit:
+        return list(ids)
+    return ids[:1] + ids[len(ids) - limit + 1 :] if limit >= 2 else ids[-limit:]
+
+
+def encode_prompts(
+    tokenizer: Any, texts: list[str], limit: int, on_overflow: str, chat: bool
+) -> tuple[list, list[bool]]:
+    """Token ids of each text, cut to ``limit`` tokens as ``on_overflow`` says, and whether each was cut."""
     # A chat template already holds the special tokens; don't let the tokenizer add a second BOS.
     encoded = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
     rows, truncated = [], []
@@ -132,8 +197,9 @@ def _encode(tokenizer: Any, texts: list[str], limit: int, on_overflow: str, chat
                     f"input {i} is {len(ids)} tokens, over the {limit}-token limit. Shorten it, raise "
                     "max_input_tokens, or set on_overflow: truncate."
                 )
-            logger.warning("input %d is %d tokens; keeping its last %d (on_overflow: truncate)", i, len(ids), limit)
-            ids = ids[-limit:]
+            logger.warning("input %d is %d tokens; keeping its first and last %d (on_overflow: truncate)", i, len(ids),
+                           limit - 1)  # fmt: skip
+            ids = cut_left(ids, limit)
         rows.append(ids)
         truncated.append(len(encoded[i]) > limit)
     return rows, truncated
@@ -149,7 +215,8 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a row: the generation config's EOS ids and the tokenizer's."""
     ids = model.generation_config.eos_token_id
     ids = list(ids) if isinstance(ids, list | tuple) else [ids]
     ids.append(tokenizer.eos_token_id)
@@ -202,9 +269,9 @@ def generate_batch(
         One :class:`Generated` per text, in order.
     """
     limit = prompt_token_limit(model, settings.max_new_tokens, max_input_tokens)
-    rows, truncated = _encode(tokenizer, texts, limit, on_overflow, chat)
+    rows, truncated = encode_prompts(tokenizer, texts, limit, on_overflow, chat)
     pad_id = tokenizer.pad_token_id
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     batch = _left_pad(rows, pad_id, device)
     extra: dict[str, Any] = {}
@@ -232,7 +299,7 @@ def generate_batch(
         raise GenerationCancelled("generation was cancelled")
     new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()  # (B, new)
     results = [
-        _finish(tokenizer, ids, len(row), cut, eos_ids, settings.stop)
+        finish_row(tokenizer, ids, len(row), cut, eos_ids, settings.stop)
         for ids, row, cut in zip(new_tokens, rows, truncated, strict=True)
     ]
     if streamer is not None:
@@ -257,9 +324,8 @@ def _stopping_criteria(tokenizer: Any, width: int, stop: list[str], cancel: Any)
             if cancel is not None and cancel.is_set():
                 return done.fill_(True)
             if stops:
-                tail = max(len(s) for s in stops) + 4  # tokens enough to hold any stop string
-                texts = tokenizer.batch_decode(input_ids[:, max(width, input_ids.shape[1] - tail) :],
-                                               skip_special_tokens=True)  # fmt: skip
+                chars = max(len(s) for s in stops) + 4
+                texts = [tail_text(tokenizer, row[width:].tolist(), chars) for row in input_ids]
                 done |= torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
             return done
 
@@ -283,7 +349,8 @@ def _only_adapter(model: Any, name: str | None) -> Iterator[None]:
             model.set_adapter(previous, inference_mode=True)
 
 
-def _finish(tokenizer: Any, ids: list[int], n_in: int, cut: bool, eos_ids: list[int], stop: list[str]) -> Generated:
+def finish_row(tokenizer: Any, ids: list[int], n_in: int, cut: bool, eos_ids: list[int], stop: list[str]) -> Generated:
+    """A row's result from its new token ids: the text up to EOS and the first stop string, stripped."""
     end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
     kept = ids if end is None else ids[:end]
     n_out = len(kept) + (0 if end is None else 1)  # the EOS token was generated too

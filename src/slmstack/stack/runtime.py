@@ -18,10 +18,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from slmstack.errors import InputError
-from slmstack.fp16_weights import FP16_WEIGHTS
 from slmstack.models import LoadedModel, load_model
 from slmstack.stack.adapters import attach_adapters
 from slmstack.stack.backends import LocalBackend, Row, make_backend
+from slmstack.stack.chains import Chain, run_chains
 from slmstack.stack.config import INPUT_FIELD, StackConfig, StageConfig, load_stack_config
 from slmstack.stack.generation import BASE_ADAPTER, GenerationCancelled
 
@@ -94,7 +94,8 @@ class Stack:
         self._chat = config.chat_template and bool(getattr(self.tokenizer, "chat_template", None))
         self._adapter_of = {s.name: (f"{adapter_prefix}{s.name}" if s.name in adapters else BASE_ADAPTER)
                             for s in config.stages}  # fmt: skip
-        self.backend = LocalBackend(self.model, self.tokenizer, float16_weights=config.dtype == FP16_WEIGHTS)
+        self.backend = LocalBackend(self.model, self.tokenizer, dtype=config.dtype, engine=config.engine,
+                                    max_batch=config.batch_size)  # fmt: skip
 
     @classmethod
     def sharing_bases(cls, configs: list[StackConfig]) -> list[Stack]:
@@ -136,6 +137,11 @@ class Stack:
         return self.run_batch([text])[0]
 
     @property
+    def on_engine(self) -> bool:
+        """Whether this stack generates on slmstack's engine (else transformers or a remote backend)."""
+        return isinstance(self.backend, LocalBackend) and self.backend.engine is not None
+
+    @property
     def uses_chat_template(self) -> bool:
         """Whether prompts are wrapped in the tokenizer's chat template."""
         return self._chat
@@ -174,6 +180,12 @@ class Stack:
         chosen = [s for s in self.config.stages if stages is None or s.name in stages]
         results: list[StackResult] = []
         bar = tqdm(total=len(texts), desc="stack", unit="input", disable=not self.show_progress)
+        if self.on_engine:  # continuous: each input moves on as soon as its stage ends
+            results = [StackResult(input=t, answer="") for t in texts]
+            chains = [Chain(self, chosen, {INPUT_FIELD: t}, r) for t, r in zip(texts, results, strict=True)]
+            run_chains(chains, on_finished=lambda chain: bar.update(1))
+            bar.close()
+            return results
         for start in range(0, len(texts), size):
             results.extend(self._run_chunk(list(texts[start : start + size]), chosen))
             bar.update(min(size, len(texts) - start))

@@ -16,7 +16,7 @@ import torch
 
 from slmstack.errors import InputError
 from slmstack.io import iter_jsonl
-from slmstack.stack.generation import format_prompt
+from slmstack.stack.generation import cut_left, format_prompt
 
 __all__ = ["IGNORE_INDEX", "Seq2SeqExample", "StageRecord", "TokenizedExample", "collate", "load_stage_records",
            "make_batches", "tokenize_example", "tokenize_seq2seq"]  # fmt: skip
@@ -92,13 +92,14 @@ def tokenize_example(
 ) -> TokenizedExample:
     """Tokenise one pair exactly as inference will see it (chat template, role as system message).
 
-    Too long: the target keeps up to ``max_length - 1`` tokens, and the prompt is cut from the left.
+    Too long: the target keeps up to ``max_length - 1`` tokens, and the prompt is cut from the left, keeping
+    its first token (see :func:`slmstack.stack.generation.cut_left`), as inference cuts it.
     """
     text = format_prompt(tokenizer, role, prompt, chat)
     prompt_ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
     target_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     target_ids = target_ids[: max_length - 1]
-    prompt_ids = prompt_ids[-(max_length - len(target_ids)) :]
+    prompt_ids = cut_left(prompt_ids, max_length - len(target_ids))
     return TokenizedExample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
 
 

@@ -22,7 +22,7 @@ from tests.unit.serving.conftest import free_port  # noqa: E402
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_server_and_answers_the_request_in_flight(sig, tiny_model_dir: Path, tmp_path: Path):
     # Prepare: a model whose final norm is zero, so every logit is 0 and greedy decoding repeats token 0 (not
-    # EOS): two stages of 1000 new tokens each cannot finish on their own before the signal
+    # EOS): four stages of 1000 new tokens each cannot finish on their own before the signal
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -30,7 +30,7 @@ def test_a_signal_stops_the_server_and_answers_the_request_in_flight(sig, tiny_m
     model.save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "model")
     stage = {"template": "{input}", "generation": {"max_new_tokens": 1000}}
-    stages = [{"name": "one", **stage}, {"name": "two", **stage}]
+    stages = [{"name": name, **stage} for name in ("one", "two", "three", "four")]
     stack = write_yaml(tmp_path / "long.yaml", {"name": "long", "model": str(tmp_path / "model"), "stages": stages})
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -8,7 +8,7 @@ import torch
 from slmstack.errors import InputError
 from slmstack.models import load_model
 from slmstack.stack.config import GenerationSettings
-from slmstack.stack.generation import Generated, _finish, format_prompt, generate_batch, prompt_token_limit
+from slmstack.stack.generation import Generated, finish_row, format_prompt, generate_batch, prompt_token_limit
 from tests.conftest import build_tokenizer
 
 
@@ -24,8 +24,8 @@ def test_finish_counts_eos_and_cuts_at_stop_string() -> None:
     tok = build_tokenizer()
     ids = tok("ab. cd", add_special_tokens=False)["input_ids"]
     eos = tok.eos_token_id
-    assert _finish(tok, ids + [eos, 7, 7], 3, False, [eos], []) == Generated("ab. cd", 3, len(ids) + 1)
-    assert _finish(tok, ids, 3, False, [eos], ["."]) == Generated("ab", 3, len(ids))
+    assert finish_row(tok, ids + [eos, 7, 7], 3, False, [eos], []) == Generated("ab. cd", 3, len(ids) + 1)
+    assert finish_row(tok, ids, 3, False, [eos], ["."]) == Generated("ab", 3, len(ids))
 
 
 def test_prompt_token_limit() -> None:

@@ -83,7 +83,7 @@ def test_sampling_is_seeded(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert [r.trace[0].output for r in other] != [r.trace[0].output for r in a]
 
 
-def test_overlong_input_is_truncated_from_the_left_with_a_warning(
+def test_overlong_input_keeps_its_first_token_and_its_end_with_a_warning(
     tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = stack_dict(tiny_model_dir) | {"max_input_tokens": 40}
@@ -92,7 +92,7 @@ def test_overlong_input_is_truncated_from_the_left_with_a_warning(
     with caplog.at_level("WARNING"):
         result = st(long_q)
     assert result.trace[0].tokens_in == 40 and result.trace[0].truncated
-    assert "keeping its last 40" in caplog.text
+    assert "keeping its first and last 39" in caplog.text
 
 
 def test_overlong_input_is_refused_when_configured(tiny_model_dir: Path, tmp_path: Path) -> None:

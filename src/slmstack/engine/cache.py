@@ -1,0 +1,50 @@
+"""The KV cache: one contiguous region per slot, allocated once per size and grown by doubling.
+
+Layout per layer: ``(slots, KV, T, hd)``. A request holds one slot from admission to its end, so attention
+reads its keys as one strided view, with no block table to gather through. For models this size that is the
+simpler and faster choice on a CPU: a paged cache (nano-vllm's block manager) saves memory when sequences vary
+widely in length, at the cost of a gather of every row's blocks at every step, while here a slot of the
+default model costs 45 KB per token (30 layers x 2 x 3 heads x 64 x 4 bytes). ``T`` starts at the longest
+sequence the first requests need (rounded up to a power of two) and doubles when a longer one arrives, up to
+the context window; a decode step allocates nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Keys and values of every slot, every layer."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, slots: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:  # fmt: skip
+        self.layers, self.kv_heads, self.head_dim, self.slots = layers, kv_heads, head_dim, slots
+        self.max_length, self.dtype, self.device = max_length, dtype, torch.device(device)
+        self.length = 0
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def ensure(self, length: int) -> bool:
+        """Make every slot hold at least ``length`` positions; True when the buffers were (re)allocated."""
+        if length <= self.length:
+            return False
+        if length > self.max_length:
+            raise ValueError(f"a sequence of {length} tokens does not fit the {self.max_length}-token context")
+        new = min(self.max_length, 1 << max(4, (length - 1).bit_length()))
+        shape = (self.slots, self.kv_heads, new, self.head_dim)
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        if self.length:
+            for old, fresh in zip(self.k + self.v, k + v, strict=True):
+                fresh[:, :, : self.length].copy_(old[:, :, : self.length])
+        self.k, self.v, self.length = k, v, new
+        return True

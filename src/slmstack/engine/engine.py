@@ -1,0 +1,320 @@
+"""The engine: requests in, text out, one step at a time.
+
+:class:`Engine` owns the decoder (weights read once from the loaded model), the KV cache, the LoRA adapters
+and the scheduler. :meth:`Engine.submit` queues a tokenized prompt with its adapter and decoding settings and
+returns an :class:`EngineRequest`; each :meth:`Engine.step` asks the scheduler for the next rows, runs one
+forward pass over them, samples a token for each row that needs one, streams text, and ends requests on EOS,
+a stop string or their token budget. A request's ``on_done`` runs as soon as it ends, before the next step,
+so a stack's next stage (a new request) joins the very next step (see ``slmstack.stack.runtime``).
+
+Thread use: :meth:`submit` and :meth:`EngineRequest.cancel` may be called from any thread; :meth:`step`,
+:meth:`run` and :meth:`serve_forever` from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from slmstack.engine.cache import KVCache
+from slmstack.engine.lora import LoraBank
+from slmstack.engine.model import Decoder, StepInput
+from slmstack.engine.sampling import SamplingParams, choose_tokens
+from slmstack.engine.scheduler import Request, Scheduler, State, StepPlan
+from slmstack.engine.weights import engine_support, read_weights
+from slmstack.errors import ConfigError, InputError
+from slmstack.stack.generation import (
+    Generated,
+    GenerationCancelled,
+    TextStream,
+    eos_token_ids,
+    finish_row,
+    tail_text,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineRequest", "EngineUnsupported", "engine_supports"]
+
+
+class EngineUnsupported(ConfigError):
+    """The engine cannot run this model or adapter (the caller falls back to transformers)."""
+
+
+def engine_supports(model: Any) -> str | None:
+    """None when the engine can run ``model`` (adapters included), else why not."""
+    reason = engine_support(model)
+    if reason is None and hasattr(model, "peft_config"):
+        for name, cfg in model.peft_config.items():
+            if (
+                getattr(cfg, "peft_type", None) is not None
+                and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA"
+            ):
+                return f"adapter {name!r} is a {cfg.peft_type} adapter"
+            if getattr(cfg, "use_dora", False):
+                return f"adapter {name!r} uses DoRA"
+    return reason
+
+
+class EngineRequest:
+    """A caller's handle on one request: its text as it grows, and its :class:`Generated` result once done."""
+
+    def __init__(self, engine: Engine, request: Request, stop: list[str], tokens_in: int, truncated: bool,
+                 on_text: Callable[[str], None] | None, on_done: Callable[[EngineRequest], None] | None,
+                 generator: torch.Generator | None) -> None:  # fmt: skip
+        self.engine, self.request, self.stop = engine, request, [s for s in stop if s]
+        self.tokens_in, self.truncated = tokens_in, truncated
+        self.stream = TextStream(engine.tokenizer, stop, on_text) if on_text is not None else None
+        self.on_done, self.generator = on_done, generator
+        self.cancelled = False
+        self.result: Generated | None = None
+        self.done = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop this request at the next step (its result is then a :class:`GenerationCancelled`)."""
+        self.cancelled = True
+        self.engine._wake_up()
+
+    @property
+    def finish_reason(self) -> str | None:
+        """``stop`` (EOS or a stop string), ``length``, ``cancelled``, or None while running."""
+        return self.request.finish_reason
+
+    def generated(self) -> Generated:
+        """The finished result.
+
+        Raises:
+            GenerationCancelled: the request was cancelled.
+        """
+        if self.request.finish_reason == "cancelled":
+            raise GenerationCancelled("generation was cancelled")
+        if self.result is None:
+            raise RuntimeError("the request has not finished")
+        return self.result
+
+
+class Engine:
+    """Continuous batching of many requests, each under its own LoRA adapter, on one loaded model.
+
+    Args:
+        model: a loaded causal LM the engine supports (:func:`engine_supports`), optionally a peft model whose
+            LoRA adapters are all read in.
+        tokenizer: its tokenizer (for stop strings and streaming text).
+        weights: the linear layers' weight format (``dense``, ``float16-weights``, ``bfloat16-weights``,
+            ``int8-weights``; see :class:`slmstack.engine.layers.Linear`).
+        max_batch: rows per step, which is also the number of cache slots.
+        max_tokens_per_step: tokens per step; prompts are fed in chunks that fit beside the decoding rows.
+        max_lora_rank: the largest adapter rank accepted.
+        max_length: the longest sequence (prompt + output); default: the model's context window.
+
+    Example:
+        >>> engine = Engine(lm.model, lm.tokenizer)
+        >>> request = engine.submit(lm.tokenizer("Hello")["input_ids"], settings=GenerationSettings())
+        >>> engine.run(); request.generated().text
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, weights: str = "dense", max_batch: int = 16,
+                 max_tokens_per_step: int = 256, max_lora_rank: int = 64,
+                 max_length: int | None = None) -> None:  # fmt: skip
+        reason = engine_supports(model)
+        if reason is not None:
+            raise EngineUnsupported(f"the engine cannot run this model: {reason}")
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.tokenizer = tokenizer
+        context = model.config.max_position_embeddings
+        self.max_length = min(max_length or context, context)
+        self.weights = read_weights(model, weights, self.dtype, self.max_length)
+        self.lora = LoraBank(max_lora_rank)
+        for name in getattr(model, "peft_config", {}) or {}:
+            self.lora.add(model, name, self.dtype)
+        s = self.weights.shape
+        self.cache = KVCache(s.layers, s.kv_heads, s.head_dim, max_batch, self.max_length, self.dtype, self.device)
+        self.decoder = Decoder(self.weights, self.cache, self.lora)
+        self.scheduler = Scheduler(max_batch, max_tokens_per_step)
+        self.eos = frozenset(eos_token_ids(model, tokenizer))
+        self._handles: dict[Request, EngineRequest] = {}
+        self._lock = threading.Condition()
+        self.steps = 0
+        self.tokens_decoded = 0
+
+    # ---- adapters
+    def add_adapter(self, model: Any, name: str) -> None:
+        """Read adapter ``name`` from the peft model ``model`` (loaded there by peft) into the engine."""
+        self.lora.add(model, name, self.dtype)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``; no running request may use it."""
+        aid = self.lora.id(name)
+        if any(r.adapter == aid for r in self.scheduler.running + list(self.scheduler.waiting)):
+            raise ConfigError(f"adapter {name!r} is in use by a running request")
+        self.lora.remove(name)
+
+    # ---- requests
+    def submit(self, prompt: list[int], adapter: str | None = None, settings: Any = None,
+               on_text: Callable[[str], None] | None = None, on_done: Callable[[EngineRequest], None] | None = None,
+               truncated: bool = False) -> EngineRequest:  # fmt: skip
+        """Queue a tokenized prompt; it joins the batch at the next step.
+
+        Args:
+            prompt: token ids (already cut to fit, as the stack's ``on_overflow`` rule says).
+            adapter: the LoRA adapter's name; None or ``"__base__"`` for the bare base model.
+            settings: a ``GenerationSettings`` (``max_new_tokens``, sampling, ``stop``, ``seed``).
+            on_text: called with each new piece of text as it becomes final (streaming).
+            on_done: called with the handle as soon as the request ends (in the stepping thread).
+            truncated: recorded in the result (the prompt was cut to fit).
+
+        Raises:
+            InputError: an empty prompt, or one that leaves no room for ``max_new_tokens``.
+        """
+        from slmstack.stack.config import GenerationSettings
+
+        settings = settings or GenerationSettings()
+        if not prompt:
+            raise InputError("the prompt is empty: give at least one token to continue")
+        if len(prompt) + settings.max_new_tokens > self.max_length:
+            raise InputError(f"a prompt of {len(prompt)} tokens plus max_new_tokens={settings.max_new_tokens} "
+                             f"exceeds the {self.max_length}-token context; shorten the prompt")  # fmt: skip
+        params = SamplingParams(settings.do_sample, settings.temperature, settings.top_p, settings.top_k,
+                                settings.repetition_penalty, settings.seed)  # fmt: skip
+        request = Request(list(prompt), self.lora.id(adapter), settings.max_new_tokens, params, self.eos)
+        handle = EngineRequest(self, request, list(settings.stop), len(prompt), truncated, on_text, on_done,
+                               params.generator(self.device))  # fmt: skip
+        with self._lock:
+            self._handles[request] = handle
+            self.scheduler.add(request)
+            self._lock.notify_all()
+        return handle
+
+    def has_work(self) -> bool:
+        """Whether any request is waiting or running."""
+        return self.scheduler.has_work()
+
+    def cancel_all(self) -> None:
+        """Cancel every request (the server's shutdown)."""
+        with self._lock:
+            for handle in self._handles.values():
+                handle.cancelled = True
+            self._lock.notify_all()
+
+    def _wake_up(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # ---- running
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Step until no request is left (or ``until()`` is true)."""
+        while (until is None or not until()) and self.step():
+            pass
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Step whenever there is work, sleep when there is none, until ``stop`` is set (then cancel the rest)."""
+        while not stop.is_set():
+            if not self.step():
+                with self._lock:
+                    if not self.scheduler.has_work() and not stop.is_set():
+                        self._lock.wait(timeout=0.1)
+        self.cancel_all()
+        self._drop_cancelled()
+
+    def step(self) -> bool:
+        """Run one step; False when there was nothing to do."""
+        self._drop_cancelled()
+        with self._lock:
+            plan = self.scheduler.schedule()
+            budget = max((r.budget for r in self.scheduler.running), default=0)
+        if plan is None:
+            return False
+        self.cache.ensure(budget)
+        logits = self.decoder.forward(self._inputs(plan))
+        sampled = [row for row in plan.rows if row.sample]
+        handles = [self._handles[row.request] for row in sampled]
+        histories = [torch.tensor(row.request.prompt + row.request.output, device=self.device)
+                     if row.request.params.repetition_penalty != 1.0 else None for row in sampled]  # fmt: skip
+        tokens = choose_tokens(logits, [r.request.params for r in sampled], [h.generator for h in handles], histories)
+        for row in plan.rows:
+            row.request.computed += len(row.tokens)
+        self.steps += 1
+        self.tokens_decoded += len(tokens)
+        for handle, token in zip(handles, tokens, strict=True):
+            self._append(handle, token)
+        return True
+
+    def _inputs(self, plan: StepPlan) -> StepInput:
+        """The step's tensors: tokens, positions and slots flat; decode rows first; LoRA groups by adapter."""
+        rows = plan.rows
+        tokens, positions, slots, groups, sample = [], [], [], {}, []
+        chunks = []
+        for i, row in enumerate(rows):
+            offset, n, slot = len(tokens), len(row.tokens), row.request.slot
+            tokens += row.tokens
+            positions += range(row.start, row.start + n)
+            slots += [slot] * n
+            if row.request.adapter:
+                groups.setdefault(row.request.adapter, []).extend(range(offset, offset + n))
+            if row.sample:
+                sample.append(offset + n - 1)
+            if i >= len(plan.decode):
+                chunks.append((offset, n, slot, row.start))
+        dev = self.device
+        decode_slots = [r.request.slot for r in plan.decode]
+        dense = decode_slots == list(range(len(decode_slots)))
+        lens = [r.start + 1 for r in plan.decode]
+        lora = [(aid, None if len(idx) == len(tokens) else torch.tensor(idx, dtype=torch.long, device=dev))
+                for aid, idx in groups.items()]  # fmt: skip
+
+        def longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
+        return StepInput(
+            tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=len(plan.decode),
+            decode_slots=None if dense else longs(decode_slots), decode_lens=longs(lens),
+            decode_length=max(lens, default=0), chunks=chunks, lora=lora,
+            sample=None if len(sample) == len(tokens) else longs(sample),
+        )  # fmt: skip
+
+    def _append(self, handle: EngineRequest, token: int) -> None:
+        request = handle.request
+        request.output.append(token)
+        reason = None
+        if token in request.eos:
+            reason = "stop"
+            if handle.stream is not None:
+                handle.stream.end()
+        else:
+            if handle.stream is not None:
+                handle.stream.add(token)
+            if handle.stop and self._hit_stop(handle):
+                reason = "stop"
+        if reason is None and (len(request.output) >= request.max_new_tokens or request.length >= self.max_length):
+            reason = "length"
+        if reason is not None:
+            self._finish(handle, reason)
+
+    def _hit_stop(self, handle: EngineRequest) -> bool:
+        text = tail_text(self.tokenizer, handle.request.output, max(len(s) for s in handle.stop) + 4)
+        return any(s in text for s in handle.stop)
+
+    def _finish(self, handle: EngineRequest, reason: str) -> None:
+        request = handle.request
+        with self._lock:
+            self.scheduler.finish(request, reason)
+            del self._handles[request]
+        if reason != "cancelled":
+            handle.result = finish_row(self.tokenizer, request.output, handle.tokens_in, handle.truncated,
+                                       sorted(request.eos), handle.stop)  # fmt: skip
+            if handle.stream is not None:
+                handle.stream.flush(handle.result.text)
+        handle.done.set()
+        if handle.on_done is not None:
+            handle.on_done(handle)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled = [h for h in self._handles.values() if h.cancelled and h.request.state is not State.FINISHED]
+        for handle in cancelled:
+            self._finish(handle, "cancelled")

@@ -1,0 +1,92 @@
+"""The decoder forward over one step: a flat batch of tokens from many rows, each row in its own cache slot.
+
+A step holds ``n`` decode rows (one new token each, listed first, in slot order) and prefill chunks (a run of
+prompt tokens of one row each). Every linear layer runs once over all ``N`` tokens; attention runs once for
+all decode rows and once per prefill chunk. Logits are computed only for the tokens that are sampled from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slmstack.engine.cache import KVCache
+from slmstack.engine.layers import decode_attention, prefill_attention, rms_norm, rope
+from slmstack.engine.lora import LoraBank, lora_add
+from slmstack.engine.weights import DecoderWeights
+
+__all__ = ["Decoder", "StepInput"]
+
+
+@dataclass
+class StepInput:
+    """The tensors of one step (built from the scheduler's plan by the engine)."""
+
+    tokens: Tensor  # (N,) token ids: decode rows first, then each prefill chunk
+    positions: Tensor  # (N,) each token's position in its row
+    slots: Tensor  # (N,) each token's cache slot
+    n_decode: int
+    decode_slots: Tensor | None  # (n,) or None when decode row i sits in slot i
+    decode_lens: Tensor  # (n,) each decode row's length including its new token
+    decode_length: int  # max(decode_lens)
+    chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (offset in N, length, slot, start)
+    lora: list[tuple[int, Tensor | None]] = field(default_factory=list)  # (adapter id, token indices or None)
+    sample: Tensor | None = None  # (n_sample,) indices of the tokens whose logits are wanted
+
+
+class Decoder:
+    """A Llama-layout decoder: embeddings, ``L`` x (attention + SiLU-gated MLP), final norm, LM head."""
+
+    def __init__(self, weights: DecoderWeights, cache: KVCache, lora: LoraBank) -> None:
+        self.w, self.cache, self.lora = weights, cache, lora
+        s = weights.shape
+        self.q_width, self.kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> Tensor:
+        """Write the step's keys and values into the cache; return the logits of ``step.sample``, (n_sample, V)."""
+        s, w = self.w.shape, self.w
+        x = F.embedding(step.tokens, w.embed)  # (N, C)
+        cos, sin = w.cos[step.positions], w.sin[step.positions]  # (N, hd)
+        for i, layer in enumerate(w.layers):
+            h = rms_norm(x, layer.ln1, s.eps)
+            qkv = layer.qkv(h)  # (N, (H + 2 KV) hd)
+            lora_add(qkv, h, i, "qkv", self.lora, step.lora)
+            qk = rope(qkv[:, : self.q_width + self.kv_width].view(-1, s.heads + s.kv_heads, s.head_dim), cos, sin)
+            q, k = qk[:, : s.heads], qk[:, s.heads :]  # (N, H, hd), (N, KV, hd)
+            v = qkv[:, self.q_width + self.kv_width :].view(-1, s.kv_heads, s.head_dim)  # (N, KV, hd)
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+            k_cache[step.slots, :, step.positions] = k
+            v_cache[step.slots, :, step.positions] = v
+            attn = self._attention(q, k_cache, v_cache, step)  # (N, H hd)
+            o = layer.o(attn)
+            lora_add(o, attn, i, "o", self.lora, step.lora)
+            x = x + o
+            h = rms_norm(x, layer.ln2, s.eps)
+            gate_up = layer.gate_up(h)  # (N, 2 I)
+            lora_add(gate_up, h, i, "gate_up", self.lora, step.lora)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up  # (N, I)
+            down = layer.down(act)
+            lora_add(down, act, i, "down", self.lora, step.lora)
+            x = x + down
+        if step.sample is not None:
+            x = x.index_select(0, step.sample)  # only the tokens that are sampled from
+            if not len(x):
+                return x.new_empty(0, s.vocab, dtype=torch.float32)
+        return w.lm_head(rms_norm(x, w.norm, s.eps)).float()  # (n_sample, V)
+
+    def _attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepInput) -> Tensor:
+        n = step.n_decode
+        if not step.chunks:
+            return decode_attention(q, k_cache, v_cache, step.decode_slots, step.decode_lens, step.decode_length)
+        parts = []
+        if n:
+            parts.append(decode_attention(q[:n], k_cache, v_cache, step.decode_slots, step.decode_lens,
+                                          step.decode_length))  # fmt: skip
+        for offset, length, slot, start in step.chunks:
+            parts.append(prefill_attention(q[offset : offset + length], k_cache, v_cache, slot, start))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]

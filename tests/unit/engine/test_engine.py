@@ -1,0 +1,163 @@
+"""Continuous batching never changes a token; the scheduler's joins, cancellations, stops and limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmstack.engine import Engine
+from slmstack.engine.scheduler import Request, Scheduler
+from slmstack.errors import InputError
+from slmstack.stack.config import GenerationSettings
+from slmstack.stack.generation import generate_batch
+from tests.conftest import build_tiny_llama, build_tokenizer
+from tests.unit.engine.test_lora import _peft_model
+
+TEXTS = ["what is two plus two?", "name a red fruit.", "why is the sky blue? tell me more about it", "hi",
+         "a b c d e f g", "one more question here", "short", "the last, eighth prompt of all"]  # fmt: skip
+ADAPTERS = ["qv", "__base__", "all", "mlp", "qv", "all", "__base__", "mlp"]
+
+
+def _alone(model, tok, text: str, adapter: str, settings: GenerationSettings) -> str:
+    engine = Engine(model, tok, max_batch=1)
+    handle = engine.submit(tok(text)["input_ids"], adapter, settings)
+    engine.run()
+    return handle.generated().text
+
+
+def test_a_rows_greedy_text_is_the_same_alone_and_in_a_mixed_continuous_batch() -> None:
+    # Prepare: 8 rows with different adapters and lengths; small step budget so prompts are chunked
+    model, tok = _peft_model(), build_tokenizer()
+    budgets = [GenerationSettings(max_new_tokens=n) for n in (12, 3, 20, 7, 15, 9, 1, 18)]
+    alone = [_alone(model, tok, t, a, s) for t, a, s in zip(TEXTS, ADAPTERS, budgets, strict=True)]
+    # Execute: rows join at different steps (half now, half after 4 steps), and leave when they end
+    engine = Engine(model, tok, max_batch=8, max_tokens_per_step=12)
+    handles = [
+        engine.submit(tok(t)["input_ids"], a, s) for t, a, s in zip(TEXTS[:4], ADAPTERS[:4], budgets[:4], strict=True)
+    ]
+    for _ in range(4):
+        engine.step()
+    handles += [
+        engine.submit(tok(t)["input_ids"], a, s) for t, a, s in zip(TEXTS[4:], ADAPTERS[4:], budgets[4:], strict=True)
+    ]
+    engine.run()
+    # Assert
+    assert [h.generated().text for h in handles] == alone
+    assert len(set(alone)) > 4  # the rows really differ
+
+
+def test_greedy_text_equals_transformers_generate() -> None:
+    model, tok = build_tiny_llama(), build_tokenizer()
+    settings = GenerationSettings(max_new_tokens=24)
+    engine = Engine(model, tok)
+    handles = [engine.submit(tok(t)["input_ids"], None, settings) for t in TEXTS]
+    engine.run()
+    reference = generate_batch(model, tok, TEXTS, settings, chat=False)
+    assert [h.generated() for h in handles] == reference  # text, tokens in and out
+
+
+def test_a_request_that_joins_mid_decode_gets_its_own_text() -> None:
+    model, tok = build_tiny_llama(), build_tokenizer()
+    settings = GenerationSettings(max_new_tokens=16)
+    engine = Engine(model, tok, max_batch=4)
+    first = engine.submit(tok(TEXTS[0])["input_ids"], None, settings)
+    for _ in range(5):
+        engine.step()
+    assert len(first.request.output) == 5  # decoding when the second arrives
+    second = engine.submit(tok(TEXTS[1])["input_ids"], None, settings)
+    engine.step()
+    assert len(first.request.output) == 6 and second.request.computed == len(second.request.prompt)
+    engine.run()
+    assert second.generated().text == _alone(model, tok, TEXTS[1], None, settings)
+
+
+def test_a_cancelled_request_ends_and_frees_its_slot_for_the_next() -> None:
+    from slmstack.stack.generation import GenerationCancelled
+
+    model, tok = build_tiny_llama(), build_tokenizer()
+    settings = GenerationSettings(max_new_tokens=40)
+    engine = Engine(model, tok, max_batch=1)
+    done = []
+    first = engine.submit(tok("aaa")["input_ids"], None, settings, on_done=done.append)
+    waiting = engine.submit(tok("bbb")["input_ids"], None, GenerationSettings(max_new_tokens=3))
+    engine.step()
+    engine.step()
+    first.cancel()
+    engine.run()
+    assert done == [first] and first.finish_reason == "cancelled"
+    with pytest.raises(GenerationCancelled):
+        first.generated()
+    assert waiting.generated().tokens_out == 3  # took the freed slot
+
+
+def test_stop_strings_that_span_tokens_end_the_row_and_are_cut() -> None:
+    model, tok = build_tiny_llama(), build_tokenizer()
+    free = _alone(model, tok, TEXTS[2], None, GenerationSettings(max_new_tokens=30))
+    stop = free[2:5]  # three characters: three tokens of this char-level tokenizer
+    engine = Engine(model, tok)
+    streamed = []
+    handle = engine.submit(tok(TEXTS[2])["input_ids"], None, GenerationSettings(max_new_tokens=30, stop=[stop]),
+                           on_text=streamed.append)  # fmt: skip
+    engine.run()
+    text = handle.generated().text
+    assert text == free[: free.index(stop)].strip() and handle.finish_reason == "stop"
+    assert len(handle.request.output) < 30 and "".join(streamed) == text
+
+
+def test_max_new_tokens_1_empty_prompt_and_overflow() -> None:
+    model, tok = build_tiny_llama(), build_tokenizer()
+    engine = Engine(model, tok)
+    one = engine.submit(tok("hello")["input_ids"], None, GenerationSettings(max_new_tokens=1))
+    engine.run()
+    assert one.generated().tokens_out == 1 and one.finish_reason in ("length", "stop")
+    with pytest.raises(InputError, match="the prompt is empty"):
+        engine.submit([], None, GenerationSettings())
+    with pytest.raises(InputError, match="exceeds the 1024-token context"):
+        engine.submit([7] * 1000, None, GenerationSettings(max_new_tokens=64))
+
+
+def test_seeded_sampling_repeats_and_does_not_depend_on_its_batch() -> None:
+    model, tok = build_tiny_llama(), build_tokenizer()
+    sampled = GenerationSettings(max_new_tokens=20, do_sample=True, temperature=1.3, top_p=0.9, top_k=20, seed=5)
+    alone = _alone(model, tok, TEXTS[0], None, sampled)
+    engine = Engine(model, tok)
+    handles = [engine.submit(tok(t)["input_ids"], None, sampled if i == 0 else GenerationSettings(max_new_tokens=9))
+               for i, t in enumerate(TEXTS)]  # fmt: skip
+    engine.run()
+    assert handles[0].generated().text == alone
+    assert alone != _alone(model, tok, TEXTS[0], None, GenerationSettings(max_new_tokens=20))
+
+
+def test_the_scheduler_fills_the_step_budget_and_admits_in_order() -> None:
+    sched = Scheduler(max_rows=2, max_tokens=8)
+    a, b, c = Request(list(range(10))), Request(list(range(3))), Request(list(range(2)))
+    for r in (a, b, c):
+        sched.add(r)
+    plan = sched.schedule()  # a takes the whole budget (8 of its 10 prompt tokens)
+    assert [(r.request, len(r.tokens), r.sample) for r in plan.prefill] == [(a, 8, False)]
+    a.computed = 8
+    plan = sched.schedule()  # a's last 2 tokens, then b joins with its 3 (c waits: 2 slots)
+    assert [(r.request, len(r.tokens), r.sample) for r in plan.prefill] == [(a, 2, True), (b, 3, True)]
+    a.computed, b.computed = 10, 3
+    a.output, b.output = [1], [2]
+    plan = sched.schedule()  # both decode; c still waits for a slot
+    assert [r.request for r in plan.decode] == [a, b] and not plan.prefill
+    sched.finish(a, "stop")
+    plan = sched.schedule()
+    assert [r.request for r in plan.decode] == [b] and [r.request for r in plan.prefill] == [c]
+    assert c.slot == 0  # the freed slot
+
+
+def test_the_cache_grows_with_the_longest_request_and_keeps_what_it_holds() -> None:
+    model, tok = build_tiny_llama(), build_tokenizer()
+    engine = Engine(model, tok)
+    short = engine.submit(tok("hi")["input_ids"], None, GenerationSettings(max_new_tokens=4))
+    engine.step()
+    assert engine.cache.length == 16
+    long_text = "x" * 40
+    long = engine.submit(tok(long_text)["input_ids"], None, GenerationSettings(max_new_tokens=30))
+    engine.run()
+    assert engine.cache.length == 128
+    assert short.generated().text == _alone(model, tok, "hi", None, GenerationSettings(max_new_tokens=4))
+    assert long.generated().text == _alone(model, tok, long_text, None, GenerationSettings(max_new_tokens=30))
+    assert engine.steps > 0 and torch.is_tensor(engine.cache.k[0])

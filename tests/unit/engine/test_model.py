@@ -1,0 +1,109 @@
+"""The engine's forward equals transformers' (and peft's LoRA) on tiny random models of every supported layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmstack.engine import Engine, engine_supports
+from slmstack.engine.scheduler import Request, Row, StepPlan
+from tests.conftest import build_tiny_llama, build_tokenizer
+
+PROMPT = "hello there, how are you today? fine."
+
+
+def _tiny(kind: str):
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 2, "vocab_size": 96, "max_position_embeddings": 256, "initializer_range": 0.2,
+              "bos_token_id": 1, "eos_token_id": 5, "pad_token_id": 0}  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "llama":
+        return build_tiny_llama()
+    if kind == "llama-rope-scaled":  # llama3-style RoPE scaling, tied embeddings, MHA
+        cfg = LlamaConfig(**{**common, "num_key_value_heads": 4}, tie_word_embeddings=True,
+                          rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 64})  # fmt: skip
+        return LlamaForCausalLM(cfg).eval()
+    if kind == "qwen2":  # biases on q, k and v
+        model = Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+        return model
+    return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+
+
+def _logits(engine: Engine, ids: list[int], chunk: int) -> torch.Tensor:
+    """Every position's logits, the prompt fed in chunks of ``chunk`` tokens (one slot)."""
+    engine.cache.ensure(len(ids))
+    request = Request(ids)
+    request.slot = 0
+    out = []
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        step = engine._inputs(StepPlan([], [Row(request, start, part, True)]))
+        step.sample = torch.arange(len(part))  # every token's logits
+        out.append(engine.decoder.forward(step))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-rope-scaled", "qwen2", "mistral"])
+@pytest.mark.parametrize("chunk", [64, 5, 1])
+def test_logits_equal_transformers_in_float32(kind: str, chunk: int) -> None:
+    # Prepare
+    model, tok = _tiny(kind), build_tokenizer()
+    assert engine_supports(model) is None
+    ids = tok(PROMPT)["input_ids"]
+    # Execute: the whole prompt at once, in chunks of 5 (chunked prefill), one token at a time (decode)
+    ours = _logits(Engine(model, tok, max_batch=2), ids, chunk)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0]
+    # Assert
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_models_and_adapters_are_named() -> None:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                               num_key_value_heads=1, head_dim=16, num_hidden_layers=2,
+                                               vocab_size=96))  # fmt: skip
+    assert "not one the engine runs" in engine_supports(gemma)
+    windowed = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                num_key_value_heads=1, num_hidden_layers=1, vocab_size=96,
+                                                sliding_window=16, max_position_embeddings=256))  # fmt: skip
+    assert "sliding-window" in engine_supports(windowed)
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(build_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert "DoRA" in engine_supports(dora)
+
+
+@pytest.mark.parametrize(("fmt", "tolerance"), [("float16-weights", 2e-3), ("bfloat16-weights", 3e-2),
+                                                 ("int8-weights", 5e-2)])  # fmt: skip
+def test_smaller_weight_formats_stay_close_to_float32(fmt: str, tolerance: float) -> None:
+    from slmstack.errors import ConfigError
+    from slmstack.fp16_weights import check_available
+
+    try:
+        check_available(torch.device("cpu"), fmt)
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    model, tok = _tiny("llama"), build_tokenizer()
+    ids = tok(PROMPT)["input_ids"]
+    dense = _logits(Engine(model, tok), ids, 64)
+    small = _logits(Engine(model, tok, weights=fmt), ids, 64)
+    assert not torch.equal(small, dense)  # it really used other weights
+    scale = dense.abs().max().item()
+    assert (small - dense).abs().max().item() <= tolerance * scale
