@@ -30,7 +30,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
     if args.adapter and not args.model:
         raise InputError("--adapter applies to --model; for a stack, set adapters in its YAML")
-    if args.model and (args.stack or args.overrides):
+    if args.model and (args.stack or [o for o in args.overrides if not o.startswith("engine=")]):
         raise InputError("give either --model (with --adapter) or --stack, not both")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -44,7 +44,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise InputError(f"{flag} {value}: must be at least 1")
     if args.model:
-        target = ModelTarget.from_ref(args.model, args.adapter)
+        target = ModelTarget.from_ref(args.model, args.adapter, engine=args.engine)
     else:
         from slmstack.stack.runtime import Stack
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from slmstack.cli.common import VERBS
+from slmstack.cli.common import VERBS, add_engine_arg
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -15,6 +15,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help="weights of every in-process stack: auto, float32, bfloat16, float16 or "
                         "float16-weights (x86 CPU: float16 weights, float32 math). Default: each stack's")  # fmt: skip
+    add_engine_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="requests per stack batch")
@@ -37,7 +38,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
     settings = ServeSettings(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_prompt_tokens=args.max_prompt_tokens,
                              max_tokens=args.max_tokens, api_key=key)  # fmt: skip
-    configs = stack_configs(args.stack, args.model, dtype=args.dtype)
+    configs = stack_configs(args.stack, args.model, dtype=args.dtype, engine=args.engine)
     sock = bind_socket(settings.host, settings.port)  # a bad --host or --port fails before any model loads
     try:
         from slmstack.stack.runtime import Stack

@@ -80,9 +80,8 @@ def distill_cmd(args: argparse.Namespace) -> int:
     else:
         from slmstack.models import load_model
 
-        teacher = LocalTeacher(
-            load_model(args.teacher, stack.device, stack.dtype), args.batch_size, stack.chat_template
-        )
+        teacher = LocalTeacher(load_model(args.teacher, stack.device, stack.dtype), args.batch_size,
+                               stack.chat_template, engine=args.engine)  # fmt: skip
     report = distill(stack, teacher, data.examples, args.out, cfg)
     summary = {"kept": report.kept, "total": report.total, "dropped": report.dropped,
                "skipped_bad_records": len(data.skipped), "seconds": report.seconds, "out": str(args.out)}  # fmt: skip

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from slmstack.cli.common import VERBS
+from slmstack.cli.common import VERBS, add_engine_arg
 
 
 def _transfer_args(p: argparse.ArgumentParser) -> None:
@@ -14,6 +14,7 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="study directory: checkpoints, cells, results")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set seeds=[0] --set train.steps=20")  # fmt: skip
+    add_engine_arg(p)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="cells one after another (local), or as Ray tasks (ray; RAY_ADDRESS: a cluster)")  # fmt: skip
 
@@ -24,6 +25,8 @@ def transfer_cmd(args: argparse.Namespace) -> int:
     from slmstack.transfer.run import transfer
 
     cfg = load_transfer_config(args.config, args.overrides)
+    if args.engine != "auto":
+        cfg.engine = args.engine
     summary = transfer(cfg, args.out, args.executor)
     rows = [{"comparison": r["comparison"], "split": r["split"], "instructions": r["instructions"], "k": r["k"],
              "relative_percent": round(r["relative_percent"]["mean"], 2)} for r in summary["relative"]]  # fmt: skip

@@ -7,8 +7,9 @@ forward pass over them, samples a token for each row that needs one, streams tex
 a stop string or their token budget. A request's ``on_done`` runs as soon as it ends, before the next step,
 so a stack's next stage (a new request) joins the very next step (see ``slmstack.stack.runtime``).
 
-Thread use: :meth:`submit` and :meth:`EngineRequest.cancel` may be called from any thread; :meth:`step`,
-:meth:`run` and :meth:`serve_forever` from one thread at a time.
+Thread use: any thread may submit, cancel and step; steps are serialised by a lock, and each step serves every
+request in flight, whichever thread submitted it (so a server's stepping thread and a caller's ``run`` share one
+engine safely).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class EngineRequest:
         self.stream = TextStream(engine.tokenizer, stop, on_text) if on_text is not None else None
         self.on_done, self.generator = on_done, generator
         self.cancelled = False
+        self.error: BaseException | None = None  # the failure of the step it was in
         self.result: Generated | None = None
         self.done = threading.Event()
 
@@ -92,6 +94,8 @@ class EngineRequest:
         """
         if self.request.finish_reason == "cancelled":
             raise GenerationCancelled("generation was cancelled")
+        if self.error is not None:
+            raise self.error
         if self.result is None:
             raise RuntimeError("the request has not finished")
         return self.result
@@ -138,9 +142,11 @@ class Engine:
         self.scheduler = Scheduler(max_batch, max_tokens_per_step)
         self.eos = frozenset(eos_token_ids(model, tokenizer))
         self._handles: dict[Request, EngineRequest] = {}
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()  # the queues and handles
+        self._stepping = threading.Lock()  # one step at a time
         self.steps = 0
         self.tokens_decoded = 0
+        self.on_step: Callable[[int], None] | None = None  # rows of each step (the server's batch-size metric)
 
     # ---- adapters
     def add_adapter(self, model: Any, name: str) -> None:
@@ -214,15 +220,32 @@ class Engine:
     def serve_forever(self, stop: threading.Event) -> None:
         """Step whenever there is work, sleep when there is none, until ``stop`` is set (then cancel the rest)."""
         while not stop.is_set():
-            if not self.step():
+            try:
+                worked = self.step()
+            except Exception as exc:  # noqa: BLE001 - fail the requests in flight, keep serving
+                logger.exception("an engine step failed; failing the %d requests in flight", len(self._handles))
+                self._fail_all(exc)
+                continue
+            if not worked:
                 with self._lock:
                     if not self.scheduler.has_work() and not stop.is_set():
                         self._lock.wait(timeout=0.1)
         self.cancel_all()
         self._drop_cancelled()
 
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.error = error
+            self._finish(handle, "error")
+
     def step(self) -> bool:
         """Run one step; False when there was nothing to do."""
+        with self._stepping:
+            return self._step()
+
+    def _step(self) -> bool:
         self._drop_cancelled()
         with self._lock:
             plan = self.scheduler.schedule()
@@ -240,6 +263,8 @@ class Engine:
             row.request.computed += len(row.tokens)
         self.steps += 1
         self.tokens_decoded += len(tokens)
+        if self.on_step is not None:
+            self.on_step(len(plan.rows))
         for handle, token in zip(handles, tokens, strict=True):
             self._append(handle, token)
         return True
@@ -304,7 +329,7 @@ class Engine:
         with self._lock:
             self.scheduler.finish(request, reason)
             del self._handles[request]
-        if reason != "cancelled":
+        if reason not in ("cancelled", "error"):
             handle.result = finish_row(self.tokenizer, request.output, handle.tokens_in, handle.truncated,
                                        sorted(request.eos), handle.stop)  # fmt: skip
             if handle.stream is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,6 +47,7 @@ class Request:
     state: State = State.WAITING
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     arrival: int = field(default_factory=lambda: next(_ARRIVALS))
+    admitted: float | None = None  # time.perf_counter() when it got a slot
 
     @property
     def length(self) -> int:
@@ -122,7 +124,7 @@ class Scheduler:
             budget -= len(prefill[-1].tokens)
         while self.waiting and self.free and budget > 0:
             r = self.waiting.popleft()
-            r.slot, r.state = self.free.pop(0), State.RUNNING
+            r.slot, r.state, r.admitted = self.free.pop(0), State.RUNNING, time.perf_counter()
             self.running.append(r)
             prefill.append(self._chunk(r, budget))
             budget -= len(prefill[-1].tokens)

@@ -18,8 +18,9 @@ from slmstack.errors import ConfigError
 from slmstack.evaluation.scorer import Scorer
 from slmstack.models import LoadedModel, load_model
 from slmstack.stack.adapters import attach_adapters
+from slmstack.stack.backends import LocalBackend, Row
 from slmstack.stack.config import GenerationSettings
-from slmstack.stack.generation import generate_batch
+from slmstack.stack.generation import BASE_ADAPTER
 from slmstack.stack.runtime import Stack
 
 __all__ = ["EvalTarget", "ModelTarget", "StackTarget", "parameter_counts"]
@@ -60,20 +61,22 @@ def parameter_counts(model: Any, active_adapters: int = 1) -> dict[str, int]:
 class ModelTarget:
     """A model reference, optionally with one peft LoRA adapter (checked against the base)."""
 
-    def __init__(self, loaded: LoadedModel, adapter: str | Path | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, adapter: str | Path | None = None, engine: str = "auto") -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.adapter_name = None
         if adapter is not None:
             self.model = attach_adapters(loaded.model, {"adapter": Path(adapter)}, base_ref=loaded.ref.ref)
             self.adapter_name = "adapter"
+        self.backend = LocalBackend(self.model, loaded.tokenizer, engine=engine)
         self.identity = {"kind": "model", "model": loaded.ref.ref, "adapter": str(adapter) if adapter else None,
                          **parameter_counts(self.model)}  # fmt: skip
 
     @classmethod
-    def from_ref(cls, ref: str, adapter: str | Path | None = None, device: str = "auto", dtype: str = "float32"):
+    def from_ref(cls, ref: str, adapter: str | Path | None = None, device: str = "auto", dtype: str = "float32",
+                 engine: str = "auto"):  # fmt: skip
         """Load ``ref`` (and the adapter) and wrap it."""
-        return cls(load_model(ref, device=device, dtype=dtype), adapter)
+        return cls(load_model(ref, device=device, dtype=dtype), adapter, engine)
 
     def scorer(self, batch_size: int) -> Scorer:
         """Scores with the model (through the adapter, if any)."""
@@ -85,13 +88,13 @@ class ModelTarget:
 
     def generate(self, contexts: list[str], until: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
         """Greedy continuation of the raw context, cut at the first stop string (lm-eval's generate_until)."""
-        settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=list(until))
-        names = [self.adapter_name] if self.adapter_name else None
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=[s for s in until if s])
+        adapter = self.adapter_name or BASE_ADAPTER
+        self.backend.max_batch = batch_size
         out = []
         for s in range(0, len(contexts), batch_size):
-            chunk = contexts[s : s + batch_size]
-            out += [g.text for g in generate_batch(self.model, self.loaded.tokenizer, chunk, settings,
-                                                   names * len(chunk) if names else None, chat=False)]  # fmt: skip
+            rows = [Row("", context, adapter) for context in contexts[s : s + batch_size]]
+            out += [g.text for g in self.backend.generate(rows, settings, False, None, "truncate")]
         return out
 
 

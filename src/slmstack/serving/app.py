@@ -27,9 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from slmstack.serving.batcher import MicroBatcher
+from slmstack.serving.continuous import ContinuousBatcher
 from slmstack.serving.requests import ApiError, CompletionRequest, parse_chat, parse_completion
 from slmstack.serving.settings import ServeSettings
-from slmstack.stack.backends import BackendError
+from slmstack.stack.backends import BackendError, LocalBackend
 from slmstack.stack.generation import GenerationCancelled
 from slmstack.stack.runtime import Stack, StackResult
 
@@ -84,18 +85,25 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
     stopping = threading.Event()  # set on SIGTERM/SIGINT: generation in flight stops, its clients get a 503
 
     def on_batch(size: int, waits: list[float]) -> None:
-        metrics.batch_size.observe(size)
+        if size:
+            metrics.batch_size.observe(size)
         for w in waits:
             metrics.queue_wait.observe(w)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        by_backend: dict[int, MicroBatcher] = {}  # one batcher per backend: stacks on one base share batches
+        by_backend: dict[int, Any] = {}  # one batcher per backend: stacks on one base share batches
         for name, stack in stacks.items():
             if id(stack.backend) not in by_backend:
-                by_backend[id(stack.backend)] = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, executor,
-                                                             on_batch, cancel=stopping)  # fmt: skip
-                by_backend[id(stack.backend)].start()
+                if isinstance(stack.backend, LocalBackend) and stack.backend._engine is None:
+                    stack.backend.max_batch = settings.max_batch_size  # rows per engine step
+                if stack.on_engine:  # continuous batching on the engine
+                    batcher: Any = ContinuousBatcher(stack.backend.engine, on_batch, stop=stopping)
+                else:  # transformers or a remote backend: micro-batches, stage by stage
+                    batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, executor, on_batch,
+                                           cancel=stopping)  # fmt: skip
+                batcher.start()
+                by_backend[id(stack.backend)] = batcher
             batchers[name] = by_backend[id(stack.backend)]
         yield
         for b in by_backend.values():

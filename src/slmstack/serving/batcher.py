@@ -40,6 +40,7 @@ class Pending:
     # a StageTrace per finished stage and, when streaming, str pieces of the final stage's text; then None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued_at: float = field(default_factory=time.perf_counter)
+    result_seen: bool = False  # a stage has finished (the queue wait is recorded once)
 
 
 class MicroBatcher:

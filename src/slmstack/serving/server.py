@@ -35,8 +35,12 @@ def load_stacks(stack_files: list[str], models: list[str], dtype: str | None = N
     return {c.name: s for c, s in zip(configs, Stack.sharing_bases(configs), strict=True)}
 
 
-def stack_configs(stack_files: list[str], models: list[str], dtype: str | None = None) -> list[Any]:
-    """The validated configs :func:`load_stacks` would load (nothing is loaded)."""
+def stack_configs(stack_files: list[str], models: list[str], dtype: str | None = None,
+                  engine: str = "auto") -> list[Any]:  # fmt: skip
+    """The validated configs :func:`load_stacks` would load (nothing is loaded).
+
+    ``engine`` other than ``auto`` overrides every stack's own.
+    """
     from slmstack.models import pick_device, pick_dtype
     from slmstack.stack.config import GenerationSettings, StackConfig, StageConfig, load_stack_config
 
@@ -51,6 +55,7 @@ def stack_configs(stack_files: list[str], models: list[str], dtype: str | None =
         configs = [load_stack_config(None)]
     for config in configs:
         config.dtype = dtype or config.dtype
+        config.engine = config.engine if engine == "auto" else engine
     names = [c.name for c in configs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

@@ -3,8 +3,8 @@
 A backend turns a batch of (role, prompt, adapter) rows into :class:`Generated` rows. ``local`` runs them on
 the loaded base with one LoRA adapter per row, on slmstack's engine or transformers' ``generate``. ``openai``
 sends each row to an OpenAI-compatible server (vLLM with ``--enable-lora``, llama.cpp's server, ...) under the
-model name the stack's ``backend.models`` maps the stage's adapter to, so the same stack, trace and server run while the
-generation happens on the remote engine. Each backend is a few lines behind the ``BACKENDS`` registry.
+model name the stack's ``backend.models`` maps the stage's adapter to, so the same stack, trace and server run
+while the generation happens on the remote engine. Each backend is a few lines behind the ``BACKENDS`` registry.
 """
 
 from __future__ import annotations
@@ -64,12 +64,15 @@ class LocalBackend:
 
     def __init__(self, model: Any, tokenizer: Any, dtype: str = "auto", engine: str = "auto",
                  max_batch: int = 16) -> None:  # fmt: skip
+        if engine == "auto":  # SLMSTACK_ENGINE=hf turns the engine off for a whole process (the tests run both ways)
+            engine = os.environ.get("SLMSTACK_ENGINE", "auto")
         if engine not in ENGINES:
             raise ConfigError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.engine_mode, self.max_batch = engine, max_batch
         self._engine: Any = None
         self._converted = False
+        self._lora_version: tuple = ()
 
     @property
     def engine(self) -> Any:
@@ -88,10 +91,17 @@ class LocalBackend:
                 return None
             self._engine = Engine(self.model, self.tokenizer, weights=ENGINE_WEIGHTS.get(self.dtype, "dense"),
                                   max_batch=self.max_batch)  # fmt: skip
-        for name in getattr(self.model, "peft_config", {}) or {}:  # adapters attached since (another stack)
-            if name not in self._engine.lora.ids:
+        version = _lora_version(self.model)  # adapters attached since (another stack), or trained since
+        if version != self._lora_version:
+            for name in getattr(self.model, "peft_config", {}) or {}:
                 self._engine.add_adapter(self.model, name)
+            self._lora_version = version
         return self._engine
+
+    def default_adapter(self) -> str:
+        """The adapter rows run under when the caller names none: peft's active adapter, else the bare base."""
+        active = getattr(self.model, "active_adapter", None) if hasattr(self.model, "peft_config") else None
+        return active if isinstance(active, str) else BASE_ADAPTER
 
     def model_input(self, role: str, prompt: str, chat: bool) -> str:
         """The exact text the model sees (the chat template applied when ``chat``)."""
@@ -230,6 +240,13 @@ def _raise_for(response: Any, model: str) -> None:
 def _generated(text: str, usage: dict[str, Any] | None) -> Generated:
     usage = usage or {}
     return Generated(text.strip(), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+
+def _lora_version(model: Any) -> tuple:
+    """Changes whenever an adapter is attached or its weights change (an optimizer step bumps ``_version``)."""
+    if not hasattr(model, "peft_config"):
+        return ()
+    return tuple(p._version for name, p in model.named_parameters() if "lora_" in name)
 
 
 BACKENDS: Registry[Callable[[BackendConfig, bool], Any]] = Registry("backend")

@@ -41,12 +41,15 @@ class Chain:
     handle: Any = None  # the current stage's EngineRequest
     error: BaseException | None = None
     finished: bool = False
+    cancelled: bool = False
     started: float = field(default=0.0)
 
     def cancel(self) -> None:
-        """Stop the chain at the next engine step."""
-        if self.handle is not None:
-            self.handle.cancel()
+        """Stop the chain at the next engine step (or before its next stage starts)."""
+        self.cancelled = True
+        handle = self.handle
+        if handle is not None:
+            handle.cancel()
 
 
 def start_chain(chain: Chain) -> Chain:
@@ -56,7 +59,12 @@ def start_chain(chain: Chain) -> Chain:
 
 
 def _submit(chain: Chain) -> None:
+    from slmstack.stack.generation import GenerationCancelled
+
     stack, stage = chain.stack, chain.stages[chain.index]
+    if chain.cancelled:
+        _end(chain, GenerationCancelled("generation was cancelled"))
+        return
     try:
         settings = stage.generation
         extra = chain.overrides(chain.index) if chain.overrides else {}

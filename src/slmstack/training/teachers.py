@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 from slmstack.errors import SlmstackError
 from slmstack.models import LoadedModel
+from slmstack.stack.backends import LocalBackend, Row
 from slmstack.stack.config import GenerationSettings
-from slmstack.stack.generation import format_prompt, generate_batch
+from slmstack.stack.generation import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +51,22 @@ class Teacher(Protocol):
 
 
 class LocalTeacher:
-    """A locally loaded model, run in batches through :func:`generate_batch`."""
+    """A locally loaded model, run through the in-process backend (slmstack's engine where it runs the model)."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 16, chat_template: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, batch_size: int = 16, chat_template: bool = True,
+                 engine: str = "auto") -> None:  # fmt: skip
         self.loaded = loaded
         self.batch_size = batch_size
         self.chat = chat_template and bool(getattr(loaded.tokenizer, "chat_template", None))
         self.identity = f"local:{loaded.ref.ref}"
+        self.backend = LocalBackend(loaded.model, loaded.tokenizer, engine=engine, max_batch=batch_size)
 
     def generate(self, requests: list[tuple[str, str]], settings: GenerationSettings) -> list[TeacherReply]:
         """Generate in batches of ``batch_size``; a reply that used every new token is marked unfinished."""
-        tok = self.loaded.tokenizer
         replies = []
         for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            texts = [format_prompt(tok, role, message, self.chat) for role, message in chunk]
-            outs = generate_batch(self.loaded.model, tok, texts, settings, chat=self.chat)
+            rows = [Row(role, message, BASE_ADAPTER) for role, message in requests[start : start + self.batch_size]]
+            outs = self.backend.generate(rows, settings, self.chat, None, "truncate")
             replies += [TeacherReply(o.text, o.tokens_out < settings.max_new_tokens) for o in outs]
         return replies
 

@@ -103,6 +103,8 @@ class TransferConfig:
     """A transfer study: every (split, mode, instructions, seed, k) cell of the grid."""
 
     model: str = field(default="default", metadata={"help": "a causal or encoder-decoder model reference"})
+    engine: str = field(default="auto", metadata={"help": "generation: auto (slmstack's engine where it runs the "
+                                                          "model), native or hf"})  # fmt: skip
     collection: CollectionConfig
     tasks: list[str] | None = field(default=None, metadata={"help": "use only these tasks (default: all)"})
     splits: list[SplitConfig]
@@ -127,6 +129,8 @@ class TransferConfig:
                 raise ConfigError(f"modes: {mode} starts from {start}; add {start} to modes")
         if not self.splits:
             raise ConfigError("splits: give at least one held-out split")
+        if self.engine not in ("auto", "native", "hf"):
+            raise ConfigError(f"engine {self.engine!r} is not one of auto, native, hf")
         if len({s.name for s in self.splits}) != len(self.splits):
             raise ConfigError("splits: names must be unique")
         if not self.seeds or not self.instructions:

@@ -121,10 +121,12 @@ class Grid:
 
         t = self.cfg.train
         if t.method == "full":
-            model = TransferModel(str(checkpoint) if checkpoint else self.cfg.model, t.max_length)
+            model = TransferModel(
+                str(checkpoint) if checkpoint else self.cfg.model, t.max_length, engine=self.cfg.engine
+            )
             model.prepare("full", t.rank, t.alpha)
         else:
-            model = TransferModel(self.cfg.model, t.max_length)
+            model = TransferModel(self.cfg.model, t.max_length, engine=self.cfg.engine)
             model.prepare("lora", t.rank, t.alpha, adapter=checkpoint)
         return model
 

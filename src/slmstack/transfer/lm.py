@@ -42,8 +42,8 @@ def is_seq2seq(ref: str) -> bool:
 class TransferModel:
     """A causal or seq2seq model with its tokenizer, optionally with a LoRA adapter being trained."""
 
-    def __init__(self, ref: str, max_length: int = 256, device: str = "cpu") -> None:
-        self.ref, self.max_length = ref, max_length
+    def __init__(self, ref: str, max_length: int = 256, device: str = "cpu", engine: str = "auto") -> None:
+        self.ref, self.max_length, self.engine = ref, max_length, engine
         self.seq2seq = is_seq2seq(ref)
         if self.seq2seq:
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -156,22 +156,25 @@ class TransferModel:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
         """Greedy completions of ``prompts``."""
-        from slmstack.stack.generation import format_prompt
-
         self.model.eval()
+        if not self.seq2seq:  # the one way slmstack generates in process (the engine where it runs the model)
+            from slmstack.stack.backends import LocalBackend, Row
+            from slmstack.stack.config import GenerationSettings
+
+            if getattr(self, "_backend", None) is None or self._backend.model is not self.model:
+                self._backend = LocalBackend(self.model, self.tokenizer, engine=self.engine, max_batch=batch_size)
+            adapter = self._backend.default_adapter()
+            settings = GenerationSettings(max_new_tokens=max_new_tokens)
+            rows = [Row("", p, adapter) for p in prompts]
+            return [g.text for g in self._backend.generate(rows, settings, self.chat, self.max_length, "truncate")]
         device = next(self.model.parameters()).device
         out = []
         for s in range(0, len(prompts), batch_size):
             chunk = prompts[s : s + batch_size]
-            if not self.seq2seq:
-                chunk = [format_prompt(self.tokenizer, "", p, self.chat) for p in chunk]
-                self.tokenizer.padding_side = "left"
-            special = self.seq2seq or not self.chat
             enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=special)  # fmt: skip
+                                 max_length=self.max_length, add_special_tokens=True)  # fmt: skip
             enc = {k: v.to(device) for k, v in enc.items()}
             ids = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
-            new = ids if self.seq2seq else ids[:, enc["input_ids"].shape[1] :]
-            out += [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            out += [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         return out

@@ -25,7 +25,7 @@ STUDY = "study.json"
 def prepare_grid(cfg: TransferConfig, out: Path) -> Grid:
     """The grid of ``cfg`` in ``out``; ``out`` must be empty or hold the same study (then it resumes)."""
     out = check_output_dir(Path(out), "transfer output (--out)")
-    settings = dataclass_to_dict(cfg)
+    settings = {k: v for k, v in dataclass_to_dict(cfg).items() if k != "engine"}  # how it generates: not the study
     if (out / STUDY).is_file():
         if read_json(out / STUDY, "transfer study record", expect=dict) != settings:
             raise ConfigError(f"{out} holds a different transfer study; use another --out")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -49,7 +50,6 @@ def test_the_openai_client_lists_models_chats_streams_and_completes(live) -> Non
 def test_sixteen_concurrent_requests_succeed_in_shared_batches(live) -> None:
     base, app = live
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
-    before = app.state.batchers["tiny-stack"].batches
 
     def ask(i: int) -> str:
         reply = client.chat.completions.create(model="tiny-stack", messages=[{"role": "user", "content": f"q {i}"}],
@@ -59,10 +59,12 @@ def test_sixteen_concurrent_requests_succeed_in_shared_batches(live) -> None:
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(16)))
     assert len(answers) == 16
-    batches = app.state.batchers["tiny-stack"].batches - before
-    assert batches < 16  # requests shared batches
     metrics = httpx.get(f"{base}/metrics").text
     assert "slmstack_batch_size_count" in metrics and "slmstack_queue_wait_seconds_bucket" in metrics
+    # requests shared forward passes: some batch (a micro-batch, or an engine step) held more than one row
+    alone = float(re.search(r'slmstack_batch_size_bucket\{le="1.0"\} (\S+)', metrics).group(1))
+    total = float(re.search(r"slmstack_batch_size_count (\S+)", metrics).group(1))
+    assert total > alone
 
 
 @pytest.mark.parametrize(
