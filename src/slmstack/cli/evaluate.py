@@ -35,7 +35,11 @@ def eval_cmd(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise InputError("--tasks is empty; name tasks such as arc_easy,hellaswag or task YAML paths")
-    for task in tasks:  # fail on unknown tasks and bad paths before loading a model
+    from slmstack.evaluation.groups import expand
+    from slmstack.evaluation.tasks import ensure_builtins
+
+    ensure_builtins()
+    for task in expand(tasks)[0]:  # fail on unknown tasks and bad paths before loading a model
         get_task(task)
     check_output_file(args.out, "--out results file")
     if args.data_dir is not None and not args.data_dir.is_dir():

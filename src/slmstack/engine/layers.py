@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LINEAR_FORMATS", "Linear", "decode_attention", "prefill_attention", "rms_norm", "rope", "rope_tables"]
+__all__ = ["LINEAR_FORMATS", "Linear", "decode_attention", "decode_mask", "prefill_attention", "rms_norm", "rope",
+           "rope_tables"]  # fmt: skip
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -36,13 +37,13 @@ def rope_tables(inv_freq: Tensor, scaling: float, max_positions: int) -> tuple[T
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (N, heads, hd) by its tokens' angles: ``cos``/``sin`` are (N, hd) rows of :func:`rope_tables`."""
+    """Rotate ``x`` (N, heads, hd) by its tokens' angles; ``cos``/``sin``: (N, 1, hd) rows of :func:`rope_tables`."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # transformers' rotate_half
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.addcmul(x * cos, rotated, sin)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor | None, lens: Tensor,
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor | None, mask: Tensor | None,
                      length: int) -> Tensor:  # fmt: skip
     """One new token per row against its slot's cache.
 
@@ -51,8 +52,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor 
         k_cache: (S, KV, T, hd), this layer's keys (the rows' new keys already written).
         v_cache: (S, KV, T, hd), its values, likewise.
         slots: (n,) each row's slot; None when row i is slot i (the usual, dense case: no copy at all).
-        lens: (n,) each row's length including the new token.
-        length: max(lens), the part of the cache read.
+        mask: (n, 1, 1, length), True where a row has a key (see :func:`decode_mask`); None when every row is
+            ``length`` long.
+        length: the longest row (with its new token), the part of the cache read.
 
     Returns:
         (n, H * hd)
@@ -63,10 +65,17 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor 
         keys, values = k_cache[:n, :, :length], v_cache[:n, :, :length]  # (n, KV, L, hd) views
     else:
         keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
-    mask = torch.arange(length, device=q.device)[None, :] < lens[:, None]  # (n, L)
-    out = F.scaled_dot_product_attention(q.view(n, kv, heads // kv, hd), keys, values,
-                                         attn_mask=mask[:, None, None, :])  # (n, KV, G, hd)  # fmt: skip
+    out = F.scaled_dot_product_attention(
+        q.view(n, kv, heads // kv, hd), keys, values, attn_mask=mask
+    )  # (n, KV, G, hd)
     return out.reshape(n, heads * hd)
+
+
+def decode_mask(lens: Tensor, length: int) -> Tensor | None:
+    """(n, 1, 1, length): True where row i has a key (positions below its length); None when all are full."""
+    if bool((lens == length).all()):
+        return None
+    return (torch.arange(length, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
 
 
 def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, start: int) -> Tensor:
@@ -142,3 +151,9 @@ class Linear:
     def __call__(self, x: Tensor) -> Tensor:
         """(N, in) -> (N, out)."""
         return self._call(x)
+
+    def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
+        """``residual + self(x)``: one ``addmm`` for dense weights (the residual add fused into the product)."""
+        if self.fmt == "dense" and self.bias is None:
+            return torch.addmm(residual, x, self.weight.t())
+        return residual + self._call(x)

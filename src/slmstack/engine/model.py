@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slmstack.engine.cache import KVCache
-from slmstack.engine.layers import decode_attention, prefill_attention, rms_norm, rope
+from slmstack.engine.layers import decode_attention, decode_mask, prefill_attention, rms_norm, rope
 from slmstack.engine.lora import LoraBank, lora_add
 from slmstack.engine.weights import DecoderWeights
 
@@ -50,7 +50,8 @@ class Decoder:
         """Write the step's keys and values into the cache; return the logits of ``step.sample``, (n_sample, V)."""
         s, w = self.w.shape, self.w
         x = F.embedding(step.tokens, w.embed)  # (N, C)
-        cos, sin = w.cos[step.positions], w.sin[step.positions]  # (N, hd)
+        cos, sin = w.cos[step.positions][:, None, :], w.sin[step.positions][:, None, :]  # (N, 1, hd)
+        mask = decode_mask(step.decode_lens, step.decode_length) if step.n_decode else None
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.ln1, s.eps)
             qkv = layer.qkv(h)  # (N, (H + 2 KV) hd)
@@ -61,32 +62,30 @@ class Decoder:
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
             k_cache[step.slots, :, step.positions] = k
             v_cache[step.slots, :, step.positions] = v
-            attn = self._attention(q, k_cache, v_cache, step)  # (N, H hd)
-            o = layer.o(attn)
-            lora_add(o, attn, i, "o", self.lora, step.lora)
-            x = x + o
+            attn = self._attention(q, k_cache, v_cache, step, mask)  # (N, H hd)
+            x = layer.o.add_to(x, attn)  # x + o(attn)
+            lora_add(x, attn, i, "o", self.lora, step.lora)
             h = rms_norm(x, layer.ln2, s.eps)
             gate_up = layer.gate_up(h)  # (N, 2 I)
             lora_add(gate_up, h, i, "gate_up", self.lora, step.lora)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up  # (N, I)
-            down = layer.down(act)
-            lora_add(down, act, i, "down", self.lora, step.lora)
-            x = x + down
+            x = layer.down.add_to(x, act)  # x + down(act)
+            lora_add(x, act, i, "down", self.lora, step.lora)
         if step.sample is not None:
             x = x.index_select(0, step.sample)  # only the tokens that are sampled from
             if not len(x):
                 return x.new_empty(0, s.vocab, dtype=torch.float32)
         return w.lm_head(rms_norm(x, w.norm, s.eps)).float()  # (n_sample, V)
 
-    def _attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepInput) -> Tensor:
+    def _attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepInput,
+                   mask: Tensor | None) -> Tensor:  # fmt: skip
         n = step.n_decode
         if not step.chunks:
-            return decode_attention(q, k_cache, v_cache, step.decode_slots, step.decode_lens, step.decode_length)
+            return decode_attention(q, k_cache, v_cache, step.decode_slots, mask, step.decode_length)
         parts = []
         if n:
-            parts.append(decode_attention(q[:n], k_cache, v_cache, step.decode_slots, step.decode_lens,
-                                          step.decode_length))  # fmt: skip
+            parts.append(decode_attention(q[:n], k_cache, v_cache, step.decode_slots, mask, step.decode_length))
         for offset, length, slot, start in step.chunks:
             parts.append(prefill_attention(q[offset : offset + length], k_cache, v_cache, slot, start))
         return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -14,9 +14,11 @@ from jinja2 import BaseLoader, Environment, StrictUndefined, UndefinedError
 
 import slmstack
 from slmstack.errors import InputError
+from slmstack.evaluation.groups import expand as expand_tasks
+from slmstack.evaluation.groups import score_groups
 from slmstack.evaluation.scorer import perplexities
 from slmstack.evaluation.targets import EvalTarget, extract, normalize_answer
-from slmstack.evaluation.tasks import TINY_SEED, Doc, TaskSpec, get_task, load_docs, select_subset
+from slmstack.evaluation.tasks import TINY_SEED, Doc, TaskSpec, ensure_builtins, get_task, load_docs, select_subset
 from slmstack.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ def _render(template: str, doc: Doc, task: str) -> str:
         return _ENV.from_string(template).render(**doc.data)
     except UndefinedError as exc:
         raise InputError(f"{doc.where}: task {task!r} needs a field the record lacks ({exc.message})") from None
+
+
+def _context(spec: TaskSpec, doc: Doc) -> str:
+    """The task's description (lm-eval's prompt prefix), then its text, both rendered on the record."""
+    return _render(spec.description, doc, spec.name) + _render(spec.text, doc, spec.name)
 
 
 def _field(doc: Doc, name: str, task: str) -> Any:
@@ -80,7 +87,7 @@ def _accuracy(values: dict[str, list[float]]) -> dict[str, float]:
 def _multiple_choice(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer: Any) -> dict[str, float]:
     pairs, spans, golds, lengths = [], [], [], []
     if spec.partial:  # each choice is a context; the continuation is shared
-        contexts = [c for d in docs for c in _choices(spec, d)]
+        contexts = [_render(spec.description, d, spec.name) + c for d in docs for c in _choices(spec, d)]
         prepared, delim = target.prepare(contexts, spec.target_delimiter)
         it = iter(prepared)
         for d in docs:
@@ -91,7 +98,7 @@ def _multiple_choice(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer
             lengths.append([float(len(cont))] * n)
             golds.append(_gold_index(spec, d, n))
     else:
-        prepared, delim = target.prepare([_render(spec.text, d, spec.name) for d in docs], spec.target_delimiter)
+        prepared, delim = target.prepare([_context(spec, d) for d in docs], spec.target_delimiter)
         for d, ctx in zip(docs, prepared, strict=True):
             choices = _choices(spec, d)
             spans.append((len(pairs), len(pairs) + len(choices)))
@@ -110,7 +117,7 @@ def _multiple_choice(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer
 
 
 def _loglikelihood(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer: Any) -> dict[str, float]:
-    prepared, delim = target.prepare([_render(spec.text, d, spec.name) for d in docs], spec.target_delimiter)
+    prepared, delim = target.prepare([_context(spec, d) for d in docs], spec.target_delimiter)
     pairs = [(ctx, delim + str(_field(d, spec.gold, spec.name))) for d, ctx in zip(docs, prepared, strict=True)]
     results = scorer.loglikelihood(pairs)
     out = _accuracy({"acc": [float(greedy) for _, greedy in results]})
@@ -119,7 +126,7 @@ def _loglikelihood(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer: 
 
 
 def _generative(spec: TaskSpec, docs: list[Doc], target: EvalTarget, batch_size: int) -> dict[str, float]:
-    contexts = [_render(spec.text, d, spec.name) for d in docs]
+    contexts = [_context(spec, d) for d in docs]
     answers = target.generate(contexts, spec.until, spec.max_new_tokens, batch_size)
 
     def norm(text: str) -> str:
@@ -165,13 +172,15 @@ def evaluate(
     Returns:
         ``{"target", "tasks": {name: {metrics..., n, spec_hash, subset, seed}}, "cost"}``.
     """
-    specs = [get_task(t) for t in tasks]  # unknown names fail before any work
+    ensure_builtins()
+    names, groups = expand_tasks(tasks)
+    specs = [get_task(t) for t in names]  # unknown names fail before any work
     start = time.perf_counter()
     scorer = target.scorer(batch_size)
     generated_tokens = 0
     results: dict[str, Any] = {}
     for spec in specs:
-        docs = select_subset(load_docs(spec, data_dir), subset, limit)
+        docs = select_subset(load_docs(spec, data_dir), subset, limit, spec.tiny_size)
         logger.info("task %s: %d items", spec.name, len(docs))
         t0 = time.perf_counter()
         if spec.kind == "multiple_choice":
@@ -195,8 +204,11 @@ def evaluate(
             "tokens_per_second": round(tokens / wall, 1) if wall else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
     target_id = {k: v for k, v in target.identity.items() if k not in ("total", "trainable", "active_per_token")}
-    return {"slmstack": slmstack.__version__, "target": target_id, "tasks": results, "cost": cost,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    out = {"slmstack": slmstack.__version__, "target": target_id, "tasks": results, "cost": cost,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    if groups:
+        out["groups"] = score_groups(groups, results)
+    return out
 
 
 def main_metric(task: dict[str, Any]) -> str | None:
@@ -207,6 +219,12 @@ def main_metric(task: dict[str, Any]) -> str | None:
 def markdown_table(results: dict[str, Any]) -> str:
     """A markdown table of every metric with its standard error."""
     lines = ["| task | metric | value | stderr | n |", "|---|---|---:|---:|---:|"]
+    for name, group in reversed(list(results.get("groups", {}).items())):  # the outermost group first
+        for metric in [k for k in group if f"{k}_stderr" in group]:
+            err = group[f"{metric}_stderr"]
+            err_text = f"{err:.4f}" if not math.isnan(err) else ""
+            lines.append(f"| **{name}** ({group['tasks']} tasks) | {metric} | {group[metric]:.4f} | {err_text} | "
+                         f"{group['n']} |")  # fmt: skip
     for name, task in results["tasks"].items():
         for metric, value in task.items():
             if metric.endswith("_stderr") or metric in ("n", "spec_hash", "subset", "seed", "seconds"):

@@ -23,7 +23,8 @@ from slmstack.errors import ConfigError, InputError
 from slmstack.io import check_input_file, guard_read, read_json, read_text
 from slmstack.registry import Registry
 
-__all__ = ["PREPROCESSORS", "TASKS", "Doc", "HFSource", "TaskSpec", "get_task", "load_docs", "load_task_file"]
+__all__ = ["LOADERS", "PREPROCESSORS", "TASKS", "Doc", "HFSource", "TaskSpec", "ensure_builtins", "get_task",
+           "load_docs", "load_task_file"]  # fmt: skip
 
 TINY_SIZE = 100
 TINY_SEED = 1234
@@ -76,7 +77,20 @@ class TaskSpec:
     )
     ignore_case: bool = False
     text_field: str = field(default="text", metadata={"help": "perplexity: the field holding the text"})
-    description: str = ""
+    description: str = field(default="", metadata={"help": "Jinja2 text put before every context (lm-eval's "
+                                                           "description), e.g. MMLU's subject line"})  # fmt: skip
+    filter: dict[str, Any] | None = field(
+        default=None, metadata={"help": "keep only records whose fields have these values, e.g. {subject: anatomy}"}
+    )
+    loader: str | None = field(default=None, metadata={"help": "a LOADERS name that finds the data (mmlu)"})
+    tiny_size: int = field(default=100, metadata={"help": "records in --subset tiny"})
+    about: str = field(default="", metadata={"help": "a note for people; never reaches the model"})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.tiny_size < 1:
+            raise ConfigError(f"task {self.name}: max_new_tokens and tiny_size must be >= 1")
+        if isinstance(self.choices, list) and not self.choices:
+            raise ConfigError(f"task {self.name}: choices must not be an empty list")
 
     def spec_hash(self) -> str:
         """Short hash of everything that defines the task, recorded with every result."""
@@ -130,6 +144,14 @@ def _hellaswag(doc: dict[str, Any]) -> dict[str, Any]:
     ctx = ctx_a + " " + ctx_b.capitalize()
     return {"query": _hellaswag_text(label + ": " + ctx), "choices": [_hellaswag_text(e) for e in doc["endings"]],
             "gold": int(doc["label"])}  # fmt: skip
+
+
+@PREPROCESSORS.register("arc_local")
+def _arc_local(doc: dict[str, Any]) -> dict[str, Any]:
+    """The local ARC files pad some 3-option questions with a repeat of an option; the hub's data has none."""
+    choices = list(dict.fromkeys(doc["choices"]))  # first occurrences, in order
+    gold = choices.index(doc["choices"][int(doc["gold"])])
+    return {**doc, "choices": choices, "gold": gold}
 
 
 @PREPROCESSORS.register("arc_hf")
@@ -230,6 +252,8 @@ def wikitext_detokenize(string: str) -> str:
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
+# Data finders, by name: a task whose data is not one file (MMLU's per-subject CSVs) names one in ``loader``.
+LOADERS: Registry[Any] = Registry("task data loader")
 
 
 def load_task_file(path: str | Path) -> TaskSpec:
@@ -237,18 +261,32 @@ def load_task_file(path: str | Path) -> TaskSpec:
     return build_dataclass(TaskSpec, load_yaml(path), source=path)
 
 
+def ensure_builtins() -> None:
+    """Register the built-in tasks and groups (once)."""
+    if not len(TASKS):
+        _register_builtins()
+
+
 def _register_builtins() -> None:
+    from slmstack.evaluation.groups import GROUPS
+    from slmstack.evaluation.mmlu import load_mmlu, mmlu_specs
+
     root = resources.files("slmstack.evaluation") / "specs"
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
             spec = load_task_file(Path(str(entry)))
             TASKS.add(spec.name, spec)
+    tasks, groups = mmlu_specs()
+    for spec in tasks:
+        TASKS.add(spec.name, spec)
+    for group in groups:
+        GROUPS.add(group.group, group)
+    LOADERS.add("mmlu", load_mmlu)
 
 
 def get_task(name_or_path: str) -> TaskSpec:
     """A built-in task by name, or a user's task YAML by path; an unknown name lists the known ones."""
-    if not len(TASKS):
-        _register_builtins()
+    ensure_builtins()
     if name_or_path.endswith((".yaml", ".yml")):
         return load_task_file(name_or_path)
     return TASKS.get(name_or_path)
@@ -297,8 +335,11 @@ def _split_wiki_pages(path: Path) -> list[Doc]:
 
 
 def load_docs(spec: TaskSpec, data_dir: str | Path | None = None) -> list[Doc]:
-    """Read the task's records: ``data_dir/data_file`` when given, else the hub, then preprocess them."""
-    if spec.data_file and (data_dir is not None or Path(spec.data_file).is_absolute()):
+    """Read the task's records: ``data_dir/data_file`` when given, else the hub, then filter and preprocess them."""
+    found = LOADERS.get(spec.loader)(spec, data_dir) if spec.loader else None
+    if found is not None:
+        docs, convert = found, spec.preprocess
+    elif spec.data_file and (data_dir is not None or Path(spec.data_file).is_absolute()):
         docs = _read_file(Path(data_dir or "/") / spec.data_file, spec.kind)
         convert = spec.preprocess
     elif spec.hf is not None:
@@ -307,6 +348,8 @@ def load_docs(spec: TaskSpec, data_dir: str | Path | None = None) -> list[Doc]:
         docs, convert = _read_file(Path(spec.data_file), spec.kind), spec.preprocess
     else:
         raise ConfigError(f"task {spec.name!r} has neither data_file nor hf; add one to its YAML")
+    if spec.filter:
+        docs = [d for d in docs if all(d.data.get(k) == v for k, v in spec.filter.items())]
     if convert:
         fn = PREPROCESSORS.get(convert)
         out = []
@@ -336,10 +379,10 @@ def _read_hf(src: HFSource) -> list[Doc]:
     return [Doc(f"{src.path} row {i}", dict(row)) for i, row in enumerate(data)]
 
 
-def select_subset(docs: list[Doc], subset: str | None, limit: int | None) -> list[Doc]:
-    """``tiny``: a fixed, seeded 100-record sample (the same on every machine); ``limit``: the first N after that."""
-    if subset == "tiny" and len(docs) > TINY_SIZE:
-        keep = sorted(random.Random(TINY_SEED).sample(range(len(docs)), TINY_SIZE))
+def select_subset(docs: list[Doc], subset: str | None, limit: int | None, tiny_size: int = TINY_SIZE) -> list[Doc]:
+    """``tiny``: a fixed, seeded sample of ``tiny_size`` records (the same everywhere); ``limit``: the first N then."""
+    if subset == "tiny" and len(docs) > tiny_size:
+        keep = sorted(random.Random(TINY_SEED).sample(range(len(docs)), tiny_size))
         docs = [docs[i] for i in keep]
     elif subset not in (None, "tiny", "full"):
         raise ConfigError(f"--subset {subset!r}: use tiny or full")

@@ -60,10 +60,11 @@ def _copa(r: dict) -> dict:  # local query: "premise-without-period, because|the
             "choice2": r["choices"][1], "label": r["gold"]}  # fmt: skip
 
 
-def _arc(r: dict) -> dict:  # local query: "Question: Q"
-    labels = _letters(len(r["choices"]))
-    return {"question": r["query"].removeprefix("Question: "), "choices": {"text": r["choices"], "label": labels},
-            "answerKey": labels[r["gold"]]}  # fmt: skip
+def _arc(r: dict) -> dict:  # local query: "Question: Q"; the hub has no repeated option (the local file pads some)
+    texts = list(dict.fromkeys(r["choices"]))
+    labels = _letters(len(texts))
+    return {"question": r["query"].removeprefix("Question: "), "choices": {"text": texts, "label": labels},
+            "answerKey": labels[texts.index(r["choices"][r["gold"]])]}  # fmt: skip
 
 
 def _piqa(r: dict) -> dict:  # local query: "Question: goal\n"
@@ -114,7 +115,7 @@ def _lm_eval_requests(task_name: str, records: list[dict], tmp_path: Path) -> li
     data = tmp_path / f"{task_name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     manager = _manager()
-    files = {split: str(data) for split in ("train", "validation", "test")}
+    files = {split: str(data) for split in ("train", "validation", "test", "dev")}
     overrides = {"dataset_path": "json", "dataset_name": None, "num_fewshot": 0}
     overrides["dataset_kwargs"] = {"data_files": files}
     task = manager._factory.build(manager.task_index[task_name], overrides=overrides, registry=manager.task_index)
@@ -182,6 +183,29 @@ def test_requests_equal_lm_eval_own_task(task: str, tmp_path: Path, monkeypatch)
     assert len(ours) == len(theirs) == N
     for i, (mine, ref) in enumerate(zip(ours, theirs, strict=True)):
         assert [tuple(p) for p in mine] == [tuple(p) for p in ref], f"{task} item {i}"
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge"])
+def test_arc_questions_padded_with_a_repeated_option_send_lm_evals_requests(task: str, tmp_path: Path,
+                                                                           monkeypatch) -> None:  # fmt: skip
+    # Prepare: every local record whose options repeat one (7 in ARC-Easy, 4 in ARC-Challenge)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    lm_eval_name, local_file, to_hub = CASES[task]
+    rows = [json.loads(line) for line in (DATA / local_file).read_text().splitlines() if line.strip()]
+    padded = [r for r in rows if len(set(r["choices"])) < len(r["choices"])]
+    assert len(padded) == {"arc_easy": 7, "arc_challenge": 4}[task]
+    local = tmp_path / "padded.jsonl"
+    local.write_text("".join(json.dumps(r) + "\n" for r in padded))
+    spec = tmp_path / "arc.yaml"
+    body = {k: v for k, v in dataclasses.asdict(get_task(task)).items() if k not in ("hf",)}
+    spec.write_text(yaml.safe_dump({**body, "data_file": str(local)}))
+    # Execute
+    theirs = _lm_eval_requests(lm_eval_name, [to_hub(r) for r in padded], tmp_path)
+    rec = _Recorder()
+    evaluate(rec, [str(spec)])
+    # Assert: three requests per question, string for string
+    assert [len(t) for t in theirs] == [3] * len(padded)
+    assert [tuple(p) for p in rec.pairs] == [tuple(p) for doc in theirs for p in doc]
 
 
 def test_wikitext_detokenizer_is_lm_evals() -> None:

@@ -1,0 +1,274 @@
+"""The generation engine against its baselines, in one run on one machine: JSON plus a table.
+
+1. **Batch-1 decode** on the default model (SmolLM2-135M-Instruct), one prompt, ``--tokens`` new tokens: the
+   engine with each CPU weight format, transformers ``generate`` (float32: the path every verb took before the
+   engine), and llama.cpp (``llama-cpp-python``) on the very Q4_1 GGUF the default model comes from, when it is
+   installed (``--llama-cpp-python PATH`` runs it with another interpreter, e.g. a venv that has it). Decode
+   tokens/s excludes the prompt: (time(n tokens) - time(1 token)) / (n - 1). Each engine runs in a subprocess.
+2. **Mixed-adapter step**: one decode step of ``--rows`` rows spread over 4 LoRA adapters, with the engine's
+   grouped LoRA (rows grouped by adapter, one ``index_add_`` per group) against gathering each row's factors
+   for a batched ``bmm``, and against the same rows on the bare base (the adapters' cost).
+3. **Stack evaluation** (``--eval``): ``slmstack eval --stack default --subset tiny`` on arc_easy and hellaswag,
+   on the engine and on transformers (``--engine hf``), wall time and accuracies.
+
+    python benchmarks/engine.py --tokens 128 [--llama-cpp-python /path/to/venv/bin/python] [--eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights"]
+
+
+def prompt_ids(tokenizer) -> list[int]:
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _decode_rate(timed, tokens: int, repeats: int) -> dict:
+    timed(4)  # warm-up
+    one = statistics.median(timed(1) for _ in range(3))
+    full = statistics.median(timed(tokens) for _ in range(repeats))
+    return {"decode_tokens_per_s": round((tokens - 1) / (full - one), 2), "prefill_s": round(one, 4)}
+
+
+def child_engine(fmt: str, tokens: int, repeats: int, threads: int) -> dict:
+    import torch
+
+    from slmstack.engine import Engine
+    from slmstack.models import load_model
+    from slmstack.stack.config import GenerationSettings
+
+    torch.set_num_threads(threads)
+    lm = load_model("default", device="cpu")
+    engine = Engine(lm.model, lm.tokenizer, weights=fmt, max_batch=1)
+    ids = prompt_ids(lm.tokenizer)
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        handle = engine.submit(ids, None, GenerationSettings(max_new_tokens=n))
+        handle.request.eos = frozenset()  # exactly n tokens
+        engine.run()
+        return time.perf_counter() - start
+
+    out = _decode_rate(timed, tokens, repeats)
+    handle = engine.submit(ids, None, GenerationSettings(max_new_tokens=48))
+    engine.run()
+    return {"engine": f"slmstack engine ({fmt})", "prompt_tokens": len(ids), **out, "text": handle.generated().text}
+
+
+def child_hf(tokens: int, repeats: int, threads: int) -> dict:
+    import torch
+
+    from slmstack.models import load_model
+    from slmstack.stack.config import GenerationSettings
+    from slmstack.stack.generation import generate_batch
+
+    torch.set_num_threads(threads)
+    lm = load_model("default", device="cpu")
+    ids = torch.tensor([prompt_ids(lm.tokenizer)])
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)  # fmt: skip
+        return time.perf_counter() - start
+
+    out = _decode_rate(timed, tokens, repeats)
+    text = lm.tokenizer.decode(ids[0])
+    greedy = generate_batch(lm.model, lm.tokenizer, [text], GenerationSettings(max_new_tokens=48), chat=True)[0].text
+    return {"engine": "transformers generate (float32)", "prompt_tokens": ids.shape[1], **out, "text": greedy}
+
+
+def child_llama_cpp(spec: str, tokens: int, repeats: int, threads: int) -> dict:
+    """``spec``: JSON with the GGUF path and the prompt text (this child may run without slmstack installed)."""
+    from llama_cpp import Llama
+
+    spec = json.loads(spec)
+    llm = Llama(model_path=spec["gguf"], n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    ids = llm.tokenize(spec["text"].encode(), add_bos=False, special=True)
+
+    def timed(n: int) -> float:
+        llm.reset()
+        start = time.perf_counter()
+        for i, _ in enumerate(llm.generate(ids, temp=0.0, reset=True)):
+            if i + 1 >= n:
+                break
+        return time.perf_counter() - start
+
+    import llama_cpp
+
+    return {"engine": f"llama.cpp {llama_cpp.__version__} (Q4_1 GGUF)", "prompt_tokens": len(ids),
+            **_decode_rate(timed, tokens, repeats)}  # fmt: skip
+
+
+def child_lora(rows: int, threads: int, repeats: int) -> dict:
+    """One decode step, ``rows`` rows over 4 adapters: grouped (the engine's) vs gathered bmm vs the bare base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from slmstack.arch import get_arch
+    from slmstack.engine import Engine
+    from slmstack.engine import lora as lora_mod
+    from slmstack.models import load_model
+    from slmstack.stack.config import GenerationSettings
+
+    torch.set_num_threads(threads)
+    lm = load_model("default", device="cpu")
+    targets = get_arch(lm.model).lora_targets
+    torch.manual_seed(0)
+    model = get_peft_model(lm.model, LoraConfig(r=8, lora_alpha=16, target_modules=targets), adapter_name="a0")
+    for i in range(1, 4):
+        model.add_adapter(f"a{i}", LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    engine = Engine(model, lm.tokenizer, max_batch=rows)
+    ids = prompt_ids(lm.tokenizer)
+
+    def step_time(adapters: list[str | None]) -> float:
+        handles = [engine.submit(ids, a, GenerationSettings(max_new_tokens=64)) for a in adapters]
+        for h in handles:
+            h.request.eos = frozenset()
+        while any(h.request.computed < len(ids) for h in handles):
+            engine.step()  # prefill
+        for _ in range(3):
+            engine.step()
+        times = []
+        for _ in range(repeats * 5):
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        for h in handles:
+            h.cancel()
+        engine.run()
+        return statistics.median(times)
+
+    mixed = [f"a{i % 4}" for i in range(rows)]
+    grouped = step_time(mixed)
+    base = step_time([None] * rows)
+
+    def gathered(out, x, layer, module, bank, groups):  # per-row factors gathered, one bmm per product
+        if not groups:
+            return
+        ids_row = torch.zeros(x.shape[0], dtype=torch.long)
+        for aid, idx in groups:
+            ids_row[idx if idx is not None else slice(None)] = aid - 1
+        a = torch.stack([bank.factors[aid][layer][module].a_t for aid in sorted(bank.factors)])  # (n_ad, in, R)
+        b = torch.stack([bank.factors[aid][layer][module].b_t for aid in sorted(bank.factors)])  # (n_ad, R, out)
+        out += torch.bmm(torch.bmm(x[:, None, :], a[ids_row]), b[ids_row])[:, 0]
+
+    real = lora_mod.lora_add
+    import slmstack.engine.model as model_mod
+
+    model_mod.lora_add = gathered
+    try:
+        bmm = step_time(mixed)
+    finally:
+        model_mod.lora_add = real
+    return {"rows": rows, "adapters": 4, "rank": 8, "grouped_step_ms": round(grouped * 1000, 2),
+            "gathered_bmm_step_ms": round(bmm * 1000, 2), "bare_base_step_ms": round(base * 1000, 2),
+            "grouped_over_base": round(grouped / base, 3), "gathered_over_base": round(bmm / base, 3)}  # fmt: skip
+
+
+def child_eval(engine: str, data_dir: str, threads: int, work: str) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from slmstack.cli import main
+
+    out = Path(work) / f"eval-{engine}.json"
+    start = time.perf_counter()
+    code = main(["eval", "--tasks", "arc_easy,hellaswag", "--subset", "tiny", "--data-dir", data_dir, "--engine",
+                 engine, "--out", str(out)])  # fmt: skip
+    wall = time.perf_counter() - start
+    result = json.loads(out.read_text())
+    return {"engine": engine, "exit": code, "wall_s": round(wall, 1),
+            "acc": {t: r.get("acc_norm", r.get("acc")) for t, r in result["tasks"].items()}}  # fmt: skip
+
+
+def run_child(kind: str, args: argparse.Namespace, *extra: str, python: str | None = None) -> dict | None:
+    cmd = [python or sys.executable, __file__, "--child", kind, "--tokens", str(args.tokens), "--repeats",
+           str(args.repeats), "--threads", str(args.threads), *extra]  # fmt: skip
+    env = os.environ | {"TQDM_DISABLE": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        print(f"{kind} {' '.join(extra)} failed:\n{done.stderr[-1500:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--llama-cpp-python", default=None, help="an interpreter that has llama-cpp-python")
+    p.add_argument("--eval", action="store_true", help="also time stack evaluation on both paths (long)")
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared/data"))
+    p.add_argument("--out", type=Path, default=HERE / "results" / "engine.json")
+    p.add_argument("--child", default=None)
+    p.add_argument("--arg", default=None)
+    args = p.parse_args()
+    if args.child:
+        result = {
+            "engine": lambda: child_engine(args.arg, args.tokens, args.repeats, args.threads),
+            "hf": lambda: child_hf(args.tokens, args.repeats, args.threads),
+            "llama_cpp": lambda: child_llama_cpp(args.arg, args.tokens, args.repeats, args.threads),
+            "lora": lambda: child_lora(args.rows, args.threads, args.repeats),
+            "eval": lambda: child_eval(args.arg, args.data_dir, args.threads, str(args.out.parent)),
+        }[args.child]()
+        print(json.dumps(result))
+        return
+
+    from slmstack.io import atomic_write_json
+
+    decode = {"hf_float32": run_child("hf", args)}
+    for fmt in args.formats.split(","):
+        decode[f"engine_{fmt}"] = run_child("engine", args, "--arg", fmt)
+    from slmstack.models import default_gguf_path, load_model
+
+    tok = load_model("default", device="cpu").tokenizer
+    spec = json.dumps({"gguf": str(default_gguf_path()), "text": tok.decode(prompt_ids(tok))})
+    decode["llama_cpp"] = run_child("llama_cpp", args, "--arg", spec, python=args.llama_cpp_python)
+    ref = decode["llama_cpp"]["decode_tokens_per_s"] if decode["llama_cpp"] else None
+    hf = decode["hf_float32"]["decode_tokens_per_s"]
+    for row in decode.values():
+        if row:
+            row["over_hf_float32"] = round(row["decode_tokens_per_s"] / hf, 2)
+            row["over_llama_cpp"] = round(row["decode_tokens_per_s"] / ref, 3) if ref else None
+    settings = {k: str(v) for k, v in vars(args).items() if v is not None}
+    lora = run_child("lora", args, "--rows", str(args.rows))
+    report: dict = {"benchmark": "engine", "settings": settings, "decode_batch_1": decode, "lora_step": lora}
+    if args.eval:
+        report["stack_eval_tiny"] = {e: run_child("eval", args, "--arg", e) for e in ("auto", "hf")}
+        runs = report["stack_eval_tiny"]
+        if runs["auto"] and runs["hf"]:
+            runs["engine_over_hf_wall"] = round(runs["auto"]["wall_s"] / runs["hf"]["wall_s"], 3)
+    atomic_write_json(args.out, report)
+    print(f"{'batch-1 decode (default model, 2-core CPU)':<52}{'tok/s':>8}{'x HF fp32':>11}{'x llama.cpp':>13}")
+    for row in decode.values():
+        if row:
+            print(f"{row['engine']:<52}{row['decode_tokens_per_s']:>8}{row['over_hf_float32']:>11}"
+                  f"{row['over_llama_cpp'] if row['over_llama_cpp'] is not None else '-':>13}")  # fmt: skip
+    lora = report["lora_step"]
+    if lora:
+        print(f"decode step, {lora['rows']} rows over 4 adapters: grouped {lora['grouped_step_ms']} ms, gathered bmm "
+              f"{lora['gathered_bmm_step_ms']} ms, bare base {lora['bare_base_step_ms']} ms")  # fmt: skip
+    if args.eval:
+        print(json.dumps(report["stack_eval_tiny"], indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
