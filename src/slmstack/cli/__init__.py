@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from slmstack.cli import evaluate, federate, prune, run, serve, train, transfer  # noqa: F401  (registers the verbs)
+from slmstack.cli import attribute, evaluate, federate, prune, run, serve, train, transfer  # noqa: F401  (verbs)
 from slmstack.cli.common import VERBS
 from slmstack.errors import SlmstackError
 
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # long-running verbs report their progress at INFO level by default
 _CHATTY = {
+    attribute.attribute_cmd,
     train.distill_cmd,
     train.train_cmd,
     evaluate.eval_cmd,

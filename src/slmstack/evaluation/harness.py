@@ -23,7 +23,7 @@ from slmstack.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "markdown_table", "mean_stderr", "write_results"]
+__all__ = ["evaluate", "markdown_table", "mean_stderr", "multiple_choice_items", "task_context", "write_results"]
 
 _ENV = Environment(loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True)
 MAIN_METRIC = ["acc_norm", "acc", "exact_match", "word_perplexity"]
@@ -45,7 +45,7 @@ def _render(template: str, doc: Doc, task: str) -> str:
         raise InputError(f"{doc.where}: task {task!r} needs a field the record lacks ({exc.message})") from None
 
 
-def _context(spec: TaskSpec, doc: Doc) -> str:
+def task_context(spec: TaskSpec, doc: Doc) -> str:
     """The task's description (lm-eval's prompt prefix), then its text, both rendered on the record."""
     return _render(spec.description, doc, spec.name) + _render(spec.text, doc, spec.name)
 
@@ -85,6 +85,11 @@ def _accuracy(values: dict[str, list[float]]) -> dict[str, float]:
 
 
 def _multiple_choice(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer: Any) -> dict[str, float]:
+    return _accuracy(multiple_choice_items(spec, docs, target, scorer))
+
+
+def multiple_choice_items(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer: Any) -> dict[str, list[float]]:
+    """Each item's 0/1 score under each of the task's metrics (``acc``, ``acc_norm``), in the order of ``docs``."""
     pairs, spans, golds, lengths = [], [], [], []
     if spec.partial:  # each choice is a context; the continuation is shared
         contexts = [_render(spec.description, d, spec.name) + c for d in docs for c in _choices(spec, d)]
@@ -98,7 +103,7 @@ def _multiple_choice(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer
             lengths.append([float(len(cont))] * n)
             golds.append(_gold_index(spec, d, n))
     else:
-        prepared, delim = target.prepare([_context(spec, d) for d in docs], spec.target_delimiter)
+        prepared, delim = target.prepare([task_context(spec, d) for d in docs], spec.target_delimiter)
         for d, ctx in zip(docs, prepared, strict=True):
             choices = _choices(spec, d)
             spans.append((len(pairs), len(pairs) + len(choices)))
@@ -113,11 +118,11 @@ def _multiple_choice(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer
         normed = [s / n for s, n in zip(scores, lens, strict=True)]
         acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == gold))
     wanted = {"acc": acc, "acc_norm": acc_norm}
-    return _accuracy({m: wanted[m] for m in spec.metrics if m in wanted})
+    return {m: wanted[m] for m in spec.metrics if m in wanted}
 
 
 def _loglikelihood(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer: Any) -> dict[str, float]:
-    prepared, delim = target.prepare([_context(spec, d) for d in docs], spec.target_delimiter)
+    prepared, delim = target.prepare([task_context(spec, d) for d in docs], spec.target_delimiter)
     pairs = [(ctx, delim + str(_field(d, spec.gold, spec.name))) for d, ctx in zip(docs, prepared, strict=True)]
     results = scorer.loglikelihood(pairs)
     out = _accuracy({"acc": [float(greedy) for _, greedy in results]})
@@ -126,7 +131,7 @@ def _loglikelihood(spec: TaskSpec, docs: list[Doc], target: EvalTarget, scorer: 
 
 
 def _generative(spec: TaskSpec, docs: list[Doc], target: EvalTarget, batch_size: int) -> dict[str, float]:
-    contexts = [_context(spec, d) for d in docs]
+    contexts = [task_context(spec, d) for d in docs]
     answers = target.generate(contexts, spec.until, spec.max_new_tokens, batch_size)
 
     def norm(text: str) -> str:

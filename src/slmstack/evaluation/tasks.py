@@ -85,6 +85,9 @@ class TaskSpec:
     loader: str | None = field(default=None, metadata={"help": "a LOADERS name that finds the data (mmlu)"})
     tiny_size: int = field(default=100, metadata={"help": "records in --subset tiny"})
     about: str = field(default="", metadata={"help": "a note for people; never reaches the model"})
+    gold_text: str | None = field(
+        default=None, metadata={"help": "field with a gold intermediate text (a rationale): attribute's oracle"}
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.tiny_size < 1:
@@ -268,6 +271,7 @@ def ensure_builtins() -> None:
 
 
 def _register_builtins() -> None:
+    from slmstack.evaluation.flan_cot import flan_cot_specs, load_commonsenseqa_clean, load_flan_cot
     from slmstack.evaluation.groups import GROUPS
     from slmstack.evaluation.mmlu import load_mmlu, mmlu_specs
 
@@ -277,11 +281,13 @@ def _register_builtins() -> None:
             spec = load_task_file(Path(str(entry)))
             TASKS.add(spec.name, spec)
     tasks, groups = mmlu_specs()
-    for spec in tasks:
+    for spec in tasks + flan_cot_specs():
         TASKS.add(spec.name, spec)
     for group in groups:
         GROUPS.add(group.group, group)
     LOADERS.add("mmlu", load_mmlu)
+    LOADERS.add("flan_cot", load_flan_cot)
+    LOADERS.add("commonsenseqa_clean", load_commonsenseqa_clean)
 
 
 def get_task(name_or_path: str) -> TaskSpec:

@@ -220,6 +220,7 @@ class StageCall:
     values: dict[str, str]
     result: StackResult
     overrides: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None  # run under this adapter instead of the stage's own (``"__base__"``: none)
 
 
 def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] | None = None,
@@ -242,7 +243,7 @@ def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] 
         group[2].append(i)
     for backend, (chat, settings, max_input, overflow), members in groups:
         rows = [Row(calls[i].stage.role, calls[i].stack.render(calls[i].stage, calls[i].values),
-                    calls[i].stack.adapter_for(calls[i].stage.name)) for i in members]  # fmt: skip
+                    calls[i].adapter or calls[i].stack.adapter_for(calls[i].stage.name)) for i in members]  # fmt: skip
         stream = None if on_text is None else (lambda row, delta, m=members: on_text(m[row], delta))
         start = time.perf_counter()
         if cancel is not None and cancel.is_set():

@@ -133,6 +133,15 @@ ROWS: list[tuple[str, str, str]] = [
     ("transfer", "--config {tmp}/none.yaml --out {tmp}/x", "Check the path."),
     ("transfer", "--config {xfer_t0} --out {tmp}/x", "cannot read the T0 task manifest (not UTF-8 text)"),
     ("transfer", "--config {xfer} --out {tmp}/x --set seeds=[-1]", "seeds: every seed must be >= 0"),
+    # ---- attribute
+    ("attribute", "--stack {stack} --tasks {task_gold_text} --stages nope --out {tmp}/a", "'nope' is not a stage"),
+    ("attribute", "--stack {stack} --tasks {task_gold_text} --stages third --out {tmp}/a", "is the final stage"),
+    ("attribute", "--stack {stack} --tasks {task_ok} --interventions oracle --out {tmp}/a", "names no gold text"),
+    ("attribute", "--stack {one_stage} --tasks {task_ok} --out {tmp}/a", "has one stage"),
+    ("attribute", "--stack {stack} --tasks {task_ok} --interventions swap --out {tmp}/a", "unknown intervention"),
+    ("attribute", "--stack {stack} --tasks {task_ok} --limit 0 --out {tmp}/a", "--limit 0"),
+    ("attribute", "--stack {stack} --tasks {task_ok} --out {file}", "exists and is not a directory"),
+    ("attribute", "--stack {stack} --tasks arc_esay --out {tmp}/a", "Did you mean 'arc_easy'"),
     # ---- federate
     ("federate", "--config {fed} --out {tmp}/f --set strategy=legoo", "Did you mean 'lego'"),
     ("federate", "--config {fed} --out {tmp}/f --set clients.1.sparsity=1.0", "sparsity must be in [0, 1)"),
@@ -248,6 +257,10 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
     (root / "collection" / "nolabels.yaml").write_text(yaml.safe_dump(spec))
     f["xfer_nolabels"] = write_yaml(root / "xfer_nl.yaml", {**xfer, "collection": {
         "name": "yaml", "path": str(root / "collection" / "nolabels.yaml")}})  # fmt: skip
+    f["task_gold_text"] = write_yaml(root / "task_gt.yaml", {**task, "data_file": str(root / "t_ok.jsonl"),
+                                                              "gold_text": "query"})  # fmt: skip
+    one = stack_dict(model, max_new=4)
+    f["one_stage"] = write_yaml(root / "one.yaml", {**one, "stages": one["stages"][:1]})
     f["notes"] = root / "notes.txt"
     f["notes"].write_bytes(b"my notes\nthe last line has no newline")
     f["empty_txt"] = root / "empty.txt"

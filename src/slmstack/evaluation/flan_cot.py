@@ -1,0 +1,147 @@
+r"""Tasks with gold rationales, from FLAN v2's chain-of-thought data: ECQA, QASC, StrategyQA and CREAK.
+
+Each ``<name>_train.tsv`` line is ``question \t answer \t rationale`` (newlines written as backslash-n); the
+question of a multiple-choice set ends with ``\nOptions:\n- ...`` (QASC's options are ``(A) text`` and its answer
+is the letter). Every set is scored as the other built-in multiple-choice tasks are (lm-eval's ``acc`` and
+``acc_norm``): ``Question: {question}\nAnswer:`` then `` {option}``. StrategyQA has no options: ``yes``/``no``.
+Each record keeps its ``rationale``, which the task names as its gold text (``gold_text``), for
+``slmstack attribute``'s oracle and for training the stages of a stack.
+
+Splits are seeded and fixed: questions are deduplicated by their normalised text, shuffled with
+:data:`SPLIT_SEED`, and the first :data:`HELDOUT` of each set are the held-out test (the built-in tasks ``ecqa``,
+``qasc``, ``strategyqa``, ``creak``); the rest is the training pool (:func:`flan_cot_split`). ECQA's questions
+are CommonsenseQA questions, 794 of them (normalised) from CommonsenseQA's dev split: those are removed from ECQA
+entirely (its training pool and its test), so ``commonsenseqa_clean`` (CommonsenseQA dev, all 1,221 questions,
+scored on the option texts as ECQA is) is a test that no ECQA row holds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from slmstack.errors import InputError
+from slmstack.io import check_input_file, read_text
+
+__all__ = ["FLAN_COT", "HELDOUT", "SPLIT_SEED", "flan_cot_specs", "flan_cot_split", "read_flan_cot"]
+
+FLAN_COT = ("ecqa", "qasc", "strategyqa", "creak")
+HELDOUT = {"ecqa": 1000, "qasc": 300, "strategyqa": 400, "creak": 1000}
+SPLIT_SEED = 2026
+CSQA_DEV = "commonsenseqa/dev_rand_split.jsonl"
+TEXT = "Question: {{question}}\nAnswer:"
+
+
+def normalise(question: str) -> str:
+    """Lower case, single spaces: how questions are compared for duplicates and overlaps."""
+    return re.sub(r"\s+", " ", question.replace("\\n", " ").strip().lower())
+
+
+def _parse(line: str, where: str, name: str) -> dict[str, Any]:
+    fields = line.split("\t")
+    if len(fields) != 3 or not all(f.strip() for f in fields):
+        raise InputError(f"{where}: a {name} line needs three tab-separated fields (question, answer, rationale)")
+    question, answer, rationale = (f.replace("\\n", "\n").strip() for f in fields)
+    if "\nOptions:\n" in question:
+        question, _, listed = question.partition("\nOptions:\n")
+        options = [o.removeprefix("- ").strip() for o in listed.split("\n") if o.strip()]
+    else:
+        options = ["yes", "no"]
+    if name == "qasc":  # "(A) text" options, answer "(D)"
+        letters = [o[1] for o in options]
+        options = [o[4:].strip() for o in options]
+        answer = options[letters.index(answer.strip("()"))] if answer.strip("()") in letters else answer
+    if answer not in options:
+        raise InputError(f"{where}: the answer {answer!r} is not one of the options {options}")
+    return {"question": question.strip(), "options": options, "gold": options.index(answer), "answer": answer,
+            "rationale": rationale}  # fmt: skip
+
+
+def _csqa_dev_questions(data_dir: Path) -> set[str] | None:
+    path = data_dir / CSQA_DEV
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in read_text(path, "CommonsenseQA dev file").split("\n") if line.strip()]
+    return {normalise(r["question"]["stem"]) for r in rows}
+
+
+def read_flan_cot(name: str, data_dir: str | Path) -> list[dict[str, Any]]:
+    """Every distinct question of ``<name>_train.tsv`` under ``data_dir/flan_cot`` (ECQA: without CommonsenseQA dev's).
+
+    Raises:
+        InputError: the file is missing (saying where it goes), or a line is malformed (naming it).
+    """
+    data_dir = Path(data_dir)
+    path = check_input_file(data_dir / "flan_cot" / f"{name}_train.tsv", f"{name} data (FLAN CoT TSV)",
+                            f"Put FLAN v2's cot_data/{name}_train.tsv at {data_dir}/flan_cot/.")  # fmt: skip
+    seen, rows = set(), []
+    excluded = _csqa_dev_questions(data_dir) if name == "ecqa" else set()
+    if excluded is None:
+        raise InputError(
+            f"{data_dir / CSQA_DEV}: ECQA is split against CommonsenseQA dev, which is missing; put "
+            "dev_rand_split.jsonl there so that no CommonsenseQA dev question lands in ECQA"
+        )
+    for number, line in enumerate(read_text(path, f"{name} data").split("\n"), start=1):
+        if not line.strip():
+            continue
+        record = _parse(line, f"{path}:{number}", name)
+        key = normalise(record["question"])
+        if key in seen or key in excluded:
+            continue
+        seen.add(key)
+        rows.append({**record, "id": f"{name}-{number}"})
+    return rows
+
+
+def flan_cot_split(name: str, data_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, test)``: the seeded held-out split of one set (the same on every machine)."""
+    rows = read_flan_cot(name, data_dir)
+    order = list(range(len(rows)))
+    random.Random(f"{SPLIT_SEED}/{name}").shuffle(order)
+    n = min(HELDOUT[name], len(rows) // 2)
+    return [rows[i] for i in sorted(order[n:])], [rows[i] for i in sorted(order[:n])]
+
+
+def load_flan_cot(spec: Any, data_dir: str | Path | None) -> list[Any]:
+    """The held-out test of the set the task is named after (a ``LOADERS`` entry)."""
+    from slmstack.evaluation.tasks import Doc
+
+    if data_dir is None:
+        raise InputError(f"task {spec.name!r} reads FLAN's CoT files: pass --data-dir (the folder holding flan_cot/)")
+    return [Doc(f"{spec.name} {r['id']}", r) for r in flan_cot_split(spec.name, data_dir)[1]]
+
+
+def load_commonsenseqa_clean(spec: Any, data_dir: str | Path | None) -> list[Any]:
+    """CommonsenseQA dev, options as texts (ECQA, which held 794 of its questions, is read without them)."""
+    from slmstack.evaluation.tasks import Doc
+
+    if data_dir is None:
+        raise InputError("task 'commonsenseqa_clean' needs --data-dir (the folder holding commonsenseqa/)")
+    path = check_input_file(Path(data_dir) / CSQA_DEV, "CommonsenseQA dev file")
+    docs = []
+    for number, line in enumerate(read_text(path, "CommonsenseQA dev file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        stem = r["question"]["stem"]
+        options = [c["text"] for c in r["question"]["choices"]]
+        gold = [c["label"] for c in r["question"]["choices"]].index(r["answerKey"])
+        docs.append(Doc(f"{path}:{number}", {"question": stem, "options": options, "gold": gold,
+                                             "answer": options[gold], "id": r["id"]}))  # fmt: skip
+    return docs
+
+
+def flan_cot_specs() -> list[Any]:
+    """The built-in tasks: the four held-out sets and ``commonsenseqa_clean``."""
+    from slmstack.evaluation.tasks import TaskSpec
+
+    specs = [TaskSpec(name=name, kind="multiple_choice", loader="flan_cot", text=TEXT, choices="options",
+                      gold="gold", gold_text="rationale", about=f"FLAN v2 CoT {name}, the held-out split")
+             for name in FLAN_COT]  # fmt: skip
+    specs.append(TaskSpec(name="commonsenseqa_clean", kind="multiple_choice", loader="commonsenseqa_clean",
+                          text=TEXT, choices="options", gold="gold",
+                          about="CommonsenseQA dev, scored on the option texts (no ECQA row holds it)"))  # fmt: skip
+    return specs
