@@ -71,8 +71,9 @@ def two_stage(tiny_model_dir: Path, tiny_adapters: dict, tmp_path: Path):
     rows = [{"query": q, "choices": c, "gold": g, "rationale": r} for q, c, g, r in QUESTIONS]
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = write_yaml(tmp_path / "t.yaml", {"name": "t", "kind": "multiple_choice", "data_file": str(data),
-                                            "text": "Q: {{query}}", "gold_text": "rationale", "metrics": ["acc"]})  # fmt: skip
+    spec = {"name": "t", "kind": "multiple_choice", "data_file": str(data), "text": "Q: {{query}}",
+            "gold_text": "rationale", "metrics": ["acc"]}  # fmt: skip
+    task = write_yaml(tmp_path / "t.yaml", spec)
     stack = {"name": "two", "model": str(tiny_model_dir), "batch_size": 8, "stages": [
         {"name": "reason", "template": "{input} why?", "adapter": str(tiny_adapters["first"]),
          "generation": {"max_new_tokens": 6}},
@@ -90,7 +91,7 @@ def test_each_intervention_changes_the_final_prompt_as_specified_and_upstream_ru
     real_score, real_generate = attribution._score, stack.backend.generate
 
     def recording_score(variant, spec, docs, contexts, values, metric, batch_size):
-        target = attribution._FixedUpstream(variant, {c: v for c, v in zip(contexts, values, strict=True)})
+        target = attribution._FixedUpstream(variant, dict(zip(contexts, values, strict=True)))
         prompts[f"#{len(prompts)}"] = target.prepare(contexts, " ")[0]
         return real_score(variant, spec, docs, contexts, values, metric, batch_size)
 
