@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from slmstack.cli import attribute, evaluate, federate, prune, run, serve, train, transfer  # noqa: F401  (verbs)
+from slmstack.cli import attribute, evaluate, federate, prune, run, serve, study, train, transfer  # noqa: F401
 from slmstack.cli.common import VERBS
 from slmstack.errors import SlmstackError
 
@@ -70,6 +70,7 @@ _CHATTY = {
     evaluate.eval_cmd,
     prune.prune_cmd,
     federate.federate_cmd,
+    study.study_cmd,
     transfer.transfer_cmd,
 }
 

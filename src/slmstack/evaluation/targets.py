@@ -109,6 +109,7 @@ class StackTarget:
         self.final = stack.config.stages[-1]
         self._upstream: dict[str, dict[str, str]] = {}
         self.upstream_tokens = 0  # tokens in and out of the upstream stages (part of the cost)
+        self.upstream_generated = 0  # tokens the upstream stages generated
         adapters = sum(1 for s in stack.config.stages if s.adapter)
         self.identity = {"kind": "stack", "stack": str(stack.config.source), "name": stack.config.name,
                          "model": stack.config.model, "stages": [s.name for s in stack.config.stages],
@@ -129,6 +130,7 @@ class StackTarget:
             for q, result in zip(todo, self.stack.run_batch(todo, stages=upstream), strict=True):
                 self._upstream[q] = result.outputs
                 self.upstream_tokens += sum(t.tokens_in + t.tokens_out for t in result.trace)
+                self.upstream_generated += sum(t.tokens_out for t in result.trace)
         else:
             self._upstream.update({q: {} for q in todo})
 

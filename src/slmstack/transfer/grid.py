@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from slmstack.io import atomic_dir, atomic_write_json, read_json
+from slmstack.grid import CellGrid
+from slmstack.io import atomic_dir, atomic_write_json
 from slmstack.transfer.config import MODES, TransferConfig
 from slmstack.transfer.splits import Split
 from slmstack.transfer.tasks import Task
@@ -62,14 +61,11 @@ def _pairs(tasks: list[Task], instructions: bool, per_task: int, rng: random.Ran
     return pairs
 
 
-def read_cell(path: Path) -> dict[str, Any]:
-    """A finished cell's result, checked to be one (a damaged file names itself and the fix)."""
-    fix = "Delete it to rerun the cell."
-    return read_json(path, "transfer cell result", fix, expect={"cell": dict, "scores": dict, "seconds": (int, float)})
-
-
-class Grid:
+class Grid(CellGrid):
     """The cells of a :class:`TransferConfig` over its splits, with the checkpoints they need."""
+
+    kind = "transfer"
+    result_fields = {"cell": dict, "scores": dict, "seconds": (int, float)}
 
     def __init__(self, cfg: TransferConfig, splits: list[Split], out: Path) -> None:
         self.cfg, self.splits, self.out = cfg, {s.name: s for s in splits}, out
@@ -138,20 +134,16 @@ class Grid:
         atomic_dir(final, write)
 
     # ---- cells
-    def cell_path(self, cell: Cell) -> Path:
-        """Where a cell's result lives."""
-        return self.out / "cells" / f"{cell.id}.json"
-
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Evaluate one cell (training what it needs); cached results are returned as they are."""
         path = self.cell_path(cell)
         if path.is_file():
-            return read_cell(path)
+            return self.read_cell(path)
         if cell.mode == "off_the_shelf" and not cell.k:  # no training: every seed scores the same
             twin = next((c for c in self.cells if c.mode == cell.mode and not c.k and c.split == cell.split
                          and c.instructions == cell.instructions and self.cell_path(c).is_file()), None)  # fmt: skip
             if twin is not None:
-                result = {**read_cell(self.cell_path(twin)), "cell": asdict(cell),
+                result = {**self.read_cell(self.cell_path(twin)), "cell": asdict(cell),
                           "seconds": 0.0, "reused": twin.id}  # fmt: skip
                 atomic_write_json(path, result)
                 return result
@@ -194,36 +186,9 @@ class Grid:
                 "n": len(examples)}  # fmt: skip
 
     # ---- running
-    def run(self, executor: str = "local") -> list[dict[str, Any]]:
-        """Every cell's result, running what is not cached yet."""
-        todo = [c for c in self.cells if not self.cell_path(c).is_file()]
-        logger.info("transfer grid: %d cells, %d to run", len(self.cells), len(todo))
-        if executor == "ray" and todo:
-            self._run_ray(todo)
-        else:
-            for cell in tqdm(todo, desc="transfer cells", unit="cell"):
-                self.run_cell(cell)
-        return [self.run_cell(c) for c in self.cells]
-
-    def _run_ray(self, todo: list[Cell]) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
-
-        @ray.remote(num_cpus=1)
-        def checkpoint(grid: Grid, args: tuple) -> None:
-            grid.ensure_checkpoint(*args)
-
-        @ray.remote(num_cpus=1)
-        def cell(grid: Grid, c: Cell) -> None:
-            grid.run_cell(c)
-
-        ref = ray.put(self)
+    def prerequisites(self, todo: list[Cell]) -> list[list[tuple[str, tuple]]]:
+        """The multi-task checkpoints the cells need: first those that start from the base, then the others."""
         needs = {(c.split, c.mode, c.instructions, c.seed) for c in todo if MODES[c.mode][0]}
         first = {n for n in needs if MODES[n[1]][1] == "off_the_shelf"}
         first |= {(s, MODES[m][1], i, seed) for s, m, i, seed in needs - first}  # the starting points
-        for stage in (first, needs - first):
-            ray.get([checkpoint.remote(ref, args) for args in sorted(stage)])
-        for _ in tqdm(ray.get([cell.remote(ref, c) for c in todo]), desc="transfer cells", unit="cell"):
-            pass
+        return [[("ensure_checkpoint", args) for args in sorted(stage)] for stage in (first, needs - first)]

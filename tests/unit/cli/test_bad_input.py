@@ -142,6 +142,15 @@ ROWS: list[tuple[str, str, str]] = [
     ("attribute", "--stack {stack} --tasks {task_ok} --limit 0 --out {tmp}/a", "--limit 0"),
     ("attribute", "--stack {stack} --tasks {task_ok} --out {file}", "exists and is not a directory"),
     ("attribute", "--stack {stack} --tasks arc_esay --out {tmp}/a", "Did you mean 'arc_easy'"),
+    # ---- study
+    ("study", "--config {study} --out {tmp}/s --set arms=[A1,S22]", "Did you mean 'S2'"),
+    ("study", "--config {study} --out {tmp}/s --set train.rank=3", "train.rank must be an even number"),
+    ("study", "--config {study} --out {tmp}/s --set train_sets=[gsm8k]", "is not a FLAN CoT set"),
+    ("study", "--config {study} --out {tmp}/s --set generated_mix=1.5", "generated_mix must be in [0, 1]"),
+    ("study", "--config {study} --out {file}", "exists and is not a directory"),
+    ("study", "--config {tmp}/none.yaml --out {tmp}/s", "none.yaml: config file not found. Check the path."),
+    ("study", "--config {study} --out {tmp}/s --set data_dir={dir}", "qasc_train.tsv: qasc data (FLAN CoT TSV) not"),
+    ("study", "--config {study} --out {tmp}/s --set seeds=[-1]", "seeds and extra_seeds must be >= 0"),
     # ---- federate
     ("federate", "--config {fed} --out {tmp}/f --set strategy=legoo", "Did you mean 'lego'"),
     ("federate", "--config {fed} --out {tmp}/f --set clients.1.sparsity=1.0", "sparsity must be in [0, 1)"),
@@ -261,6 +270,8 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
                                                               "gold_text": "query"})  # fmt: skip
     one = stack_dict(model, max_new=4)
     f["one_stage"] = write_yaml(root / "one.yaml", {**one, "stages": one["stages"][:1]})
+    f["study"] = write_yaml(root / "study.yaml", {"model": str(model), "data_dir": str(root), "train_sets": ["qasc"],
+                                                  "arms": ["A1"], "eval": {"qasc": 2}})  # fmt: skip
     f["notes"] = root / "notes.txt"
     f["notes"].write_bytes(b"my notes\nthe last line has no newline")
     f["empty_txt"] = root / "empty.txt"

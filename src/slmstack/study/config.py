@@ -1,0 +1,127 @@
+"""The stacking-study YAML (``recipes/stack_study.yaml``).
+
+Example::
+
+    model: default
+    data_dir: ../../shared/data
+    arms: [A0, A1, A2, A3, S2]
+    eval: {ecqa: 800, qasc: 300, commonsenseqa_clean: 500, strategyqa: 300, arc_easy: 300, openbookqa: 300}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slmstack.config import apply_overrides, build_dataclass, check_range, load_yaml, require_at_least_one
+from slmstack.errors import ConfigError
+
+__all__ = ["AttributeSettings", "StudyConfig", "StudyTrain", "load_study_config"]
+
+
+@dataclass(kw_only=True)
+class StudyTrain:
+    """LoRA training shared by every arm: the same targets, learning rate, seeds and token budget."""
+
+    token_budget: int = field(default=150_000, metadata={"help": "training tokens per arm (non-padding)"})
+    rank: int = field(default=16, metadata={"help": "an arm's total rank: one adapter r, or two of r/2"})
+    alpha_per_rank: int = 2
+    dropout: float = 0.05
+    lr: float = 3e-4
+    batch_size: int = 8
+    max_length: int = 256
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where native), fp32, bf16"})
+
+    def __post_init__(self) -> None:
+        require_at_least_one(self, ("token_budget", "alpha_per_rank", "batch_size"), "train.")
+        if self.rank < 2 or self.rank % 2:
+            raise ConfigError(
+                f"train.rank must be an even number >= 2 (two-stage arms get rank/2 each), got {self.rank}"
+            )
+        check_range(self, "lr", 0, low_open=True, prefix="train.")
+        check_range(self, "dropout", 0, 1, high_open=True, prefix="train.")
+        check_range(self, "max_length", 16, prefix="train.")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass(kw_only=True)
+class AttributeSettings:
+    """``slmstack attribute`` on S2 (its first seed) at the end of the study."""
+
+    task: str = "ecqa"
+    limit: int = 200
+
+    def __post_init__(self) -> None:
+        require_at_least_one(self, ("limit",), "attribute.")
+
+
+@dataclass(kw_only=True)
+class StudyConfig:
+    """Arms x seeds, trained on FLAN CoT questions with their gold rationales, evaluated on held-out and OOD tasks."""
+
+    model: str = "default"
+    data_dir: str = field(metadata={"help": "folder with flan_cot/ and the evaluation tasks' files"})
+    train_sets: list[str] = field(default_factory=lambda: ["ecqa", "qasc", "strategyqa", "creak"])
+    train_questions: int = field(default=1600, metadata={"help": "questions drawn from the training pools, evenly"})
+    arms: list[str] = field(default_factory=lambda: ["A0", "A1", "A2", "A3", "S2"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    extra_seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "then, for the best arms"})
+    best: int = field(default=2, metadata={"help": "how many arms get the extra seeds"})
+    generated_mix: float = field(
+        default=0.5,
+        metadata={
+            "help": "S2: share of the answer stage's rationales that its own reason stage wrote (the rest gold)"
+        },
+    )
+    reason_tokens: int = 48
+    batch_size: int = field(default=32, metadata={"help": "engine rows per step and scoring batch"})
+    eval: dict[str, int] = field(
+        default_factory=lambda: {
+            "ecqa": 800,
+            "qasc": 300,
+            "commonsenseqa_clean": 500,
+            "strategyqa": 300,
+            "arc_easy": 300,
+            "openbookqa": 300,
+        }
+    )
+    attribute: AttributeSettings = field(default_factory=AttributeSettings)
+    train: StudyTrain = field(default_factory=StudyTrain)
+    source: Path | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from slmstack.evaluation.flan_cot import FLAN_COT
+        from slmstack.registry import did_you_mean
+        from slmstack.study.arms import ARMS
+
+        for arm in self.arms:
+            if arm not in ARMS:
+                raise ConfigError(
+                    f"arms: unknown arm {arm!r}.{did_you_mean(arm, list(ARMS))} Known: {', '.join(ARMS)}"
+                )
+        for name in self.train_sets:
+            if name not in FLAN_COT:
+                raise ConfigError(f"train_sets: {name!r} is not a FLAN CoT set; use {', '.join(FLAN_COT)}")
+        if not self.arms or not self.seeds or not self.eval or not self.train_sets:
+            raise ConfigError("arms, seeds, eval and train_sets need at least one entry each")
+        if any(s < 0 for s in self.seeds + self.extra_seeds):
+            raise ConfigError("seeds and extra_seeds must be >= 0")
+        if any(n < 0 for n in self.eval.values()):
+            raise ConfigError("eval: each task's item count must be >= 0 (0: all)")
+        require_at_least_one(self, ("train_questions", "reason_tokens", "batch_size"))
+        check_range(self, "generated_mix", 0, 1)
+        check_range(self, "best", 0)
+
+    def resolve(self, path: str) -> Path:
+        """A path from the YAML, relative to the YAML's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() or self.source is None else self.source.parent / p
+
+
+def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read and validate a study YAML (strict: unknown fields are errors naming the file)."""
+    data = apply_overrides(load_yaml(path, optional=False), overrides or [])
+    config = build_dataclass(StudyConfig, data, source=path)
+    config.source = Path(path).resolve()
+    return config

@@ -1,0 +1,179 @@
+"""The study's report: accuracy per arm and task, paired tests against A1, A2 and A3, cost, a plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from slmstack.evaluation.attribution import mcnemar_exact_p, paired_bootstrap_ci
+from slmstack.io import atomic_write_json, atomic_write_text
+
+__all__ = ["summarise", "write_report"]
+
+REFERENCES = ("A1", "A2", "A3")
+
+
+def _by_arm(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(results, key=lambda r: r["cell"]["seed"]):
+        arms.setdefault(r["cell"]["arm"], []).append(r)
+    return arms
+
+
+def _mean_se(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def summarise(results: list[dict[str, Any]], seed: int, bootstrap: int = 2000) -> dict[str, Any]:
+    """Scores (mean and s.e. over seeds), paired tests on the first seed, and the cost per item."""
+    arms = _by_arm(results)
+    tasks = list(next(iter(arms.values()))[0]["tasks"])
+    scores = {}
+    for arm, runs in arms.items():
+        per_task = {t: _mean_se([r["tasks"][t]["score"] for r in runs]) for t in tasks}
+        overall = _mean_se([sum(r["tasks"][t]["score"] for t in tasks) / len(tasks) for r in runs])
+        scores[arm] = {
+            "seeds": [r["cell"]["seed"] for r in runs],
+            "tasks": {t: {"mean": m, "se": se} for t, (m, se) in per_task.items()},
+            "mean": {"mean": overall[0], "se": overall[1]},
+        }
+    first = {
+        arm: next(r for r in runs if r["cell"]["seed"] == seed)
+        for arm, runs in arms.items()
+        if any(r["cell"]["seed"] == seed for r in runs)
+    }
+    tests = []
+    for ref in (r for r in REFERENCES if r in first):
+        for arm in (a for a in first if a != ref):
+            for task in [*tasks, "all"]:
+                pick = tasks if task == "all" else [task]
+                a = [x for t in pick for x in first[ref]["tasks"][t]["items"]]
+                b = [x for t in pick for x in first[arm]["tasks"][t]["items"]]
+                lo, hi = paired_bootstrap_ci(a, b, bootstrap, seed)
+                p, only_ref, only_arm = mcnemar_exact_p(a, b)
+                tests.append(
+                    {
+                        "arm": arm,
+                        "against": ref,
+                        "task": task,
+                        "delta": sum(b) / len(b) - sum(a) / len(a),
+                        "ci95": [lo, hi],
+                        "mcnemar_p": p,
+                        "only_reference_right": only_ref,
+                        "only_arm_right": only_arm,
+                        "n": len(a),
+                    }
+                )
+    cost = {}
+    for arm, r in first.items():
+        items = sum(t["n"] for t in r["tasks"].values())
+        cost[arm] = {
+            "generated_tokens_per_item": sum(t["generated_tokens"] for t in r["tasks"].values()) / items,
+            "seconds_per_item": sum(t["seconds"] for t in r["tasks"].values()) / items,
+            "train_tokens": sum(a["tokens"] for a in r["train"].values()),
+            "train_seconds": round(sum(a["seconds"] for a in r["train"].values()), 1),
+            "trainable_parameters": sum(a["trainable_parameters"] for a in r["train"].values()),
+        }
+    return {"tasks": tasks, "scores": scores, "paired_tests": tests, "cost": cost}
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    se = entry["se"]
+    return f"{entry['mean']:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def markdown(summary: dict[str, Any], best: list[str], attribution: dict[str, Any] | None) -> str:
+    """The tables of the report."""
+    tasks = summary["tasks"]
+    lines = [
+        "# Stacking study",
+        "",
+        "Accuracy (mean ± s.e. over seeds where there are several):",
+        "",
+        "| arm | seeds | " + " | ".join(tasks) + " | mean |",
+        "|---|---|" + "---:|" * (len(tasks) + 1),
+    ]
+    for arm, s in summary["scores"].items():
+        cells = " | ".join(_cell(s["tasks"][t]) for t in tasks)
+        lines.append(f"| {arm}{' (best)' if arm in best else ''} | {len(s['seeds'])} | {cells} | {_cell(s['mean'])} |")
+    lines += [
+        "",
+        "Paired against A1, A2 and A3 (first seed; Δ = arm - reference, bootstrap 95 % CI, McNemar exact p):",
+        "",
+        "| arm | vs | task | Δ | 95 % CI | p |",
+        "|---|---|---|---:|---|---:|",
+    ]
+    for t in summary["paired_tests"]:
+        lo, hi = t["ci95"]
+        lines.append(
+            f"| {t['arm']} | {t['against']} | {t['task']} | {t['delta']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+            f"{t['mcnemar_p']:.3g} |"
+        )
+    lines += [
+        "",
+        "Cost (first seed):",
+        "",
+        "| arm | generated tokens / item | seconds / item | training tokens | trainable parameters |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for arm, c in summary["cost"].items():
+        lines.append(
+            f"| {arm} | {c['generated_tokens_per_item']:.1f} | {c['seconds_per_item']:.3f} | "
+            f"{c['train_tokens']:,} | {c['trainable_parameters']:,} |"
+        )
+    if attribution is not None:
+        from slmstack.evaluation.attribution import markdown as attribution_markdown
+
+        lines += ["", attribution_markdown(attribution).replace("# Stage attribution", "## Stage attribution")]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], png: Path) -> None:
+    """Accuracy per task, one bar per arm (error bars: s.e. over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, arms = summary["tasks"], list(summary["scores"])
+    width = 0.8 / len(arms)
+    fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.6))
+    for i, arm in enumerate(arms):
+        entries = [summary["scores"][arm]["tasks"][t] for t in tasks]
+        ax.bar(
+            [k + i * width for k in range(len(tasks))],
+            [e["mean"] for e in entries],
+            width,
+            label=arm,
+            yerr=[e["se"] or 0 for e in entries],
+            capsize=2,
+        )
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(tasks))], tasks, rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Does stacking help? (default model, FLAN CoT training)")
+    ax.legend(fontsize=7, ncol=len(arms))
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
+
+
+def write_report(
+    out: Path, cfg: Any, results: list[dict[str, Any]], best: list[str], attribution: dict[str, Any] | None
+) -> dict[str, Any]:
+    """results.json, results.md and results.png in ``out``; returns the summary."""
+    summary = summarise(results, cfg.seeds[0])
+    summary["best"] = best
+    cells = [
+        {**r, "tasks": {t: {k: v for k, v in x.items() if k != "items"} for t, x in r["tasks"].items()}}
+        for r in results
+    ]  # the per-item scores stay in cells/
+    atomic_write_json(out / "results.json", {**summary, "cells": cells})
+    atomic_write_text(out / "results.md", markdown(summary, best, attribution))
+    plot(summary, out / "results.png")
+    return summary

@@ -1,0 +1,320 @@
+"""Run the stacking study: a resumable grid of (arm, seed) cells on the shared cell runner (:mod:`slmstack.grid`).
+
+A cell trains the adapters its arm needs (cached under ``adapters/``, each built once and swapped in atomically),
+loads the arm's stack, and scores it on every evaluation task, keeping each item's 0/1 score for the paired tests.
+First every arm runs its first seed; then the ``best`` arms (highest mean over the tasks) run the extra seeds;
+then ``slmstack attribute`` runs on S2. A killed study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from slmstack.config import dataclass_to_dict
+from slmstack.errors import ConfigError
+from slmstack.grid import CellGrid
+from slmstack.io import atomic_dir, atomic_write_json, atomic_write_text, check_output_dir, read_json
+from slmstack.study.arms import ARMS, ROLE_ANSWER, ROLE_REASON, AdapterPlan, stages_for
+from slmstack.study.config import StudyConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Study", "StudyCell", "run_study"]
+
+STUDY = "study.json"
+
+
+@dataclass(frozen=True)
+class StudyCell:
+    """One arm with one seed."""
+
+    arm: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        """A file-safe name."""
+        return f"{self.arm}__s{self.seed}"
+
+
+class Study(CellGrid):
+    """The cells of a :class:`StudyConfig`, with the adapters they need."""
+
+    kind = "study"
+    result_fields = {"cell": dict, "tasks": dict, "train": dict}
+
+    def __init__(self, cfg: StudyConfig, out: Path) -> None:
+        self.cfg, self.out = cfg, Path(out)
+        self.data_dir = cfg.resolve(cfg.data_dir)
+        self.cells = [StudyCell(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
+        self._pool: list[dict[str, Any]] | None = None
+
+    # ---- data
+    def pool(self) -> list[dict[str, Any]]:
+        """The training questions: an even, seeded draw from each set's training split, with their contexts."""
+        if self._pool is None:
+            from slmstack.evaluation.flan_cot import flan_cot_split
+            from slmstack.evaluation.harness import task_context
+            from slmstack.evaluation.tasks import Doc, get_task
+
+            per_set = self.cfg.train_questions // len(self.cfg.train_sets)
+            pool = []
+            for name in self.cfg.train_sets:
+                train, _ = flan_cot_split(name, self.data_dir)
+                chosen = random.Random(f"study/{name}").sample(train, min(per_set, len(train)))
+                spec = get_task(name)
+                pool += [{**r, "set": name, "context": task_context(spec, Doc(r["id"], r))} for r in chosen]
+            random.Random("study/pool").shuffle(pool)
+            self._pool = pool
+        return self._pool
+
+    def examples(self, cell: StudyCell, plan: AdapterPlan) -> list[tuple[str, str, str]]:
+        """(role, prompt, completion) training examples for one adapter, rendered as its stages render them."""
+        pool = self.pool()
+        out: list[tuple[str, str, str]] = []
+        for kind in plan.data:
+            if kind == "answer":
+                out += [(ROLE_ANSWER, r["context"], r["answer"]) for r in pool]
+            elif kind == "reason":
+                out += [(ROLE_REASON, r["context"], r["rationale"]) for r in pool]
+            else:  # answer|gold or answer|mix: the answer stage, given a rationale
+                rationales = [r["rationale"] for r in pool]
+                if kind == "answer|mix":
+                    rationales = self._mix(cell, rationales)
+                out += [
+                    (ROLE_ANSWER, f"Reasoning: {why}\n{r['context']}", r["answer"])
+                    for r, why in zip(pool, rationales, strict=True)
+                ]
+        random.Random(f"study/{cell.id}/{'+'.join(plan.data)}").shuffle(out)
+        return out
+
+    def _mix(self, cell: StudyCell, gold: list[str]) -> list[str]:
+        """Gold rationales, a ``generated_mix`` share replaced by what the arm's trained reason stage writes."""
+        from slmstack.stack.config import StackConfig
+        from slmstack.stack.runtime import Stack
+
+        pool = self.pool()
+        chosen = sorted(
+            random.Random(f"study/{cell.id}/mix").sample(range(len(pool)), round(self.cfg.generated_mix * len(pool)))
+        )
+        if not chosen:
+            return gold
+        reason = stages_for(True, self.cfg.reason_tokens)[0]
+        reason.adapter = str(self.adapter_dir(cell, "reason"))
+        stack = Stack(
+            StackConfig(name="reason", model=self.cfg.model, stages=[reason], batch_size=self.cfg.batch_size)
+        )
+        written = stack.run_batch([pool[i]["context"] for i in chosen])
+        mixed = list(gold)
+        for i, result in zip(chosen, written, strict=True):
+            mixed[i] = result.answer
+        return mixed
+
+    # ---- adapters
+    def adapter_dir(self, cell: StudyCell, name: str) -> Path:
+        """Where one adapter of an arm and seed lives."""
+        return self.out / "adapters" / f"{cell.arm}-{name}-s{cell.seed}"
+
+    def ensure_adapters(self, cell: StudyCell) -> dict[str, Path]:
+        """Every adapter of the cell's arm, trained now if not cached (a plan's ``after`` first)."""
+        arm = ARMS[cell.arm]
+        done: dict[str, Path] = {}
+
+        def ensure(name: str) -> Path:
+            path = self.adapter_dir(cell, name)
+            plan = arm.adapters[name]
+            if plan.after:
+                ensure(plan.after)
+            if not (path / "adapter_model.safetensors").is_file():
+                self._train(cell, name, plan, path)
+            done[name] = path
+            return path
+
+        for name in arm.adapters:
+            ensure(name)
+        return done
+
+    def _train(self, cell: StudyCell, name: str, plan: AdapterPlan, path: Path) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from slmstack.arch import get_arch
+        from slmstack.models import load_model
+        from slmstack.training.train_data import tokenize_example
+        from slmstack.training.trainer import train_lora_steps
+
+        t = self.cfg.train
+        examples = self.examples(cell, plan)
+        lm = load_model(self.cfg.model, device="cpu", dtype="float32")
+        chat = bool(getattr(lm.tokenizer, "chat_template", None))
+        tokenized = [
+            tokenize_example(lm.tokenizer, role, prompt, completion, t.max_length, chat)
+            for role, prompt, completion in examples
+        ]
+        rank = max(1, round(t.rank * plan.share))
+        budget = t.token_budget * plan.share
+        mean_len = sum(len(e.input_ids) for e in tokenized) / len(tokenized)
+        steps = max(1, math.ceil(budget / (t.batch_size * mean_len)))
+        torch.manual_seed(cell.seed)
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=t.alpha_per_rank * rank,
+            lora_dropout=t.dropout,
+            target_modules=get_arch(lm.model).lora_targets,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(lm.model, lora)
+        logger.info(
+            "study %s: training adapter %r (r=%d) for %d steps on %d examples",
+            cell.id,
+            name,
+            rank,
+            steps,
+            len(tokenized),
+        )
+        stats = train_lora_steps(
+            model,
+            lm.tokenizer.pad_token_id,
+            tokenized,
+            steps,
+            t.batch_size,
+            t.lr,
+            seed=cell.seed,
+            precision=t.precision,
+            show_progress=True,
+        )
+        record = {
+            "arm": cell.arm,
+            "seed": cell.seed,
+            "adapter": name,
+            "rank": rank,
+            "steps": steps,
+            "examples": len(tokenized),
+            "data": list(plan.data),
+            **stats,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            atomic_write_json(tmp / "train.json", record)
+
+        atomic_dir(path, write)
+
+    # ---- cells
+    def stack_config(self, cell: StudyCell, adapters: dict[str, Path]) -> Any:
+        """The arm's stack, its stages under their adapters."""
+        from slmstack.stack.config import StackConfig
+
+        arm = ARMS[cell.arm]
+        stages = stages_for(arm.two_stage, self.cfg.reason_tokens)
+        for stage in stages:
+            if stage.name in arm.stage_adapter:
+                stage.adapter = str(adapters[arm.stage_adapter[stage.name]])
+        return StackConfig(
+            name=f"study-{cell.id}", model=self.cfg.model, stages=stages, batch_size=self.cfg.batch_size
+        )
+
+    def run_cell(self, cell: StudyCell) -> dict[str, Any]:
+        """Train what the arm needs, then score its stack on every evaluation task (each item kept)."""
+        from slmstack.evaluation.harness import MAIN_METRIC, multiple_choice_items
+        from slmstack.evaluation.targets import StackTarget
+        from slmstack.evaluation.tasks import get_task, load_docs, select_subset
+        from slmstack.stack.runtime import Stack
+
+        path = self.cell_path(cell)
+        if path.is_file():
+            return self.read_cell(path)
+        start = time.perf_counter()
+        adapters = self.ensure_adapters(cell)
+        train = {
+            name: read_json(p / "train.json", "adapter training record", expect=dict) for name, p in adapters.items()
+        }
+        stack = Stack(self.stack_config(cell, adapters))
+        tasks = {}
+        for name, n in self.cfg.eval.items():
+            spec = get_task(name)
+            docs = select_subset(load_docs(spec, self.data_dir), None, n or None)
+            target = StackTarget(stack)
+            t0 = time.perf_counter()
+            metric = next(m for m in MAIN_METRIC if m in spec.metrics)
+            items = multiple_choice_items(spec, docs, target, target.scorer(self.cfg.batch_size))[metric]
+            tasks[name] = {
+                "metric": metric,
+                "score": sum(items) / len(items),
+                "n": len(items),
+                "items": items,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "generated_tokens": target.upstream_generated,
+            }
+            logger.info("study %s: %s %s = %.3f (%d items)", cell.id, name, metric, tasks[name]["score"], len(items))
+        result = {
+            "cell": asdict(cell),
+            "tasks": tasks,
+            "train": train,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        atomic_write_json(path, result)
+        return result
+
+    def prerequisites(self, todo: list[StudyCell]) -> list[list[tuple[str, tuple]]]:
+        """On Ray: every cell's adapters first (each cell's in one task, since S2's answer needs its reason)."""
+        return [[("ensure_adapters", (cell,)) for cell in todo if ARMS[cell.arm].adapters]]
+
+
+def prepare_study(cfg: StudyConfig, out: Path) -> Study:
+    """The study in ``out``; ``out`` must be empty or hold the same study (then it resumes)."""
+    out = check_output_dir(Path(out), "study output (--out)")
+    settings = dataclass_to_dict(cfg)
+    if (out / STUDY).is_file():
+        if read_json(out / STUDY, "study record", expect=dict) != settings:
+            raise ConfigError(f"{out} holds a different study; use another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty and holds no study; use another --out")
+    study = Study(cfg, out)
+    study.pool()  # the data is checked before any model loads
+    atomic_write_json(out / STUDY, settings)
+    return study
+
+
+def _mean_score(result: dict[str, Any]) -> float:
+    return sum(t["score"] for t in result["tasks"].values()) / len(result["tasks"])
+
+
+def run_study(cfg: StudyConfig, out: str | Path, executor: str = "local") -> dict[str, Any]:
+    """Every arm's first seed, the extra seeds of the best arms, S2's attribution, and the report."""
+    from slmstack.study.report import write_report
+
+    study = prepare_study(cfg, Path(out))
+    first = study.run(executor)
+    ranked = sorted(first, key=_mean_score, reverse=True)
+    best = [r["cell"]["arm"] for r in ranked[: cfg.best]]
+    extra = [StudyCell(arm, seed) for arm in best for seed in cfg.extra_seeds if seed not in cfg.seeds]
+    results = first + (study.run(executor, extra) if extra else [])
+    attribution = _attribute(study) if "S2" in cfg.arms else None
+    return write_report(study.out, cfg, results, best, attribution)
+
+
+def _attribute(study: Study) -> dict[str, Any]:
+    from slmstack.evaluation.attribution import attribute, markdown, plot
+    from slmstack.stack.runtime import Stack
+
+    folder = study.out / "attribution"
+    if (folder / "attribution.json").is_file():
+        return read_json(folder / "attribution.json", "attribution report", expect=dict)
+    cell = StudyCell("S2", study.cfg.seeds[0])
+    stack = Stack(study.stack_config(cell, study.ensure_adapters(cell)))
+    a = study.cfg.attribute
+    report = attribute(stack, [a.task], study.data_dir, limit=a.limit)
+    folder.mkdir(parents=True, exist_ok=True)
+    plot(report, folder / "attribution.png")
+    atomic_write_text(folder / "attribution.md", markdown(report))
+    atomic_write_json(folder / "attribution.json", report)
+    return json.loads(json.dumps(report))
