@@ -5,9 +5,9 @@
    engine), and llama.cpp (``llama-cpp-python``) on the very Q4_1 GGUF the default model comes from, when it is
    installed (``--llama-cpp-python PATH`` runs it with another interpreter, e.g. a venv that has it). Decode
    tokens/s excludes the prompt: (time(n tokens) - time(1 token)) / (n - 1). Each engine runs in a subprocess.
-2. **Mixed-adapter step**: one decode step of ``--rows`` rows spread over 4 LoRA adapters, with the engine's
-   grouped LoRA (rows grouped by adapter, one ``index_add_`` per group) against gathering each row's factors
-   for a batched ``bmm``, and against the same rows on the bare base (the adapters' cost).
+2. **Mixed-adapter step**: one decode step of ``--rows`` rows spread over 4 LoRA adapters: the engine's stacked,
+   masked LoRA against grouping rows by adapter (an ``index_add_`` per group) and gathering each row's factors for
+   a batched ``bmm``; and the same rows under one adapter, and on the bare base (the adapters' cost).
 3. **Stack evaluation** (``--eval``): ``slmstack eval --stack default --subset tiny`` on arc_easy and hellaswag,
    on the engine and on transformers (``--engine hf``), wall time and accuracies.
 
@@ -153,30 +153,42 @@ def child_lora(rows: int, threads: int, repeats: int) -> dict:
         return statistics.median(times)
 
     mixed = [f"a{i % 4}" for i in range(rows)]
-    grouped = step_time(mixed)
+    stacked = step_time(mixed)
     base = step_time([None] * rows)
+    single = step_time(["a0"] * rows)
 
-    def gathered(out, x, layer, module, bank, groups):  # per-row factors gathered, one bmm per product
-        if not groups:
-            return
-        ids_row = torch.zeros(x.shape[0], dtype=torch.long)
-        for aid, idx in groups:
-            ids_row[idx if idx is not None else slice(None)] = aid - 1
-        a = torch.stack([bank.factors[aid][layer][module].a_t for aid in sorted(bank.factors)])  # (n_ad, in, R)
-        b = torch.stack([bank.factors[aid][layer][module].b_t for aid in sorted(bank.factors)])  # (n_ad, R, out)
-        out += torch.bmm(torch.bmm(x[:, None, :], a[ids_row]), b[ids_row])[:, 0]
+    def grouped(out, x, layer, module, bank, step):  # rows grouped by adapter: an index_add_ per group
+        if step.single is not None:
+            return real(out, x, layer, module, bank, step)
+        for aid in step.rows.unique().tolist():
+            f = bank.factors[aid][layer].get(module) if aid else None
+            if f is not None:
+                idx = (step.rows == aid).nonzero()[:, 0]
+                out.index_add_(0, idx, (x.index_select(0, idx) @ f.a_t) @ f.b_t)
 
-    real = lora_mod.lora_add
+    def gathered(out, x, layer, module, bank, step):  # each row's factors gathered, one bmm per product
+        if step.single is not None:
+            return real(out, x, layer, module, bank, step)
+        ids = sorted(bank.factors)
+        a = torch.stack([bank.factors[aid][layer][module].a_t for aid in ids])  # (n_ad, in, R)
+        b = torch.stack([bank.factors[aid][layer][module].b_t for aid in ids])  # (n_ad, R, out)
+        pick = step.rows - 1
+        out += torch.bmm(torch.bmm(x[:, None, :], a[pick]), b[pick])[:, 0]
+
     import slmstack.engine.model as model_mod
 
-    model_mod.lora_add = gathered
-    try:
-        bmm = step_time(mixed)
-    finally:
-        model_mod.lora_add = real
-    return {"rows": rows, "adapters": 4, "rank": 8, "grouped_step_ms": round(grouped * 1000, 2),
-            "gathered_bmm_step_ms": round(bmm * 1000, 2), "bare_base_step_ms": round(base * 1000, 2),
-            "grouped_over_base": round(grouped / base, 3), "gathered_over_base": round(bmm / base, 3)}  # fmt: skip
+    real = lora_mod.lora_add
+    timings = {}
+    for name, fn in (("grouped", grouped), ("gathered_bmm", gathered)):
+        model_mod.lora_add = fn
+        try:
+            timings[name] = step_time(mixed)
+        finally:
+            model_mod.lora_add = real
+    ms = {"stacked_masked (the engine's)": stacked, **timings, "one adapter for every row": single,
+          "bare base": base}  # fmt: skip
+    return {"rows": rows, "adapters": 4, "rank": 8, "step_ms": {k: round(v * 1000, 2) for k, v in ms.items()},
+            "over_bare_base": {k: round(v / base, 3) for k, v in ms.items()}}  # fmt: skip
 
 
 def child_eval(engine: str, data_dir: str, threads: int, work: str) -> dict:
@@ -263,8 +275,9 @@ def main() -> None:
                   f"{row['over_llama_cpp'] if row['over_llama_cpp'] is not None else '-':>13}")  # fmt: skip
     lora = report["lora_step"]
     if lora:
-        print(f"decode step, {lora['rows']} rows over 4 adapters: grouped {lora['grouped_step_ms']} ms, gathered bmm "
-              f"{lora['gathered_bmm_step_ms']} ms, bare base {lora['bare_base_step_ms']} ms")  # fmt: skip
+        print(f"decode step of {lora['rows']} rows, 4 rank-8 adapters mixed:")
+        for name, ms in lora["step_ms"].items():
+            print(f"  {name:<34}{ms:>8} ms  x{lora['over_bare_base'][name]} of the bare base")
     if args.eval:
         print(json.dumps(report["stack_eval_tiny"], indent=1))
     print(f"wrote {args.out}")

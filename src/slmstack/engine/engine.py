@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from slmstack.engine.cache import KVCache
-from slmstack.engine.lora import LoraBank
+from slmstack.engine.lora import LoraBank, StepAdapters
 from slmstack.engine.model import Decoder, StepInput
 from slmstack.engine.sampling import SamplingParams, choose_tokens
 from slmstack.engine.scheduler import Request, Scheduler, State, StepPlan
@@ -272,28 +272,28 @@ class Engine:
     def _inputs(self, plan: StepPlan) -> StepInput:
         """The step's tensors: tokens, positions and slots flat; decode rows first; LoRA groups by adapter."""
         rows = plan.rows
-        tokens, positions, slots, groups, sample = [], [], [], {}, []
+        tokens, positions, slots, adapters, sample = [], [], [], [], []
         chunks = []
         for i, row in enumerate(rows):
             offset, n, slot = len(tokens), len(row.tokens), row.request.slot
             tokens += row.tokens
             positions += range(row.start, row.start + n)
             slots += [slot] * n
-            if row.request.adapter:
-                groups.setdefault(row.request.adapter, []).extend(range(offset, offset + n))
+            adapters += [row.request.adapter] * n
             if row.sample:
                 sample.append(offset + n - 1)
             if i >= len(plan.decode):
                 chunks.append((offset, n, slot, row.start))
         dev = self.device
-        decode_slots = [r.request.slot for r in plan.decode]
-        dense = decode_slots == list(range(len(decode_slots)))
-        lens = [r.start + 1 for r in plan.decode]
-        lora = [(aid, None if len(idx) == len(tokens) else torch.tensor(idx, dtype=torch.long, device=dev))
-                for aid, idx in groups.items()]  # fmt: skip
 
         def longs(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
+
+        decode_slots = [r.request.slot for r in plan.decode]
+        dense = decode_slots == list(range(len(decode_slots)))
+        lens = [r.start + 1 for r in plan.decode]
+        distinct = set(adapters)
+        lora = StepAdapters(single=adapters[0]) if len(distinct) == 1 else StepAdapters(rows=longs(adapters))
 
         return StepInput(
             tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=len(plan.decode),

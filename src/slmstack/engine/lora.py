@@ -6,11 +6,13 @@ For each fused projection (``qkv``, ``o``, ``gate_up``, ``down``) an adapter kee
 same sum (``lora_B(lora_A(x)) * s``); the factors are read from the peft model the stack already loaded, so
 there is one source of truth.
 
-A step's rows are grouped by adapter (the scheduler hands over index tensors once per step); each group adds
-its delta with one ``index_add_`` (or one in-place ``addmm_`` when every row shares the adapter). Rows on the
-bare base (adapter id 0) are in no group and cost nothing. Chosen over gathering per-row factors for a batched
-``bmm``: gathering copies ``rows × R × (in + out)`` values per projection and layer, while a group reads its
-adapter's factors once (``benchmarks/engine.py`` measures both).
+When every row of a step shares one adapter (a single request, a batch of one stage) its delta is one in-place
+``addmm_``; rows on the bare base cost nothing then. A mixed step multiplies by every loaded adapter's factors
+side by side and masks each row's columns to its own adapter's (:func:`lora_add`): three operations per
+projection whatever the number of adapters. Measured on the default model (``benchmarks/engine.py``, 16 rows over
+4 rank-8 adapters): grouping rows by adapter (an ``index_add_`` per group) and gathering each row's factors for a
+batched ``bmm`` both cost more, the first in dispatches (four per adapter), the second in copies (``rows × R ×
+(in + out)`` values per projection and layer).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from slmstack.arch import get_decoder_layers
 from slmstack.engine.weights import base_linear
 from slmstack.errors import ConfigError
 
-__all__ = ["MODULES", "LoraBank", "LoraFactors", "lora_add"]
+__all__ = ["MODULES", "LoraBank", "LoraFactors", "StepAdapters", "lora_add"]
 
 # fused projection -> the model's sub-projections, in the order their outputs are concatenated
 MODULES: dict[str, tuple[str, ...]] = {
@@ -55,6 +57,7 @@ class LoraBank:
         self.max_rank = max_rank
         self.ids: dict[str, int] = {}
         self.factors: dict[int, list[dict[str, LoraFactors]]] = {}
+        self._stacked: dict[tuple[int, str], tuple[Tensor, Tensor, Tensor] | None] = {}
         self._next = 1
 
     def id(self, name: str | None) -> int:
@@ -79,12 +82,31 @@ class LoraBank:
             self.ids[name] = aid
             self._next += 1
         self.factors[aid] = per_layer
+        self._stacked = {}
         return aid
 
     def remove(self, name: str) -> None:
         """Forget adapter ``name``; rows already running under it must have finished."""
         aid = self.ids.pop(name)
         del self.factors[aid]
+        self._stacked = {}
+
+    def stacked(self, layer: int, module: str) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Every adapter's factors on one projection side by side: ``(Aᵀ (in, ΣR), s·Bᵀ (ΣR, out), owner (ΣR,))``.
+
+        ``owner[j]`` is the adapter id of column j. Built once after adapters change, then reused every step.
+        """
+        key = (layer, module)
+        if key not in self._stacked:
+            parts = [(aid, f[layer][module]) for aid, f in sorted(self.factors.items()) if module in f[layer]]
+            if not parts:
+                self._stacked[key] = None
+            else:
+                a = torch.cat([p.a_t for _, p in parts], dim=1)
+                b = torch.cat([p.b_t for _, p in parts], dim=0)
+                owner = torch.cat([torch.full((p.a_t.shape[1],), aid, device=a.device) for aid, p in parts])
+                self._stacked[key] = (a, b, owner)
+        return self._stacked[key]
 
     def _read_layer(self, layer: Any, name: str, dtype: torch.dtype) -> dict[str, LoraFactors]:
         out: dict[str, LoraFactors] = {}
@@ -126,14 +148,42 @@ class LoraBank:
                                            f"on {part}, over max_lora_rank {self.max_rank}")  # fmt: skip
 
 
-def lora_add(out: Tensor, x: Tensor, layer: int, module: str, bank: LoraBank,
-             groups: list[tuple[int, Tensor | None]]) -> None:  # fmt: skip
-    """``out[rows] += lora(x[rows])`` for each (adapter id, row indices; None: every row) group, in place."""
-    for aid, rows in groups:
-        f = bank.factors[aid][layer].get(module)
-        if f is None:
-            continue  # this adapter does not touch this projection
-        if rows is None:
-            out.addmm_(x @ f.a_t, f.b_t)
-        else:
-            out.index_add_(0, rows, (x.index_select(0, rows) @ f.a_t) @ f.b_t)
+class StepAdapters:
+    """A step's rows' adapters, as :func:`lora_add` uses them.
+
+    ``single``: the one adapter id every token of the step runs under (0: none). Otherwise ``rows``, each
+    token's adapter id (N,), and the masks built from it, one per column layout, cached for the step.
+    """
+
+    def __init__(self, single: int | None = None, rows: Tensor | None = None) -> None:
+        self.single, self.rows = single, rows
+        self._masks: dict[int, Tensor] = {}
+
+    def mask(self, owner: Tensor) -> Tensor:
+        """(N, ΣR): 1 where a token's adapter owns the column."""
+        key = id(owner)
+        if key not in self._masks:
+            self._masks[key] = (self.rows[:, None] == owner[None, :]).to(owner.dtype if owner.is_floating_point()
+                                                                           else torch.float32)  # fmt: skip
+        return self._masks[key]
+
+
+def lora_add(out: Tensor, x: Tensor, layer: int, module: str, bank: LoraBank, step: StepAdapters) -> None:
+    """``out += lora(x)`` in place, each row under its own adapter (rows on the bare base get nothing).
+
+    One adapter for the whole step: ``out += (x @ Aᵀ) @ (s·Bᵀ)`` with its own factors. A mix: every loaded
+    adapter's factors side by side (:meth:`LoraBank.stacked`), ``t = x @ Aᵀ_all``, each row's columns of the
+    other adapters zeroed by a mask, ``out += t @ (s·Bᵀ)_all``: three operations for any number of adapters, where
+    grouping rows by adapter costs four per adapter (measured in ``benchmarks/engine.py``).
+    """
+    if step.single is not None:
+        if step.single:
+            f = bank.factors[step.single][layer].get(module)
+            if f is not None:
+                out.addmm_(x @ f.a_t, f.b_t)
+        return
+    stacked = bank.stacked(layer, module)
+    if stacked is None:
+        return
+    a, b, owner = stacked
+    out.addmm_((x @ a).mul_(step.mask(owner).to(x.dtype)), b)

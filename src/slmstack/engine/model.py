@@ -15,7 +15,7 @@ from torch import Tensor
 
 from slmstack.engine.cache import KVCache
 from slmstack.engine.layers import decode_attention, decode_mask, prefill_attention, rms_norm, rope
-from slmstack.engine.lora import LoraBank, lora_add
+from slmstack.engine.lora import LoraBank, StepAdapters, lora_add
 from slmstack.engine.weights import DecoderWeights
 
 __all__ = ["Decoder", "StepInput"]
@@ -33,7 +33,7 @@ class StepInput:
     decode_lens: Tensor  # (n,) each decode row's length including its new token
     decode_length: int  # max(decode_lens)
     chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (offset in N, length, slot, start)
-    lora: list[tuple[int, Tensor | None]] = field(default_factory=list)  # (adapter id, token indices or None)
+    lora: StepAdapters = field(default_factory=StepAdapters)  # each token's adapter
     sample: Tensor | None = None  # (n_sample,) indices of the tokens whose logits are wanted
 
 
