@@ -27,6 +27,7 @@ __all__ = [
     "check_range",
     "check_target_modules_given",
     "dataclass_to_dict",
+    "load_config_file",
     "load_yaml",
     "require_at_least_one",
 ]
@@ -91,6 +92,18 @@ def load_yaml(path: str | Path, optional: bool = True) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}.")
     return data
+
+
+def load_config_file(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """A required YAML (``--config``) with ``key.path=value`` overrides, built into ``cls``; ``source`` is set.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a field is unknown, missing or out of range.
+    """
+    data = apply_overrides(load_yaml(path, optional=False), overrides or [])
+    config = build_dataclass(cls, data, source=path)
+    config.source = Path(path).resolve()
+    return config
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

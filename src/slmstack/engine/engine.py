@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from slmstack.engine.cache import KVCache
+from slmstack.engine.graphs import DecodeGraphs
 from slmstack.engine.lora import LoraBank, StepAdapters
 from slmstack.engine.model import Decoder, StepInput
 from slmstack.engine.sampling import SamplingParams, choose_tokens
@@ -114,6 +115,8 @@ class Engine:
         max_tokens_per_step: tokens per step; prompts are fed in chunks that fit beside the decoding rows.
         max_lora_rank: the largest adapter rank accepted.
         max_length: the longest sequence (prompt + output); default: the model's context window.
+        graphs: ``auto`` (CUDA graphs for decode steps on a GPU, none on a CPU), ``capture``, ``off``, or ``static``
+            (the graphs' static path run eagerly: what the CPU tests check).
 
     Example:
         >>> engine = Engine(lm.model, lm.tokenizer)
@@ -122,8 +125,8 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, weights: str = "dense", max_batch: int = 16,
-                 max_tokens_per_step: int = 256, max_lora_rank: int = 64,
-                 max_length: int | None = None) -> None:  # fmt: skip
+                 max_tokens_per_step: int = 256, max_lora_rank: int = 64, max_length: int | None = None,
+                 graphs: str = "auto") -> None:  # fmt: skip
         reason = engine_supports(model)
         if reason is not None:
             raise EngineUnsupported(f"the engine cannot run this model: {reason}")
@@ -137,8 +140,15 @@ class Engine:
         for name in getattr(model, "peft_config", {}) or {}:
             self.lora.add(model, name, self.dtype)
         s = self.weights.shape
-        self.cache = KVCache(s.layers, s.kv_heads, s.head_dim, max_batch, self.max_length, self.dtype, self.device)
+        # one slot more than the rows: the padding rows of a CUDA-graph step write there
+        self.cache = KVCache(s.layers, s.kv_heads, s.head_dim, max_batch + 1, self.max_length, self.dtype,
+                             self.device)  # fmt: skip
         self.decoder = Decoder(self.weights, self.cache, self.lora)
+        if graphs not in ("auto", "capture", "off", "static"):
+            raise ConfigError(f"graphs {graphs!r}: use auto, capture, off or static")
+        capture = graphs == "capture" or (graphs == "auto" and self.device.type == "cuda")
+        self.graphs = (DecodeGraphs(self.decoder, max_batch, scratch_slot=max_batch, capture=capture)
+                       if capture or graphs == "static" else None)  # fmt: skip
         self.scheduler = Scheduler(max_batch, max_tokens_per_step)
         self.eos = frozenset(eos_token_ids(model, tokenizer))
         self._handles: dict[Request, EngineRequest] = {}
@@ -213,9 +223,16 @@ class Engine:
 
     # ---- running
     def run(self, until: Callable[[], bool] | None = None) -> None:
-        """Step until no request is left (or ``until()`` is true)."""
-        while (until is None or not until()) and self.step():
-            pass
+        """Step until no request is left, or until ``until()`` is true.
+
+        With ``until``, a step that finds nothing to do (another thread stepped first) waits and looks again.
+        """
+        while until is None or not until():
+            if not self.step():
+                if until is None:
+                    return
+                with self._lock:
+                    self._lock.wait(timeout=0.01)
 
     def serve_forever(self, stop: threading.Event) -> None:
         """Step whenever there is work, sleep when there is none, until ``stop`` is set (then cancel the rest)."""
@@ -253,7 +270,11 @@ class Engine:
         if plan is None:
             return False
         self.cache.ensure(budget)
-        logits = self.decoder.forward(self._inputs(plan))
+        inputs = self._inputs(plan)
+        if self.graphs is not None and self.graphs.usable(inputs):
+            logits = self.graphs.run(inputs)
+        else:
+            logits = self.decoder.forward(inputs)
         sampled = [row for row in plan.rows if row.sample]
         handles = [self._handles[row.request] for row in sampled]
         histories = [torch.tensor(row.request.prompt + row.request.output, device=self.device)

@@ -71,9 +71,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor 
     return out.reshape(n, heads * hd)
 
 
-def decode_mask(lens: Tensor, length: int) -> Tensor | None:
-    """(n, 1, 1, length): True where row i has a key (positions below its length); None when all are full."""
-    if bool((lens == length).all()):
+def decode_mask(lens: Tensor, length: int, always: bool = False) -> Tensor | None:
+    """(n, 1, 1, length): True where row i has a key (positions below its length); None when all are full.
+
+    ``always``: build it without looking at ``lens`` on the host (inside a CUDA graph capture).
+    """
+    if not always and bool((lens == length).all()):
         return None
     return (torch.arange(length, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
 

@@ -35,6 +35,7 @@ class StepInput:
     chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (offset in N, length, slot, start)
     lora: StepAdapters = field(default_factory=StepAdapters)  # each token's adapter
     sample: Tensor | None = None  # (n_sample,) indices of the tokens whose logits are wanted
+    static: bool = False  # a CUDA-graph step: no host-side decisions on tensor values (see graphs.py)
 
 
 class Decoder:
@@ -51,7 +52,7 @@ class Decoder:
         s, w = self.w.shape, self.w
         x = F.embedding(step.tokens, w.embed)  # (N, C)
         cos, sin = w.cos[step.positions][:, None, :], w.sin[step.positions][:, None, :]  # (N, 1, hd)
-        mask = decode_mask(step.decode_lens, step.decode_length) if step.n_decode else None
+        mask = decode_mask(step.decode_lens, step.decode_length, step.static) if step.n_decode else None
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.ln1, s.eps)
             qkv = layer.qkv(h)  # (N, (H + 2 KV) hd)

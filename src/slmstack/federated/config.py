@@ -16,14 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slmstack.config import (
-    apply_overrides,
-    build_dataclass,
-    check_range,
-    check_target_modules_given,
-    load_yaml,
-    require_at_least_one,
-)
+from slmstack.config import check_range, check_target_modules_given, load_config_file, require_at_least_one
 from slmstack.errors import ConfigError
 from slmstack.registry import did_you_mean
 
@@ -185,10 +178,7 @@ def load_federate_config(path: str | Path, overrides: list[str] | None = None) -
         ConfigError: a bad field (with a did-you-mean for an unknown strategy). Flower is not needed to check
             a config: :func:`require_flwr` runs once the inputs are known to be good.
     """
-    data = apply_overrides(load_yaml(path, optional=False), overrides or [])
-    config = build_dataclass(FederateConfig, data, source=path)
-    config.source = Path(path).resolve()
-    return config
+    return load_config_file(FederateConfig, path, overrides)
 
 
 def require_flwr() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmstack.config import apply_overrides, build_dataclass, check_range, load_yaml, require_at_least_one
+from slmstack.config import check_range, load_config_file, require_at_least_one
 from slmstack.errors import ConfigError
 
 __all__ = ["AttributeSettings", "StudyConfig", "StudyTrain", "load_study_config"]
@@ -121,7 +121,4 @@ class StudyConfig:
 
 def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read and validate a study YAML (strict: unknown fields are errors naming the file)."""
-    data = apply_overrides(load_yaml(path, optional=False), overrides or [])
-    config = build_dataclass(StudyConfig, data, source=path)
-    config.source = Path(path).resolve()
-    return config
+    return load_config_file(StudyConfig, path, overrides)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slmstack.config import apply_overrides, build_dataclass, load_yaml, require_at_least_one
+from slmstack.config import load_config_file, require_at_least_one
 from slmstack.errors import ConfigError
 
 __all__ = ["MODES", "CollectionConfig", "EvalSettings", "SplitConfig", "TrainSettings", "TransferConfig",
@@ -148,7 +148,4 @@ class TransferConfig:
 
 def load_transfer_config(path: str | Path, overrides: list[str] | None = None) -> TransferConfig:
     """Read and validate a transfer YAML (strict: unknown fields are errors naming the file)."""
-    data = apply_overrides(load_yaml(path, optional=False), overrides or [])
-    config = build_dataclass(TransferConfig, data, source=path)
-    config.source = Path(path).resolve()
-    return config
+    return load_config_file(TransferConfig, path, overrides)

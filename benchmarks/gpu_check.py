@@ -1,0 +1,321 @@
+"""The GPU check: the unit suite on the GPU, then a speed probe on a random-weight model of the default's shape.
+
+Made for an offline H100/H200-class machine (well under 5 minutes there); it also runs on a CPU, with a smaller
+probe (``--device cpu``). One JSON (``--out``) holds the suite's counts and the probe's figures:
+
+1. **Unit suite** on the device (``device: auto`` picks CUDA): ``pytest -m "not slow" tests/unit``, its
+   passed / failed / skipped counts and every skip reason (tests that need a package the machine lacks skip).
+2. **Speed probe** on ``LlamaForCausalLM`` with SmolLM2-135M's configuration and random weights (the default model's
+   94 MB of weights do not travel), a character tokenizer, float32 (``dtype: auto``):
+   - decode tokens/s at batch 1 and batch 64, slmstack's engine (CUDA graphs on a GPU) and transformers ``generate``;
+   - the default 4-stage stack, a random LoRA on every stage, ``--questions`` questions batched, against the same
+     prompts on the bare base (tokens/s ratio);
+   - LoRA training tokens/s (``precision: auto``: bf16 autocast on a GPU) and whether the loss stays finite.
+
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json            # on the GPU machine
+    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu_check_cpu.json  # here, to show it runs
+
+docs/architecture.md says which wheels to carry to a machine that lacks packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+SMOLLM2_135M = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "num_hidden_layers": 30,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
+
+
+def run_suite(args: argparse.Namespace) -> dict:
+    """The unit tests on this machine, counted from pytest's JUnit XML."""
+    xml = Path(args.workdir) / "junit.xml"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "not slow",
+        "tests/unit",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={xml}",
+        *(["-x"] if args.fail_fast else []),
+    ]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.suite_timeout)
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failed, skipped = [], {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts["failed" if case.find("failure") is not None else "errors"] += 1
+            failed.append(name)
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+            reason = case.find("skipped").get("message", "")
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            counts["passed"] += 1
+    return {
+        "exit": done.returncode,
+        "seconds": round(time.perf_counter() - start, 1),
+        **counts,
+        "failed_tests": failed,
+        "skip_reasons": skipped,
+        "tail": done.stdout[-1500:],
+    }
+
+
+def probe_model(device: str, layers: int | None):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = dict(SMOLLM2_135M)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}}
+    model = LlamaForCausalLM(LlamaConfig(**cfg, **rope)).to(device).eval()
+    return model, build_tokenizer()
+
+
+def decode_probe(model, tok, batch: int, tokens: int, engine: bool) -> float:
+    """Decode tokens/s at ``batch`` rows (prompt excluded), on the engine or transformers ``generate``."""
+    import torch
+
+    from slmstack.engine import Engine
+    from slmstack.stack.config import GenerationSettings
+
+    prompt = tok("Write a long story about a lighthouse keeper and a storm.")["input_ids"]
+    if engine:
+        eng = Engine(model, tok, max_batch=batch)
+
+        def timed(n: int) -> float:
+            handles = [eng.submit(prompt, None, GenerationSettings(max_new_tokens=n)) for _ in range(batch)]
+            for h in handles:
+                h.request.eos = frozenset()
+            sync(model)
+            start = time.perf_counter()
+            eng.run()
+            sync(model)
+            return time.perf_counter() - start
+    else:
+        ids = torch.tensor([prompt] * batch, device=model.device)
+
+        def timed(n: int) -> float:
+            sync(model)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            sync(model)
+            return time.perf_counter() - start
+
+    timed(4)
+    timed(tokens)  # warm-up (graphs captured)
+    one, full = timed(1), timed(tokens)
+    return round(batch * (tokens - 1) / (full - one), 1)
+
+
+def sync(model) -> None:
+    import torch
+
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+
+
+def stack_probe(model, tok, questions: int, workdir: Path) -> dict:
+    """The default stack with a random LoRA on every stage, batched, against the bare base on the same prompts."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from slmstack.stack.config import load_stack_config
+    from slmstack.stack.runtime import Stack
+
+    base_cfg = load_stack_config()
+    path = workdir / "probe_model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    for stage in base_cfg.stages:
+        torch.manual_seed(len(stage.name))
+        from transformers import AutoModelForCausalLM
+
+        peft = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(path),
+            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+        )
+        peft.save_pretrained(workdir / f"lora_{stage.name}")
+    texts = [f"question {i}: why is the sky blue and the grass green?" for i in range(questions)]
+    out = {}
+    for mode in ("base", "stack"):
+        cfg = load_stack_config(None, [f"model={path}", f"batch_size={questions}", "chat_template=false"])
+        if mode == "stack":
+            for stage in cfg.stages:
+                stage.adapter = str(workdir / f"lora_{stage.name}")
+        stack = Stack(cfg)
+        stack.run_batch(texts[:4])  # warm-up
+        sync(stack.model)
+        start = time.perf_counter()
+        results = stack.run_batch(texts)
+        sync(stack.model)
+        wall = time.perf_counter() - start
+        generated = sum(t.tokens_out for r in results for t in r.trace)
+        out[mode] = {
+            "tokens": generated,
+            "seconds": round(wall, 2),
+            "tokens_per_s": round(generated / wall, 1),
+            "engine": stack.on_engine,
+        }
+    out["stack_over_base"] = round(out["stack"]["tokens_per_s"] / out["base"]["tokens_per_s"], 3)
+    return out
+
+
+def train_probe(model, steps: int, batch: int, length: int) -> dict:
+    """LoRA training on random sequences (prompt half masked): tokens/s and whether the loss stays finite."""
+    import math
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from slmstack.models import resolve_precision
+    from slmstack.training.train_data import IGNORE_INDEX, TokenizedExample
+    from slmstack.training.trainer import TrainingDivergedError, train_lora_steps
+
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(batch * 4):
+        n = length - (i % 7) * 8
+        ids = [1] + torch.randint(10, 49000, (n - 1,), generator=gen).tolist()
+        examples.append(TokenizedExample(ids, [IGNORE_INDEX] * (n // 2) + ids[n // 2 :]))
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
+    precision = resolve_precision("auto", next(model.parameters()).device)
+    try:
+        stats = train_lora_steps(peft, 2, examples, steps, batch, 2e-4, seed=0, precision="auto")
+        finite, error = math.isfinite(stats["loss"]), None
+    except TrainingDivergedError as exc:
+        stats, finite, error = {"tokens": 0, "seconds": 1, "loss": float("nan")}, False, str(exc)
+    return {
+        "precision": precision,
+        "steps": steps,
+        "batch": batch,
+        "max_length": length,
+        "tokens_per_s": round(stats["tokens"] / stats["seconds"], 1),
+        "mean_loss": stats["loss"],
+        "finite": finite,
+        "error": error,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    p.add_argument("--quick", action="store_true", help="a small probe (4 layers, fewer tokens): for a CPU")
+    p.add_argument("--skip-suite", action="store_true")
+    p.add_argument("--fail-fast", action="store_true")
+    p.add_argument("--suite-timeout", type=int, default=240)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--questions", type=int, default=128)
+    p.add_argument("--workdir", default="/tmp/slmstack-gpu-check")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.json")
+    args = p.parse_args()
+    os.environ["TQDM_DISABLE"] = "1"
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    import torch
+    import transformers
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    report: dict = {
+        "benchmark": "gpu_check",
+        "device": device,
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if not args.skip_suite:
+        report["suite"] = run_suite(args)
+    layers, tokens = (4, 32) if args.quick else (None, args.tokens)
+    questions = 16 if args.quick else args.questions
+    model, tok = probe_model(device, layers)
+    report["probe"] = {
+        "model": f"random-weight SmolLM2-135M shape, {layers or 30} layers, float32",
+        "decode_tokens_per_s": {},
+    }
+    for engine in (True, False):
+        for batch in (1, 64 if not args.quick else 8):
+            key = f"{'engine' if engine else 'hf_generate'}_batch_{batch}"
+            report["probe"]["decode_tokens_per_s"][key] = decode_probe(model, tok, batch, tokens, engine)
+    report["probe"]["stack"] = stack_probe(model, tok, questions, Path(args.workdir))
+    model, _ = probe_model(device, layers)
+    report["probe"]["train"] = train_probe(
+        model, steps=4 if args.quick else 24, batch=4 if args.quick else 16, length=64 if args.quick else 256
+    )
+    from slmstack.io import atomic_write_json
+
+    atomic_write_json(args.out, report)
+    suite = report.get("suite")
+    if suite:
+        print(
+            f"unit suite on {device}: {suite['passed']} passed, {suite['failed']} failed, {suite['errors']} errors, "
+            f"{suite['skipped']} skipped ({suite['seconds']} s)"
+        )
+        for name in suite["failed_tests"]:
+            print(f"  FAILED {name}")
+        for reason, n in suite["skip_reasons"].items():
+            print(f"  skipped {n}: {reason[:100]}")
+    probe = report["probe"]
+    for key, rate in probe["decode_tokens_per_s"].items():
+        print(f"decode {key:<24}{rate:>10} tokens/s")
+    stack = probe["stack"]
+    print(f"stack {stack['stack']['tokens_per_s']} tokens/s vs bare base {stack['base']['tokens_per_s']}")
+    print(f"stack over bare base: {stack['stack_over_base']}")
+    train = probe["train"]
+    print(
+        f"LoRA training ({train['precision']}): {train['tokens_per_s']} tokens/s, loss {train['mean_loss']:.3f}, "
+        f"finite: {train['finite']}"
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
