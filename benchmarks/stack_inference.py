@@ -3,8 +3,10 @@
 Runs each mode in its own subprocess so peak RSS (VmHWM) is measured cleanly:
 
 * ``sequential``: the default 4-stage stack with a LoRA adapter on every stage, one question at a time;
-* ``batched``:    the same stack, all questions through each stage in one batch;
-* ``base``:       the base model alone (no peft, no adapters) generating the same stage prompts, batched.
+* ``batched``:    the same stack, all questions at once (on the engine: continuous, each question moving to its
+  next stage as soon as a stage ends, so rows of different stages, under different adapters, share steps);
+* ``base``:       the base model alone (no peft, no adapters) generating the same stage prompts, batched;
+* ``batched_hf``, ``base_hf``: the same two on transformers' ``generate`` (``engine: hf``, stage by stage).
 
 The adapters are freshly initialised peft LoRA adapters (r=8 on every attention and MLP projection,
 B = 0 as peft initialises them), so the text equals the untrained stack's while every token pays
@@ -70,7 +72,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     questions = load_questions(args.data, args.n)
-    stack = Stack.from_config(args.stack)
+    stack = Stack.from_config(args.stack, ["engine=hf"] if args.mode.endswith("_hf") else [])
     start = time.perf_counter()
     if args.mode == "sequential":
         results = [stack(q) for q in questions]
@@ -102,7 +104,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "results" / "stack_inference.json")
-    p.add_argument("--child", choices=["sequential", "batched", "base"])
+    p.add_argument("--child", choices=["sequential", "batched", "base", "batched_hf", "base_hf"])
     p.add_argument("--stack", type=Path)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -123,11 +125,16 @@ def main() -> None:
         stage["adapter"] = adapters[stage["name"]]
     (work / "stack.yaml").write_text(yaml.safe_dump(base_cfg))
 
-    runs = {mode: run_child(mode, work / ("base.yaml" if mode == "base" else "stack.yaml"), args)
-            for mode in ("base", "batched", "sequential")}  # fmt: skip
+    runs = {mode: run_child(mode, work / ("base.yaml" if mode.startswith("base") else "stack.yaml"), args)
+            for mode in ("base", "batched", "sequential", "base_hf", "batched_hf")}  # fmt: skip
     seq, bat, base = runs["sequential"], runs["batched"], runs["base"]
     summary = {
         "batched_over_sequential_tokens_per_s": round(bat["tokens_per_s"] / seq["tokens_per_s"], 2),
+        "stack_over_base_tokens_per_s": round(bat["tokens_per_s"] / base["tokens_per_s"], 3),
+        "engine_over_hf_batched_stack": round(bat["tokens_per_s"] / runs["batched_hf"]["tokens_per_s"], 2),
+        "hf_stack_over_hf_base_tokens_per_s": round(
+            runs["batched_hf"]["tokens_per_s"] / runs["base_hf"]["tokens_per_s"], 3
+        ),
         "stack_over_base_peak_rss": round(bat["peak_rss_mb"] / base["peak_rss_mb"], 3),
         "sequential_stack_over_base_peak_rss": round(seq["peak_rss_mb"] / base["peak_rss_mb"], 3),
         "same_answers_batched_vs_sequential": bat["answers"] == seq["answers"],

@@ -109,7 +109,11 @@ def check_target_modules(model: Any, targets: list[str] | None, label: str = "ta
 def _sha_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for p in paths:
-        digest.update(p.read_bytes() if p.is_file() else b"<missing>")
+        if p.is_file():
+            with guard_read(p, "training data file"):
+                digest.update(p.read_bytes())
+        else:
+            digest.update(b"<missing>")
     return digest.hexdigest()
 
 
@@ -258,7 +262,10 @@ def check_finite(value: torch.Tensor, where: str, step: int, precision: str, sta
 def _checkpoint_step(stage_dir: Path) -> int | None:
     """The step of the latest complete checkpoint of a stage, if any."""
     pointer = stage_dir / "checkpoints" / "latest"
-    name = pointer.read_text().strip() if pointer.is_file() else ""
+    try:
+        name = pointer.read_text().strip() if pointer.is_file() else ""
+    except (OSError, UnicodeDecodeError):  # only used to word an error message
+        name = ""
     return int(name.split("-")[1]) if name.startswith("step-") and name.split("-")[1].isdigit() else None
 
 
