@@ -122,9 +122,10 @@ def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor]:
     if in_features % INT4_GROUP or out_features % 16:
         from slmstack.errors import ConfigError
 
-        raise ConfigError(f"dtype 'int4-weights' needs layer input sizes that are multiples of {INT4_GROUP} and output "
-                          f"sizes that are multiples of 16; this model has a {in_features} -> {out_features} layer: "
-                          "use dtype int8-weights or float16-weights")  # fmt: skip
+        raise ConfigError(
+            f"dtype 'int4-weights' needs layer input sizes that are multiples of {INT4_GROUP} and output sizes that "
+            f"are multiples of 16; this model has a {in_features} -> {out_features} layer: use dtype int8-weights"
+        )
     groups = weight.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
     low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     scale = (high - low).clamp(min=1e-12) / 15
