@@ -222,6 +222,21 @@ class Study(CellGrid):
             name=f"study-{cell.id}", model=self.cfg.model, stages=stages, batch_size=self.cfg.batch_size
         )
 
+    def write_stack(self, cell: StudyCell) -> Path:
+        """``stacks/<cell>.yaml``: the arm's trained stack, for ``slmstack run/eval/attribute --stack``."""
+        import os
+
+        from slmstack.stack.config import save_stack_config
+
+        path = self.out / "stacks" / f"{cell.id}.yaml"
+        adapters = {k: Path(os.path.relpath(v.resolve(), path.parent.resolve()))
+                    for k, v in self.ensure_adapters(cell).items()}  # fmt: skip
+        config = self.stack_config(cell, adapters)
+        if Path(config.model).exists():  # a local model folder, read relative to the working directory
+            config.model = str(Path(config.model).resolve())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_stack_config(config, path)
+
     def run_cell(self, cell: StudyCell) -> dict[str, Any]:
         """Train what the arm needs, then score its stack on every evaluation task (each item kept)."""
         from slmstack.evaluation.harness import MAIN_METRIC, multiple_choice_items
@@ -298,6 +313,10 @@ def run_study(cfg: StudyConfig, out: str | Path, executor: str = "local") -> dic
     best = [r["cell"]["arm"] for r in ranked[: cfg.best]]
     extra = [StudyCell(arm, seed) for arm in best for seed in cfg.extra_seeds if seed not in cfg.seeds]
     results = first + (study.run(executor, extra) if extra else [])
+    for result in results:
+        cell = StudyCell(result["cell"]["arm"], result["cell"]["seed"])
+        if ARMS[cell.arm].adapters:
+            study.write_stack(cell)
     attribution = _attribute(study) if "S2" in cfg.arms else None
     return write_report(study.out, cfg, results, best, attribution)
 

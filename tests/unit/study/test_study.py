@@ -97,6 +97,17 @@ def test_a_two_arm_study_runs_end_to_end_and_resumes_after_a_kill(
         "attribution.png",
     }
     assert (out / "results.png").is_file() and "| S2 |" in (out / "results.md").read_text()
+    # every trained arm is a stack YAML whose adapters resolve from wherever it is read
+    from slmstack.stack.config import load_stack_config
+
+    s2_stack = load_stack_config(out / "stacks" / "S2__s0.yaml")
+    assert [s2_stack.adapter_path(s).resolve() for s in s2_stack.stages] == [
+        (out / "adapters" / "S2-reason-s0").resolve(),
+        (out / "adapters" / "S2-answer-s0").resolve(),
+    ]
+    assert sorted(p.name for p in (out / "stacks").iterdir()) == sorted(
+        ["A1__s0.yaml", "S2__s0.yaml", f"{best}__s1.yaml"]
+    )
     assert "mean_accuracy" in capsys.readouterr().out
 
 
