@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights"]
+FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights"]
 
 
 def prompt_ids(tokenizer) -> list[int]:
@@ -259,6 +259,10 @@ def main() -> None:
         if row:
             row["over_hf_float32"] = round(row["decode_tokens_per_s"] / hf, 2)
             row["over_llama_cpp"] = round(row["decode_tokens_per_s"] / ref, 3) if ref else None
+            if "text" in row:  # 48 greedy tokens against transformers' float32 text
+                same = os.path.commonprefix([row["text"], decode["hf_float32"]["text"]])
+                row["greedy_equals_hf_float32"] = row["text"] == decode["hf_float32"]["text"]
+                row["greedy_same_chars"] = f"{len(same)}/{len(decode['hf_float32']['text'])}"
     settings = {k: str(v) for k, v in vars(args).items() if v is not None}
     lora = run_child("lora", args, "--rows", str(args.rows))
     report: dict = {"benchmark": "engine", "settings": settings, "decode_batch_1": decode, "lora_step": lora}
@@ -268,11 +272,13 @@ def main() -> None:
         if runs["auto"] and runs["hf"]:
             runs["engine_over_hf_wall"] = round(runs["auto"]["wall_s"] / runs["hf"]["wall_s"], 3)
     atomic_write_json(args.out, report)
-    print(f"{'batch-1 decode (default model, 2-core CPU)':<52}{'tok/s':>8}{'x HF fp32':>11}{'x llama.cpp':>13}")
+    print(f"{'batch-1 decode (default model, 2-core CPU)':<52}{'tok/s':>8}{'x HF fp32':>11}{'x llama.cpp':>13}"
+          f"{'greedy text = HF':>18}")  # fmt: skip
     for row in decode.values():
         if row:
             print(f"{row['engine']:<52}{row['decode_tokens_per_s']:>8}{row['over_hf_float32']:>11}"
-                  f"{row['over_llama_cpp'] if row['over_llama_cpp'] is not None else '-':>13}")  # fmt: skip
+                  f"{row['over_llama_cpp'] if row['over_llama_cpp'] is not None else '-':>13}"
+                  f"{row.get('greedy_same_chars', '-'):>18}")  # fmt: skip
     lora = report["lora_step"]
     if lora:
         print(f"decode step of {lora['rows']} rows, 4 rank-8 adapters mixed:")
