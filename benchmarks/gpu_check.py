@@ -51,30 +51,48 @@ SMOLLM2_135M = {
 
 
 def run_suite(args: argparse.Namespace) -> dict:
-    """The unit tests on this machine, counted from pytest's JUnit XML."""
-    xml = Path(args.workdir) / "junit.xml"
+    """The unit tests on this machine, counted from pytest's JUnit XML (from its verbose log if it runs out of
+    time: the log, ``<workdir>/suite.log``, is written as the tests run)."""
+    import importlib.util
+
+    xml, log = Path(args.workdir) / "junit.xml", Path(args.workdir) / "suite.log"
+    per_test = ["--timeout=120"] if importlib.util.find_spec("pytest_timeout") else []
     cmd = [
         sys.executable,
         "-m",
         "pytest",
-        "-q",
+        "-v",
         "-m",
         "not slow",
         "tests/unit",
         "-p",
         "no:cacheprovider",
         f"--junitxml={xml}",
+        *per_test,
         *(["-x"] if args.fail_fast else []),
     ]
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.suite_timeout)
+    with open(log, "w") as sink:
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, timeout=args.suite_timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+    text = log.read_text(errors="replace")
+    if code is None:
+        counts = {k: text.count(f" {k.upper()}") for k in ("passed", "failed", "error", "skipped")}
+        failed = [line.split(" ")[0] for line in text.splitlines() if " FAILED" in line or " ERROR" in line]
+        return {"exit": None, "timed_out_after_s": args.suite_timeout, **counts, "failed_tests": failed,
+                "tail": text[-3000:]}  # fmt: skip
+    done = subprocess.CompletedProcess(cmd, code.returncode, stdout=text)
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    failed, skipped = [], {}
+    failed, skipped, messages = [], {}, {}
     for case in ET.parse(xml).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        if case.find("failure") is not None or case.find("error") is not None:
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
             counts["failed" if case.find("failure") is not None else "errors"] += 1
             failed.append(name)
+            messages[name] = (bad.get("message") or "")[:400] + " | " + (bad.text or "")[-1200:]
         elif case.find("skipped") is not None:
             counts["skipped"] += 1
             reason = case.find("skipped").get("message", "")
@@ -86,6 +104,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         **counts,
         "failed_tests": failed,
+        "failure_messages": messages,
         "skip_reasons": skipped,
         "tail": done.stdout[-1500:],
     }
@@ -106,8 +125,9 @@ def probe_model(device: str, layers: int | None):
     return model, build_tokenizer()
 
 
-def decode_probe(model, tok, batch: int, tokens: int, engine: bool) -> float:
-    """Decode tokens/s at ``batch`` rows (prompt excluded), on the engine or transformers ``generate``."""
+def decode_probe(model, tok, batch: int, tokens: int, engine: bool, graphs: str = "auto") -> dict:
+    """Decode tokens/s at ``batch`` rows (prompt excluded), on the engine or transformers ``generate``, and the
+    first call's seconds (on the engine on a GPU: CUDA-graph capture included)."""
     import torch
 
     from slmstack.engine import Engine
@@ -115,7 +135,7 @@ def decode_probe(model, tok, batch: int, tokens: int, engine: bool) -> float:
 
     prompt = tok("Write a long story about a lighthouse keeper and a storm.")["input_ids"]
     if engine:
-        eng = Engine(model, tok, max_batch=batch)
+        eng = Engine(model, tok, max_batch=batch, graphs=graphs)
 
         def timed(n: int) -> float:
             handles = [eng.submit(prompt, None, GenerationSettings(max_new_tokens=n)) for _ in range(batch)]
@@ -144,10 +164,10 @@ def decode_probe(model, tok, batch: int, tokens: int, engine: bool) -> float:
             sync(model)
             return time.perf_counter() - start
 
-    timed(4)
+    first = timed(4)
     timed(tokens)  # warm-up (graphs captured)
     one, full = timed(1), timed(tokens)
-    return round(batch * (tokens - 1) / (full - one), 1)
+    return {"tokens_per_s": round(batch * (tokens - 1) / (full - one), 1), "first_call_s": round(first, 3)}
 
 
 def sync(model) -> None:
@@ -272,8 +292,11 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    from slmstack.io import atomic_write_json
+
     if not args.skip_suite:
         report["suite"] = run_suite(args)
+        atomic_write_json(args.out, report)  # kept if a probe below dies
     layers, tokens = (4, 32) if args.quick else (None, args.tokens)
     questions = 16 if args.quick else args.questions
     model, tok = probe_model(device, layers)
@@ -281,20 +304,38 @@ def main() -> None:
         "model": f"random-weight SmolLM2-135M shape, {layers or 30} layers, float32",
         "decode_tokens_per_s": {},
     }
-    for engine in (True, False):
-        for batch in (1, 64 if not args.quick else 8):
-            key = f"{'engine' if engine else 'hf_generate'}_batch_{batch}"
-            report["probe"]["decode_tokens_per_s"][key] = decode_probe(model, tok, batch, tokens, engine)
-    report["probe"]["stack"] = stack_probe(model, tok, questions, Path(args.workdir))
-    model, _ = probe_model(device, layers)
-    report["probe"]["train"] = train_probe(
-        model, steps=4 if args.quick else 24, batch=4 if args.quick else 16, length=64 if args.quick else 256
-    )
-    from slmstack.io import atomic_write_json
 
+    def attempt(fn, *fn_args, **kwargs):
+        """One probe; its error (the traceback's tail) goes into the report instead of ending the check."""
+        try:
+            return fn(*fn_args, **kwargs)
+        except Exception:  # noqa: BLE001 - a check reports every failure it meets
+            import traceback
+
+            return {"error": traceback.format_exc()[-2000:]}
+        finally:
+            atomic_write_json(args.out, report)
+
+    paths = [("engine", True, "auto"), ("hf_generate", False, "auto")]
+    if device == "cuda":
+        paths.insert(1, ("engine_no_graphs", True, "off"))
+    for name, engine, graphs in paths:
+        for batch in (1, 64 if not args.quick else 8):
+            report["probe"]["decode_tokens_per_s"][f"{name}_batch_{batch}"] = attempt(
+                decode_probe, model, tok, batch, tokens, engine, graphs
+            )
+    report["probe"]["stack"] = attempt(stack_probe, model, tok, questions, Path(args.workdir))
+    model, _ = probe_model(device, layers)
+    steps, batch, length = (4, 4, 64) if args.quick else (24, 16, 256)
+    report["probe"]["train"] = attempt(train_probe, model, steps=steps, batch=batch, length=length)
     atomic_write_json(args.out, report)
     suite = report.get("suite")
-    if suite:
+    if suite and suite.get("exit") is None:
+        print(f"unit suite on {device}: TIMED OUT after {suite['timed_out_after_s']} s: {suite['passed']} passed, "
+              f"{suite['failed']} failed so far")  # fmt: skip
+        for name in suite["failed_tests"]:
+            print(f"  FAILED {name}")
+    elif suite:
         print(
             f"unit suite on {device}: {suite['passed']} passed, {suite['failed']} failed, {suite['errors']} errors, "
             f"{suite['skipped']} skipped ({suite['seconds']} s)"
@@ -305,15 +346,23 @@ def main() -> None:
             print(f"  skipped {n}: {reason[:100]}")
     probe = report["probe"]
     for key, rate in probe["decode_tokens_per_s"].items():
-        print(f"decode {key:<24}{rate:>10} tokens/s")
-    stack = probe["stack"]
-    print(f"stack {stack['stack']['tokens_per_s']} tokens/s vs bare base {stack['base']['tokens_per_s']}")
-    print(f"stack over bare base: {stack['stack_over_base']}")
-    train = probe["train"]
-    print(
-        f"LoRA training ({train['precision']}): {train['tokens_per_s']} tokens/s, loss {train['mean_loss']:.3f}, "
-        f"finite: {train['finite']}"
-    )
+        if "tokens_per_s" not in rate:
+            print(f"decode {key} failed:\n{rate['error']}")
+        else:
+            print(f"decode {key:<26}{rate['tokens_per_s']:>10} tokens/s   first call {rate['first_call_s']} s")
+    stack, train = probe["stack"], probe["train"]
+    if "stack" not in stack:
+        print(f"stack probe failed:\n{stack['error']}")
+    else:
+        print(f"stack {stack['stack']['tokens_per_s']} tokens/s vs bare base {stack['base']['tokens_per_s']}")
+        print(f"stack over bare base: {stack['stack_over_base']}")
+    if "precision" not in train:
+        print(f"training probe failed:\n{train['error']}")
+    else:
+        print(
+            f"LoRA training ({train['precision']}): {train['tokens_per_s']} tokens/s, loss {train['mean_loss']:.3f}, "
+            f"finite: {train['finite']}"
+        )
     print(f"wrote {args.out}")
 
 

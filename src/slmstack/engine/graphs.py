@@ -77,7 +77,10 @@ class DecodeGraphs:
         cache, lora = self.decoder.cache, self.decoder.lora
         key = (cache.length, id(cache.k[0]) if cache.k else None, tuple(sorted(lora.factors)), id(lora._stacked))
         if key != self._key:
+            # Dropping every graph frees their private memory pool: the next capture needs a fresh pool (capturing
+            # into the freed one fails inside PyTorch's caching allocator, as seen on an H100).
             self.graphs.clear()
+            self._pool = None
             self._key = key
 
     def _buffers(self, bucket: int) -> dict[str, Tensor]:

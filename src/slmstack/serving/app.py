@@ -67,6 +67,20 @@ class _Metrics:
         )
 
 
+MAX_JSON_DEPTH = 64  # an OpenAI request is a few levels deep
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value``'s lists and objects nest, walked without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            todo.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _trace(result: StackResult) -> list[dict[str, Any]]:
     return [asdict(t) for t in result.trace]
 
@@ -171,8 +185,10 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "Request body is not valid JSON") from None
-        except RecursionError:
+        except RecursionError:  # Python 3.11's decoder stops near 1,000 levels; 3.12's goes deeper
             raise ApiError(400, "Request body is nested too deeply") from None
+        if _depth(body) > MAX_JSON_DEPTH:  # one rule whatever the Python version
+            raise ApiError(400, f"Request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
         if not isinstance(body, dict):
             raise ApiError(400, "Request body must be a JSON object")
         try:  # a lone surrogate ("\ud800") is valid JSON but not text: refuse it here, not in the tokenizer

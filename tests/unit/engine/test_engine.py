@@ -163,28 +163,39 @@ def test_the_cache_grows_with_the_longest_request_and_keeps_what_it_holds() -> N
     assert engine.steps > 0 and torch.is_tensor(engine.cache.k[0])
 
 
+def _run_graphs(model, tok, graphs: str, budgets=(12, 3, 20, 7, 15)) -> tuple[list[str], int]:
+    """Rows joining and leaving, mixed adapters, a bucket larger than the rows (padding rows present): the texts
+    and how many steps ran on the graph path."""
+    rows = list(zip(TEXTS, ADAPTERS, [GenerationSettings(max_new_tokens=n) for n in budgets], strict=False))
+    engine = Engine(model, tok, max_batch=8, graphs=graphs)
+    handles = [engine.submit(tok(t)["input_ids"], a, s) for t, a, s in rows]
+    static_steps = {"n": 0}
+    if engine.graphs is not None:
+        real = engine.graphs.run
+
+        def counting(step):
+            static_steps["n"] += 1
+            return real(step)
+
+        engine.graphs.run = counting
+    engine.run()
+    return [h.generated().text for h in handles], static_steps["n"]
+
+
 def test_the_cuda_graph_static_path_gives_the_same_text_eagerly_on_a_cpu() -> None:
-    # Prepare: rows joining and leaving, mixed adapters, a bucket larger than the rows (padding rows present)
     model, tok = _peft_model(), build_tokenizer()
-    budgets = [GenerationSettings(max_new_tokens=n) for n in (12, 3, 20, 7, 15)]
-    rows = list(zip(TEXTS, ADAPTERS, budgets, strict=False))
-
-    def run(graphs: str) -> tuple[list[str], int]:
-        engine = Engine(model, tok, max_batch=8, graphs=graphs)
-        handles = [engine.submit(tok(t)["input_ids"], a, s) for t, a, s in rows]
-        static_steps = {"n": 0}
-        if engine.graphs is not None:
-            real = engine.graphs.run
-
-            def counting(step):
-                static_steps["n"] += 1
-                return real(step)
-
-            engine.graphs.run = counting
-        engine.run()
-        return [h.generated().text for h in handles], static_steps["n"]
-
-    eager, _ = run("off")
-    static, used = run("static")
+    eager, _ = _run_graphs(model, tok, "off")
+    static, used = _run_graphs(model, tok, "static")
     # Assert: the static path ran the decode steps, and not one token changed
     assert used > 10 and static == eager
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_cuda_graphs_replay_the_static_path_through_cache_growth() -> None:
+    # Prepare: budgets long enough that the cache grows mid-run (graphs are captured again after it does)
+    model, tok = _peft_model().to("cuda"), build_tokenizer()
+    budgets = (40, 3, 90, 7, 60)
+    static, _ = _run_graphs(model, tok, "static", budgets)
+    captured, used = _run_graphs(model, tok, "capture", budgets)
+    # Assert: the graphs ran the decode steps and replayed exactly what the static path computes
+    assert used > 50 and captured == static

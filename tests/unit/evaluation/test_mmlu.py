@@ -73,6 +73,7 @@ def test_our_subject_categories_are_lm_evals() -> None:
 
 
 def test_group_scores_equal_lm_evals_aggregation_by_hand() -> None:
+    pytest.importorskip("lm_eval")
     from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr, unweighted_mean_stderr
 
     # a hand-made result table: three subjects in two categories, and the group over both

@@ -99,7 +99,8 @@ def test_sixteen_concurrent_requests_succeed_in_shared_batches(live) -> None:
             413,
             "larger than",
         ),
-        ("[" * 5000 + "]" * 5000, {}, 400, "nested too deeply"),
+        ("[" * 5000 + "]" * 5000, {}, 400, "nested too deeply"),  # Python 3.11's decoder gives up here
+        ('{"model": "tiny-stack", "messages": ' + "[" * 100 + "]" * 100 + "}", {}, 400, "nested too deeply"),
         ('{"model": "tiny-stack", "messages": [{"role": "user", "content": "a\\ud800b"}]}', {}, 400, "lone surrogate"),
         *[
             (
