@@ -58,6 +58,7 @@ class LoraBank:
         self.ids: dict[str, int] = {}
         self.factors: dict[int, list[dict[str, LoraFactors]]] = {}
         self._stacked: dict[tuple[int, str], tuple[Tensor, Tensor, Tensor] | None] = {}
+        self._owners: dict[tuple, Tensor] = {}
         self._next = 1
 
     def id(self, name: str | None) -> int:
@@ -82,14 +83,14 @@ class LoraBank:
             self.ids[name] = aid
             self._next += 1
         self.factors[aid] = per_layer
-        self._stacked = {}
+        self._stacked, self._owners = {}, {}
         return aid
 
     def remove(self, name: str) -> None:
         """Forget adapter ``name``; rows already running under it must have finished."""
         aid = self.ids.pop(name)
         del self.factors[aid]
-        self._stacked = {}
+        self._stacked, self._owners = {}, {}
 
     def stacked(self, layer: int, module: str) -> tuple[Tensor, Tensor, Tensor] | None:
         """Every adapter's factors on one projection side by side: ``(Aᵀ (in, ΣR), s·Bᵀ (ΣR, out), owner (ΣR,))``.
@@ -104,8 +105,12 @@ class LoraBank:
             else:
                 a = torch.cat([p.a_t for _, p in parts], dim=1)
                 b = torch.cat([p.b_t for _, p in parts], dim=0)
-                owner = torch.cat([torch.full((p.a_t.shape[1],), aid, device=a.device) for aid, p in parts])
-                self._stacked[key] = (a, b, owner)
+                # one owner tensor per column layout, shared by every layer and projection that has it, so that a
+                # step builds each layout's mask once (StepAdapters.mask caches by tensor), not once per layer
+                layout = tuple((aid, p.a_t.shape[1]) for aid, p in parts)
+                if layout not in self._owners:
+                    self._owners[layout] = torch.cat([torch.full((r,), aid, device=a.device) for aid, r in layout])
+                self._stacked[key] = (a, b, self._owners[layout])
         return self._stacked[key]
 
     def _read_layer(self, layer: Any, name: str, dtype: torch.dtype) -> dict[str, LoraFactors]:
