@@ -275,6 +275,7 @@ def main() -> None:
     p.add_argument("--suite-timeout", type=int, default=240)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--questions", type=int, default=128)
+    p.add_argument("--sections", default="decode,bfloat16,stack,train", help="which probes to run")
     p.add_argument("--workdir", default="/tmp/slmstack-gpu-check")
     p.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.json")
     args = p.parse_args()
@@ -316,18 +317,31 @@ def main() -> None:
         finally:
             atomic_write_json(args.out, report)
 
-    paths = [("engine", True, "auto"), ("hf_generate", False, "auto")]
-    if device == "cuda":
+    sections = set(args.sections.split(","))
+    paths = [("engine", True, "auto"), ("hf_generate", False, "auto")] if "decode" in sections else []
+    if device == "cuda" and paths:
         paths.insert(1, ("engine_no_graphs", True, "off"))
+    batches = (1, 64 if not args.quick else 8)
     for name, engine, graphs in paths:
-        for batch in (1, 64 if not args.quick else 8):
+        for batch in batches:
             report["probe"]["decode_tokens_per_s"][f"{name}_batch_{batch}"] = attempt(
                 decode_probe, model, tok, batch, tokens, engine, graphs
             )
-    report["probe"]["stack"] = attempt(stack_probe, model, tok, questions, Path(args.workdir))
-    model, _ = probe_model(device, layers)
-    steps, batch, length = (4, 4, 64) if args.quick else (24, 16, 256)
-    report["probe"]["train"] = attempt(train_probe, model, steps=steps, batch=batch, length=length)
+    if "bfloat16" in sections:  # what the float32 default costs: the same decode with bfloat16 weights
+        import torch
+
+        half = probe_model(device, layers)[0].to(torch.bfloat16)
+        for batch in batches:
+            report["probe"]["decode_tokens_per_s"][f"engine_bfloat16_batch_{batch}"] = attempt(
+                decode_probe, half, tok, batch, tokens, True, "auto"
+            )
+        del half
+    if "stack" in sections:
+        report["probe"]["stack"] = attempt(stack_probe, model, tok, questions, Path(args.workdir))
+    if "train" in sections:
+        model, _ = probe_model(device, layers)
+        steps, batch, length = (4, 4, 64) if args.quick else (24, 16, 256)
+        report["probe"]["train"] = attempt(train_probe, model, steps=steps, batch=batch, length=length)
     atomic_write_json(args.out, report)
     suite = report.get("suite")
     if suite and suite.get("exit") is None:
@@ -350,13 +364,17 @@ def main() -> None:
             print(f"decode {key} failed:\n{rate['error']}")
         else:
             print(f"decode {key:<26}{rate['tokens_per_s']:>10} tokens/s   first call {rate['first_call_s']} s")
-    stack, train = probe["stack"], probe["train"]
-    if "stack" not in stack:
+    stack, train = probe.get("stack", {"error": "not run"}), probe.get("train", {"error": "not run"})
+    if stack.get("error") == "not run":
+        pass
+    elif "stack" not in stack:
         print(f"stack probe failed:\n{stack['error']}")
     else:
         print(f"stack {stack['stack']['tokens_per_s']} tokens/s vs bare base {stack['base']['tokens_per_s']}")
         print(f"stack over bare base: {stack['stack_over_base']}")
-    if "precision" not in train:
+    if train.get("error") == "not run":
+        pass
+    elif "precision" not in train:
         print(f"training probe failed:\n{train['error']}")
     else:
         print(
