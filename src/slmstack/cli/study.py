@@ -16,6 +16,8 @@ def _study_args(p: argparse.ArgumentParser) -> None:
                    help="override a field, e.g. --set seeds=[0] --set train.token_budget=50000")  # fmt: skip
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="cells one after another (local), or as Ray tasks (ray; RAY_ADDRESS: a cluster)")  # fmt: skip
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: write the report from the cells finished so far, naming the rest")  # fmt: skip
 
 
 def study_cmd(args: argparse.Namespace) -> int:
@@ -24,7 +26,7 @@ def study_cmd(args: argparse.Namespace) -> int:
     from slmstack.study.run import run_study
 
     cfg = load_study_config(args.config, args.overrides)
-    summary = run_study(cfg, args.out, args.executor)
+    summary = run_study(cfg, args.out, args.executor, report_only=args.report)
     means = {arm: round(s["mean"]["mean"], 4) for arm, s in summary["scores"].items()}
     print(json.dumps({"results": str(args.out / "results.md"), "mean_accuracy": means, "best": summary["best"]},
                      indent=2))  # fmt: skip

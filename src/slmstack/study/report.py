@@ -164,16 +164,27 @@ def plot(summary: dict[str, Any], png: Path) -> None:
 
 
 def write_report(
-    out: Path, cfg: Any, results: list[dict[str, Any]], best: list[str], attribution: dict[str, Any] | None
+    out: Path,
+    cfg: Any,
+    results: list[dict[str, Any]],
+    best: list[str],
+    attribution: dict[str, Any] | None,
+    pending: list[str] | None = None,
 ) -> dict[str, Any]:
-    """results.json, results.md and results.png in ``out``; returns the summary."""
+    """results.json, results.md and results.png in ``out``; returns the summary.
+
+    ``pending``: the cells of the plan not run yet (a report written part-way, ``slmstack study --report``).
+    """
     summary = summarise(results, cfg.seeds[0])
-    summary["best"] = best
+    summary["best"], summary["pending"] = best, pending or []
     cells = [
         {**r, "tasks": {t: {k: v for k, v in x.items() if k != "items"} for t, x in r["tasks"].items()}}
         for r in results
     ]  # the per-item scores stay in cells/
     atomic_write_json(out / "results.json", {**summary, "cells": cells})
-    atomic_write_text(out / "results.md", markdown(summary, best, attribution))
+    text = markdown(summary, best, attribution)
+    if pending:
+        text = text.replace("\n", f"\n\n**Part-way report**: not run yet: {', '.join(pending)}.\n", 1)
+    atomic_write_text(out / "results.md", text)
     plot(summary, out / "results.png")
     return summary

@@ -284,7 +284,7 @@ class Study(CellGrid):
         return [[("ensure_adapters", (cell,)) for cell in todo if ARMS[cell.arm].adapters]]
 
 
-def prepare_study(cfg: StudyConfig, out: Path) -> Study:
+def prepare_study(cfg: StudyConfig, out: Path, check_data: bool = True) -> Study:
     """The study in ``out``; ``out`` must be empty or hold the same study (then it resumes)."""
     out = check_output_dir(Path(out), "study output (--out)")
     settings = dataclass_to_dict(cfg)
@@ -294,7 +294,8 @@ def prepare_study(cfg: StudyConfig, out: Path) -> Study:
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty and holds no study; use another --out")
     study = Study(cfg, out)
-    study.pool()  # the data is checked before any model loads
+    if check_data:
+        study.pool()  # the data is checked before any model loads
     atomic_write_json(out / STUDY, settings)
     return study
 
@@ -303,11 +304,19 @@ def _mean_score(result: dict[str, Any]) -> float:
     return sum(t["score"] for t in result["tasks"].values()) / len(result["tasks"])
 
 
-def run_study(cfg: StudyConfig, out: str | Path, executor: str = "local") -> dict[str, Any]:
-    """Every arm's first seed, the extra seeds of the best arms, S2's attribution, and the report."""
+def run_study(cfg: StudyConfig, out: str | Path, executor: str = "local", report_only: bool = False) -> dict[str, Any]:
+    """Every arm's first seed, the extra seeds of the best arms, S2's attribution, and the report.
+
+    ``report_only``: run nothing; write the report (and the trained arms' stack YAMLs) from the cells finished so
+    far, naming the cells still to run, and take the attribution only if it is already there.
+    """
     from slmstack.study.report import write_report
 
-    study = prepare_study(cfg, Path(out))
+    if report_only and not (Path(out) / STUDY).is_file():
+        raise ConfigError(f"{out} holds no study yet, so there is nothing to report; run the study first")
+    study = prepare_study(cfg, Path(out), check_data=not report_only)
+    if report_only:
+        return _report_so_far(study, write_report)
     first = study.run(executor)
     ranked = sorted(first, key=_mean_score, reverse=True)
     best = [r["cell"]["arm"] for r in ranked[: cfg.best]]
@@ -319,6 +328,28 @@ def run_study(cfg: StudyConfig, out: str | Path, executor: str = "local") -> dic
             study.write_stack(cell)
     attribution = _attribute(study) if "S2" in cfg.arms else None
     return write_report(study.out, cfg, results, best, attribution)
+
+
+def _report_so_far(study: Study, write_report: Any) -> dict[str, Any]:
+    cfg = study.cfg
+    done = {
+        (r["cell"]["arm"], r["cell"]["seed"]): r for r in map(study.read_cell, sorted(study.out.glob("cells/*.json")))
+    }
+    first = [done[(arm, seed)] for arm in cfg.arms for seed in cfg.seeds if (arm, seed) in done]
+    if not first:
+        raise ConfigError(f"{study.out}: no cell has finished yet, so there is nothing to report; run the study first")
+    ranked = sorted(first, key=_mean_score, reverse=True)
+    complete = len(first) == len(cfg.arms) * len(cfg.seeds)
+    best = [r["cell"]["arm"] for r in ranked[: cfg.best]] if complete else []
+    planned = [(a, s) for a in cfg.arms for s in cfg.seeds] + [(a, s) for a in best for s in cfg.extra_seeds]
+    pending = [f"{a}__s{s}" for a, s in planned if (a, s) not in done] + ([] if complete else ["the extra seeds"])
+    for arm, seed in done:
+        if ARMS[arm].adapters:
+            study.write_stack(StudyCell(arm, seed))
+    folder = study.out / "attribution"
+    attribution = read_json(folder / "attribution.json", "attribution report", expect=dict) if (
+        folder / "attribution.json").is_file() else None  # fmt: skip
+    return write_report(study.out, cfg, list(done.values()), best, attribution, pending)
 
 
 def _attribute(study: Study) -> dict[str, Any]:

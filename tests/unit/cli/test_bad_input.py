@@ -151,6 +151,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("study", "--config {tmp}/none.yaml --out {tmp}/s", "none.yaml: config file not found. Check the path."),
     ("study", "--config {study} --out {tmp}/s --set data_dir={dir}", "qasc_train.tsv: qasc data (FLAN CoT TSV) not"),
     ("study", "--config {study} --out {tmp}/s --set seeds=[-1]", "seeds and extra_seeds must be >= 0"),
+    ("study", "--config {study} --out {tmp}/s --report", "holds no study yet, so there is nothing to report"),
     # ---- federate
     ("federate", "--config {fed} --out {tmp}/f --set strategy=legoo", "Did you mean 'lego'"),
     ("federate", "--config {fed} --out {tmp}/f --set clients.1.sparsity=1.0", "sparsity must be in [0, 1)"),

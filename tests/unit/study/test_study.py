@@ -71,6 +71,12 @@ def test_a_two_arm_study_runs_end_to_end_and_resumes_after_a_kill(
     monkeypatch.setattr(run_module.Study, "_train", counting)
     assert main(["study", "--config", str(config), "--out", str(out)]) == 130  # the CLI's "interrupted"
     assert [p.name for p in (out / "cells").glob("*.json")] == ["A1__s0.json"] and trained["n"] == 1
+    # a part-way report runs nothing and names what is still to run
+    assert main(["study", "--config", str(config), "--out", str(out), "--report"]) == 0
+    assert trained["n"] == 1 and [p.name for p in (out / "cells").glob("*.json")] == ["A1__s0.json"]
+    report = (out / "results.md").read_text()
+    assert "Part-way report" in report and "S2__s0" in report and "| A1 |" in report
+    assert [p.name for p in (out / "stacks").iterdir()] == ["A1__s0.yaml"]
     # Execute: resume
     monkeypatch.setattr(run_module.Study, "run_cell", real)
     assert main(["study", "--config", str(config), "--out", str(out)]) == 0
