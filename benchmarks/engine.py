@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights"]
+FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights"]
 
 
 def prompt_ids(tokenizer) -> list[int]:

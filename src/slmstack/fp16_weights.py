@@ -29,7 +29,7 @@ def check_available(device: torch.device, dtype: str = FP16_WEIGHTS) -> None:
     """Raise :class:`ConfigError` unless the CPU weight format ``dtype`` can run here.
 
     ``float16-weights`` needs torch's fbgemm (x86); ``bfloat16-weights`` oneDNN's bfloat16 kernels;
-    ``int8-weights`` and ``int4-weights`` a CPU. The last three run on slmstack's engine only.
+    ``int8-weights`` a CPU. The last two run on slmstack's engine only.
     """
     ok = device.type == "cpu"
     if dtype == FP16_WEIGHTS:

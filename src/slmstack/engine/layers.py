@@ -107,32 +107,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, st
 
 
 # ---------------------------------------------------------------- linear layers
-LINEAR_FORMATS = ("dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights")
-
-
-INT4_GROUP = 32
-
-
-def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``weight`` (out, in) as 4-bit groups of 32 along ``in``: ``w = (q - 8) * scale + zero`` with q in 0..15.
-
-    Returns torch's packed int4 layout and the (in/32, out, 2) float32 scales and zeros its CPU kernel reads.
-    """
-    out_features, in_features = weight.shape
-    if in_features % INT4_GROUP or out_features % 16:
-        from slmstack.errors import ConfigError
-
-        raise ConfigError(
-            f"dtype 'int4-weights' needs layer input sizes that are multiples of {INT4_GROUP} and output sizes that "
-            f"are multiples of 16; this model has a {in_features} -> {out_features} layer: use dtype int8-weights"
-        )
-    groups = weight.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scale = (high - low).clamp(min=1e-12) / 15
-    q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
-    zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
-    scales_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (in/32, out, 2)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8), scales_zeros
+LINEAR_FORMATS = ("dense", "float16-weights", "bfloat16-weights", "int8-weights")
 
 
 class Linear:
@@ -144,10 +119,6 @@ class Linear:
       products are summed in float32 (AMX / AVX512-BF16 CPUs).
     - ``int8-weights``: int8 weights with one float scale per output channel (weight-only), the input in
       bfloat16, float32 accumulation (``torch._weight_int8pack_mm``).
-    - ``int4-weights``: 4-bit weights in groups of 32 along the input, each group with a float32 scale and offset
-      (asymmetric, as GGUF's Q4_1), float32 input and sums (``_weight_int4pack_mm_for_cpu``). The default model's
-      decoder weights come from a Q4_1 file, whose blocks are these groups, so they are recovered exactly. The
-      output layer stays int8 (:func:`slmstack.engine.weights.read_weights`), as GGUF files keep it at 6-8 bits.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str = "dense", dtype: torch.dtype = torch.float32):
@@ -168,11 +139,6 @@ class Linear:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous(), 1)
             self._call = lambda x: self._with_bias(
                 torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").to(dtype)
-            )
-        elif fmt == "int4-weights":
-            packed, scales_zeros = _int4_pack(weight.float())
-            self._call = lambda x: self._with_bias(
-                torch.ops.aten._weight_int4pack_mm_for_cpu(x.float(), packed, INT4_GROUP, scales_zeros).to(dtype)
             )
         else:  # int8-weights
             scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)

@@ -150,11 +150,10 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
             gate_up=_cat([mlp.gate_proj, mlp.up_proj], fmt, dtype), down=_cat([mlp.down_proj], fmt, dtype),
         ))  # fmt: skip
     head = base.get_output_embeddings()
-    head_fmt = "int8-weights" if fmt == "int4-weights" else fmt  # 4-bit logits are too coarse (GGUFs keep Q8/Q6)
     cos, sin = rope_tables(decoder.rotary_emb.inv_freq, float(decoder.rotary_emb.attention_scaling),
                            shape.max_positions)  # fmt: skip
     return DecoderWeights(
         shape=shape, embed=decoder.embed_tokens.weight.detach().to(dtype), layers=layers,
-        norm=decoder.norm.weight.detach().to(dtype), lm_head=_cat([head], head_fmt, dtype),
+        norm=decoder.norm.weight.detach().to(dtype), lm_head=_cat([head], fmt, dtype),
         cos=cos.to(dtype), sin=sin.to(dtype),
     )  # fmt: skip
