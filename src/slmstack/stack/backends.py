@@ -91,6 +91,8 @@ class LocalBackend:
                 return None
             self._engine = Engine(self.model, self.tokenizer, weights=ENGINE_WEIGHTS.get(self.dtype, "dense"),
                                   max_batch=self.max_batch)  # fmt: skip
+            logger.info("generating with slmstack's engine (%s weights, up to %d rows a step)",
+                        ENGINE_WEIGHTS.get(self.dtype, "dense"), self.max_batch)  # fmt: skip
         version = _lora_version(self.model)  # adapters attached since (another stack), or trained since
         if version != self._lora_version:
             for name in getattr(self.model, "peft_config", {}) or {}:
