@@ -100,6 +100,20 @@ class LocalBackend:
             self._lora_version = version
         return self._engine
 
+    def reserve_rows(self, rows: int) -> None:
+        """Let the engine run ``rows`` rows a step (its cache slots), as a batch of that size asks.
+
+        The engine is rebuilt at the new size when it is idle; while another caller's requests are in flight it
+        keeps its size.
+        """
+        if rows <= self.max_batch:
+            return
+        if self._engine is not None:
+            if self._engine.has_work():
+                return
+            self._engine, self._lora_version = None, ()
+        self.max_batch = rows
+
     def default_adapter(self) -> str:
         """The adapter rows run under when the caller names none: peft's active adapter, else the bare base."""
         active = getattr(self.model, "active_adapter", None) if hasattr(self.model, "peft_config") else None

@@ -180,6 +180,8 @@ class Stack:
         chosen = [s for s in self.config.stages if stages is None or s.name in stages]
         results: list[StackResult] = []
         bar = tqdm(total=len(texts), desc="stack", unit="input", disable=not self.show_progress)
+        if isinstance(self.backend, LocalBackend):
+            self.backend.reserve_rows(size)  # batch_size rows a step on the engine too
         if self.on_engine:  # continuous: each input moves on as soon as its stage ends
             results = [StackResult(input=t, answer="") for t in texts]
             chains = [Chain(self, chosen, {INPUT_FIELD: t}, r) for t, r in zip(texts, results, strict=True)]

@@ -30,6 +30,19 @@ def test_batched_equals_one_at_a_time_under_greedy(stack: Stack) -> None:
     assert len({r.trace[0].output for r in batched}) > 1
 
 
+def test_batch_size_sets_the_engines_rows_per_step(stack: Stack) -> None:
+    # Prepare: the stack's config batch size is smaller than the batch asked for
+    texts = [*QUESTIONS, "a b c d e f g", "one more question here"]
+    assert len(texts) > stack.config.batch_size
+    before = stack.run_batch(texts)
+    # Execute
+    after = stack.run_batch(texts, batch_size=len(texts))
+    # Assert: the engine now holds every row at once (it held the config's batch before), and the text is the same
+    if stack.on_engine:
+        assert stack.backend.engine.scheduler.max_rows == len(texts)
+    assert [r.answer for r in after] == [r.answer for r in before]
+
+
 def test_adapters_change_outputs_versus_base(stack: Stack, tiny_model_dir: Path, tmp_path: Path) -> None:
     plain = Stack.from_config(write_yaml(tmp_path / "plain.yaml", stack_dict(tiny_model_dir)))
     with_adapters = stack.run_batch(QUESTIONS)
