@@ -316,49 +316,44 @@ def run_study(cfg: StudyConfig, out: str | Path, executor: str = "local", report
         raise ConfigError(f"{out} holds no study yet, so there is nothing to report; run the study first")
     study = prepare_study(cfg, Path(out), check_data=not report_only)
     if report_only:
-        return _report_so_far(study, write_report)
-    first = study.run(executor)
-    ranked = sorted(first, key=_mean_score, reverse=True)
-    best = [r["cell"]["arm"] for r in ranked[: cfg.best]]
-    extra = [StudyCell(arm, seed) for arm in best for seed in cfg.extra_seeds if seed not in cfg.seeds]
-    results = first + (study.run(executor, extra) if extra else [])
+        finished = [study.read_cell(path) for path in sorted(study.out.glob("cells/*.json"))]
+        done = {(r["cell"]["arm"], r["cell"]["seed"]): r for r in finished}
+        first = [done[(arm, seed)] for arm in cfg.arms for seed in cfg.seeds if (arm, seed) in done]
+        if not first:
+            raise ConfigError(f"{out}: no cell has finished yet, so there is nothing to report; run the study first")
+        complete = len(first) == len(cfg.arms) * len(cfg.seeds)
+        best = _best(first, cfg.best) if complete else []
+        planned = [(a, s) for a in cfg.arms for s in cfg.seeds] + [(a, s) for a in best for s in cfg.extra_seeds]
+        pending = [f"{a}__s{s}" for a, s in planned if (a, s) not in done] + ([] if complete else ["the extra seeds"])
+        results = list(done.values())
+    else:
+        first = study.run(executor)
+        best, pending = _best(first, cfg.best), []
+        extra = [StudyCell(arm, seed) for arm in best for seed in cfg.extra_seeds if seed not in cfg.seeds]
+        results = first + (study.run(executor, extra) if extra else [])
     for result in results:
         cell = StudyCell(result["cell"]["arm"], result["cell"]["seed"])
         if ARMS[cell.arm].adapters:
             study.write_stack(cell)
-    attribution = _attribute(study) if "S2" in cfg.arms else None
-    return write_report(study.out, cfg, results, best, attribution)
+    attribution = _attribute(study, compute=not report_only) if "S2" in cfg.arms else None
+    return write_report(study.out, cfg, results, best, attribution, pending)
 
 
-def _report_so_far(study: Study, write_report: Any) -> dict[str, Any]:
-    cfg = study.cfg
-    done = {
-        (r["cell"]["arm"], r["cell"]["seed"]): r for r in map(study.read_cell, sorted(study.out.glob("cells/*.json")))
-    }
-    first = [done[(arm, seed)] for arm in cfg.arms for seed in cfg.seeds if (arm, seed) in done]
-    if not first:
-        raise ConfigError(f"{study.out}: no cell has finished yet, so there is nothing to report; run the study first")
-    ranked = sorted(first, key=_mean_score, reverse=True)
-    complete = len(first) == len(cfg.arms) * len(cfg.seeds)
-    best = [r["cell"]["arm"] for r in ranked[: cfg.best]] if complete else []
-    planned = [(a, s) for a in cfg.arms for s in cfg.seeds] + [(a, s) for a in best for s in cfg.extra_seeds]
-    pending = [f"{a}__s{s}" for a, s in planned if (a, s) not in done] + ([] if complete else ["the extra seeds"])
-    for arm, seed in done:
-        if ARMS[arm].adapters:
-            study.write_stack(StudyCell(arm, seed))
-    folder = study.out / "attribution"
-    attribution = read_json(folder / "attribution.json", "attribution report", expect=dict) if (
-        folder / "attribution.json").is_file() else None  # fmt: skip
-    return write_report(study.out, cfg, list(done.values()), best, attribution, pending)
+def _best(first: list[dict[str, Any]], n: int) -> list[str]:
+    """The ``n`` arms with the highest mean over the tasks on their first seed."""
+    return [r["cell"]["arm"] for r in sorted(first, key=_mean_score, reverse=True)[:n]]
 
 
-def _attribute(study: Study) -> dict[str, Any]:
+def _attribute(study: Study, compute: bool = True) -> dict[str, Any] | None:
+    """S2's attribution: read back when it is there, else run (or None when ``compute`` is off)."""
     from slmstack.evaluation.attribution import attribute, markdown, plot
     from slmstack.stack.runtime import Stack
 
     folder = study.out / "attribution"
     if (folder / "attribution.json").is_file():
         return read_json(folder / "attribution.json", "attribution report", expect=dict)
+    if not compute:
+        return None
     cell = StudyCell("S2", study.cfg.seeds[0])
     stack = Stack(study.stack_config(cell, study.ensure_adapters(cell)))
     a = study.cfg.attribute
