@@ -127,7 +127,11 @@ def probe_model(device: str, layers: int | None):
 
 def decode_probe(model, tok, batch: int, tokens: int, engine: bool, graphs: str = "auto") -> dict:
     """Decode tokens/s at ``batch`` rows (prompt excluded), on the engine or transformers ``generate``, and the
-    first call's seconds (on the engine on a GPU: CUDA-graph capture included)."""
+    first call's seconds (on the engine on a GPU: CUDA-graph capture included).
+
+    The engine's decode is timed from the step after every row has its first token to the end (the tokens it
+    made in that time); ``generate``'s as the difference between a ``tokens``-token and a 1-token call.
+    """
     import torch
 
     from slmstack.engine import Engine
@@ -137,15 +141,19 @@ def decode_probe(model, tok, batch: int, tokens: int, engine: bool, graphs: str 
     if engine:
         eng = Engine(model, tok, max_batch=batch, graphs=graphs)
 
-        def timed(n: int) -> float:
+        def timed(n: int) -> tuple[float, int]:
+            """Seconds and tokens from the step after the last prompt is in (every row has its first token) to the
+            end: decode steps alone."""
             handles = [eng.submit(prompt, None, GenerationSettings(max_new_tokens=n)) for _ in range(batch)]
             for h in handles:
                 h.request.eos = frozenset()
+            while any(not h.request.output for h in handles):
+                eng.step()
             sync(model)
-            start = time.perf_counter()
+            before, start = eng.tokens_decoded, time.perf_counter()
             eng.run()
             sync(model)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, eng.tokens_decoded - before
     else:
         ids = torch.tensor([prompt] * batch, device=model.device)
 
@@ -164,8 +172,13 @@ def decode_probe(model, tok, batch: int, tokens: int, engine: bool, graphs: str 
             sync(model)
             return time.perf_counter() - start
 
-    first = timed(4)
+    start = time.perf_counter()
+    timed(4)
+    first = time.perf_counter() - start
     timed(tokens)  # warm-up (graphs captured)
+    if engine:
+        seconds, decoded = timed(tokens)
+        return {"tokens_per_s": round(decoded / seconds, 1), "first_call_s": round(first, 3)}
     one, full = timed(1), timed(tokens)
     return {"tokens_per_s": round(batch * (tokens - 1) / (full - one), 1), "first_call_s": round(first, 3)}
 
@@ -223,6 +236,99 @@ def stack_probe(model, tok, questions: int, workdir: Path) -> dict:
     return out
 
 
+def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> dict:
+    """Where a decode step's time goes on the engine: the whole step, the graph's replay alone (the rest is the
+    host: scheduler, copies, sampling), and the kernels one step launches, by name. At 1 row on the bare base,
+    and at 16 rows over 4 LoRA adapters mixed (each on q, v, down) against 16 rows on the bare base. With
+    ``compile_too``, batch 1 again with the static step compiled by ``torch.compile`` before capture (an
+    experiment: what kernel fusion would give)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from slmstack.engine import Engine
+    from slmstack.stack.config import GenerationSettings
+
+    prompt = tok("Write a long story about a lighthouse keeper and a storm.")["input_ids"]
+
+    def breakdown(engine, rows: int, adapters: list[str | None]) -> dict:
+        handles = [engine.submit(prompt, adapters[i % len(adapters)], GenerationSettings(max_new_tokens=400))
+                   for i in range(rows)]  # fmt: skip
+        for h in handles:
+            h.request.eos = frozenset()
+        start = time.perf_counter()
+        for _ in range(20):  # prompt, capture, warm-up
+            engine.step()
+        sync_all()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(100):
+            engine.step()
+        sync_all()
+        step_ms = (time.perf_counter() - start) * 10
+        graphs = engine.graphs
+        bucket = next(b for b in graphs.buckets if b >= rows)
+        graph, _host, buffers, _logits, _best = graphs.graphs[bucket]
+        start = time.perf_counter()
+        for _ in range(100):
+            graph.replay() if graph is not None else graphs._forward(buffers)
+        sync_all()
+        replay_ms = (time.perf_counter() - start) * 10
+        kind = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[kind]) as prof:
+            graphs._forward(buffers)
+            sync_all()
+        kernels: dict[str, list[float]] = {}
+        for event in prof.events():
+            if str(event.device_type).endswith("CUDA") or (device == "cpu" and event.cpu_parent is None):
+                entry = kernels.setdefault(event.name[:90], [0, 0.0])
+                entry[0] += 1
+                entry[1] += float(getattr(event, "device_time", 0) or getattr(event, "cuda_time", 0) or 0)
+        engine.cancel_all()
+        engine.run()
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
+        return {"rows": rows, "first_20_steps_s": round(first, 2), "step_ms": round(step_ms, 3),
+                "replay_ms": round(replay_ms, 3), "host_ms": round(step_ms - replay_ms, 3),
+                "kernels_per_step": sum(v[0] for v in kernels.values()),
+                "top_kernels": [{"name": k, "count": v[0], "us": round(v[1], 1)} for k, v in top]}  # fmt: skip
+
+    out = {}
+    mode = "auto" if device == "cuda" else "static"  # on a CPU: the static path, eagerly
+    model, _ = probe_model(device, layers)
+    out["batch_1"] = breakdown(Engine(model, tok, max_batch=1, graphs=mode), 1, [None])
+    out["batch_16_base"] = breakdown(Engine(model, tok, max_batch=16, graphs=mode), 16, [None])
+    names = [f"a{i}" for i in range(4)]
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False), adapter_name=names[0])  # fmt: skip
+    for name in names[1:]:
+        peft.add_adapter(name, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                          init_lora_weights=False))  # fmt: skip
+    out["batch_16_mixed_lora"] = breakdown(Engine(peft, tok, max_batch=16, graphs=mode), 16, names)
+    out["mixed_over_base_step"] = round(out["batch_16_base"]["step_ms"] / out["batch_16_mixed_lora"]["step_ms"], 3)
+    if compile_too:
+        from slmstack.engine.model import Decoder
+
+        model, _ = probe_model(device, layers)
+        engine = Engine(model, tok, max_batch=1, graphs=mode)
+        eager_forward = Decoder.forward.__wrapped__  # torch.compile traces no_grad, not inference_mode
+        compiled = torch.compile(lambda buffers: engine.graphs.__class__._forward(engine.graphs, buffers))
+        Decoder.forward = torch.no_grad()(eager_forward)
+        engine.graphs._forward = compiled
+        try:
+            start = time.perf_counter()
+            out["batch_1_compiled"] = breakdown(engine, 1, [None])
+            out["batch_1_compiled"]["compile_and_run_s"] = round(time.perf_counter() - start, 1)
+        finally:
+            Decoder.forward = torch.inference_mode()(eager_forward)
+    return out
+
+
+def sync_all() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def train_probe(model, steps: int, batch: int, length: int) -> dict:
     """LoRA training on random sequences (prompt half masked): tokens/s and whether the loss stays finite."""
     import math
@@ -275,7 +381,11 @@ def main() -> None:
     p.add_argument("--suite-timeout", type=int, default=240)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--questions", type=int, default=128)
-    p.add_argument("--sections", default="decode,bfloat16,stack,train", help="which probes to run")
+    p.add_argument(
+        "--sections",
+        default="decode,bfloat16,stack,train,profile",
+        help="which probes to run (add 'compile' to try torch.compile in the profile)",
+    )
     p.add_argument("--workdir", default="/tmp/slmstack-gpu-check")
     p.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.json")
     args = p.parse_args()
@@ -338,6 +448,8 @@ def main() -> None:
         del half
     if "stack" in sections:
         report["probe"]["stack"] = attempt(stack_probe, model, tok, questions, Path(args.workdir))
+    if "profile" in sections:
+        report["probe"]["profile"] = attempt(profile_probe, device, layers, tok, "compile" in sections)
     if "train" in sections:
         model, _ = probe_model(device, layers)
         steps, batch, length = (4, 4, 64) if args.quick else (24, 16, 256)

@@ -113,6 +113,9 @@ class Engine:
             ``int8-weights``; see :class:`slmstack.engine.layers.Linear`).
         max_batch: rows per step, which is also the number of cache slots.
         max_tokens_per_step: tokens per step; prompts are fed in chunks that fit beside the decoding rows.
+            Default: 256 on a CPU, where a step's time grows with its tokens and the decoding rows wait for it;
+            2048 on a GPU, where a step of a few hundred tokens is bound by kernel launches, so larger prompt
+            chunks mean fewer eager steps at nearly the same cost each.
         max_lora_rank: the largest adapter rank accepted.
         max_length: the longest sequence (prompt + output); default: the model's context window.
         graphs: ``auto`` (CUDA graphs for decode steps on a GPU, none on a CPU), ``capture``, ``off``, or ``static``
@@ -125,7 +128,7 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, weights: str = "dense", max_batch: int = 16,
-                 max_tokens_per_step: int = 256, max_lora_rank: int = 64, max_length: int | None = None,
+                 max_tokens_per_step: int | None = None, max_lora_rank: int = 64, max_length: int | None = None,
                  graphs: str = "auto") -> None:  # fmt: skip
         reason = engine_supports(model)
         if reason is not None:
@@ -149,6 +152,8 @@ class Engine:
         capture = graphs == "capture" or (graphs == "auto" and self.device.type == "cuda")
         self.graphs = (DecodeGraphs(self.decoder, max_batch, scratch_slot=max_batch, capture=capture)
                        if capture or graphs == "static" else None)  # fmt: skip
+        if max_tokens_per_step is None:
+            max_tokens_per_step = 2048 if self.device.type == "cuda" else 256
         self.scheduler = Scheduler(max_batch, max_tokens_per_step)
         self.eos = frozenset(eos_token_ids(model, tokenizer))
         self._handles: dict[Request, EngineRequest] = {}
@@ -270,16 +275,25 @@ class Engine:
         if plan is None:
             return False
         self.cache.ensure(budget)
-        inputs = self._inputs(plan)
-        if self.graphs is not None and self.graphs.usable(inputs):
-            logits = self.graphs.run(inputs)
-        else:
-            logits = self.decoder.forward(inputs)
         sampled = [row for row in plan.rows if row.sample]
         handles = [self._handles[row.request] for row in sampled]
-        histories = [torch.tensor(row.request.prompt + row.request.output, device=self.device)
-                     if row.request.params.repetition_penalty != 1.0 else None for row in sampled]  # fmt: skip
-        tokens = choose_tokens(logits, [r.request.params for r in sampled], [h.generator for h in handles], histories)
+        params = [r.request.params for r in sampled]
+        greedy = all(not p.do_sample and p.repetition_penalty == 1.0 for p in params)
+        tokens = None
+        if self.graphs is not None and self.graphs.usable(len(plan.decode), len(plan.rows)):
+            logits, best = self.graphs.run([r.tokens[0] for r in plan.decode], [r.start for r in plan.decode],
+                                           [r.request.slot for r in plan.decode],
+                                           [r.request.adapter for r in plan.decode])  # fmt: skip
+            if greedy:  # the graph's argmax: n token ids come back, not n rows of logits
+                tokens = best.tolist()
+            else:
+                logits = logits.clone()  # sampling edits it in place (a repetition penalty)
+        else:
+            logits = self.decoder.forward(self._inputs(plan))
+        if tokens is None:
+            histories = [torch.tensor(row.request.prompt + row.request.output, device=self.device)
+                         if row.request.params.repetition_penalty != 1.0 else None for row in sampled]  # fmt: skip
+            tokens = choose_tokens(logits, params, [h.generator for h in handles], histories)
         for row in plan.rows:
             row.request.computed += len(row.tokens)
         self.steps += 1

@@ -12,7 +12,10 @@ adapters the rows use. A graph is captured the first time its bucket is used and
 grows or adapters change.
 
 Only pure decode steps (no prompt chunk) use a graph; the others run eagerly. Rows are read from their slots
-through the slots buffer (a gather, cheap on a GPU), so a graph fits any slot layout.
+through the slots buffer (a gather, cheap on a GPU), so a graph fits any slot layout. The host side of a step is
+one copy: the step's five index rows, padded, go into one pinned host buffer and from there into the graph's
+buffers. The graph also takes each row's argmax, so a step of greedy rows brings back ``n`` token ids, not
+``n`` rows of logits.
 With ``capture=False`` the same static path runs eagerly, which is how the CPU tests check it.
 """
 
@@ -41,41 +44,47 @@ class DecodeGraphs:
     def __init__(self, decoder: Decoder, max_rows: int, scratch_slot: int, capture: bool = True) -> None:
         self.decoder, self.capture, self.scratch = decoder, capture, scratch_slot
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
-        self.graphs: dict[int, tuple[Any, dict[str, Tensor], Tensor]] = {}
+        self.graphs: dict[int, tuple[Any, Tensor, Tensor, Tensor, Tensor]] = {}
         self._key: tuple = ()
         self._pool: Any = None
         self.capture_seconds = 0.0
 
-    def usable(self, step: StepInput) -> bool:
-        """Whether ``step`` can run on a graph: decode rows only, and a bucket fits them."""
-        return not step.chunks and 0 < step.n_decode <= self.buckets[-1]
+    def usable(self, n_decode: int, n_rows: int) -> bool:
+        """Whether a step of ``n_rows`` rows, ``n_decode`` of them decoding, can run on a graph.
 
-    def run(self, step: StepInput) -> Tensor:
-        """The step's logits (n, V), from the bucket's graph (captured first if needed)."""
+        It can when every row decodes (no prompt chunk) and a bucket fits them.
+        """
+        return n_decode == n_rows and 0 < n_decode <= self.buckets[-1]
+
+    def run(
+        self, tokens: list[int], positions: list[int], slots: list[int], adapters: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """One decode step of ``n`` rows (each row's new token, its position, its slot and its adapter id).
+
+        Returns:
+            The rows' logits (n, V) and each row's argmax (n,), from the bucket's graph (captured first if
+            needed). Both are views of the graph's output, valid until the next step.
+        """
         self._invalidate_if_changed()
-        n = step.n_decode
+        n = len(tokens)
         bucket = next(b for b in self.buckets if b >= n)
         if bucket not in self.graphs:
             self.graphs[bucket] = self._build(bucket)
-        graph, buffers, logits = self.graphs[bucket]
-        buffers["tokens"][:n].copy_(step.tokens)
-        buffers["positions"][:n].copy_(step.positions)
-        buffers["slots"][:n].copy_(step.slots)
-        buffers["lens"][:n].copy_(step.decode_lens)
-        rows = step.lora.rows if step.lora.rows is not None else torch.full((n,), step.lora.single or 0)
-        buffers["adapters"][:n].copy_(rows)
-        for name, pad in (("tokens", 0), ("positions", 0), ("slots", self.scratch), ("lens", 1), ("adapters", 0)):
-            buffers[name][n:].fill_(pad)
+        graph, host, buffers, logits, best = self.graphs[bucket]
+        pad = bucket - n
+        host.copy_(torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [self.scratch] * pad,
+                                 [p + 1 for p in positions] + [1] * pad, adapters + [0] * pad]))  # fmt: skip
+        buffers.copy_(host, non_blocking=True)
         if graph is None:
-            logits = self._forward(buffers)
+            logits, best = self._forward(buffers)
         else:
             graph.replay()
-        return logits[:n].clone()
+        return logits[:n], best[:n]
 
     # ---- building
     def _invalidate_if_changed(self) -> None:
         cache, lora = self.decoder.cache, self.decoder.lora
-        key = (cache.length, id(cache.k[0]) if cache.k else None, tuple(sorted(lora.factors)), id(lora._stacked))
+        key = (cache.length, id(cache.kv[0]) if cache.kv else None, tuple(sorted(lora.factors)), id(lora._stacked))
         if key != self._key:
             # Dropping every graph frees their private memory pool: the next capture needs a fresh pool (capturing
             # into the freed one fails inside PyTorch's caching allocator, as seen on an H100).
@@ -83,25 +92,28 @@ class DecodeGraphs:
             self._pool = None
             self._key = key
 
-    def _buffers(self, bucket: int) -> dict[str, Tensor]:
+    def _buffers(self, bucket: int) -> tuple[Tensor, Tensor]:
+        """The host staging buffer and the device buffer: rows tokens, positions, slots, lengths, adapters."""
         device = self.decoder.w.embed.device
-        long = {"dtype": torch.long, "device": device}
-        return {"tokens": torch.zeros(bucket, **long), "positions": torch.zeros(bucket, **long),
-                "slots": torch.full((bucket,), self.scratch, **long), "lens": torch.ones(bucket, **long),
-                "adapters": torch.zeros(bucket, **long)}  # fmt: skip
+        buffers = torch.zeros(5, bucket, dtype=torch.long, device=device)
+        buffers[2].fill_(self.scratch)
+        buffers[3].fill_(1)
+        host = torch.zeros(5, bucket, dtype=torch.long, pin_memory=device.type == "cuda")
+        return host, buffers
 
-    def _forward(self, buffers: dict[str, Tensor]) -> Tensor:
+    def _forward(self, buffers: Tensor) -> tuple[Tensor, Tensor]:
+        tokens, positions, slots, lens, adapters = buffers
         step = StepInput(
-            tokens=buffers["tokens"], positions=buffers["positions"], slots=buffers["slots"],
-            n_decode=len(buffers["tokens"]), decode_slots=buffers["slots"], decode_lens=buffers["lens"],
-            decode_length=self.decoder.cache.length, lora=StepAdapters(rows=buffers["adapters"]), static=True,
+            tokens=tokens, positions=positions, slots=slots, n_decode=len(tokens), decode_slots=slots,
+            decode_lens=lens, decode_length=self.decoder.cache.length, lora=StepAdapters(rows=adapters), static=True,
         )  # fmt: skip
-        return self.decoder.forward(step)
+        logits = self.decoder.forward(step)
+        return logits, logits.argmax(dim=-1)
 
-    def _build(self, bucket: int) -> tuple[Any, dict[str, Tensor], Tensor]:
-        buffers = self._buffers(bucket)
+    def _build(self, bucket: int) -> tuple[Any, Tensor, Tensor, Tensor, Tensor]:
+        host, buffers = self._buffers(bucket)
         if not self.capture:
-            return None, buffers, torch.empty(0)
+            return None, host, buffers, torch.empty(0), torch.empty(0)
         start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -111,8 +123,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(buffers)
+            logits, best = self._forward(buffers)
         self._pool = graph.pool()
         self.capture_seconds += time.perf_counter() - start
         logger.info("captured the decode graph for %d rows in %.2fs", bucket, time.perf_counter() - start)
-        return graph, buffers, logits
+        return graph, host, buffers, logits, best

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LINEAR_FORMATS", "Linear", "decode_attention", "decode_mask", "prefill_attention", "rms_norm", "rope",
+__all__ = ["LINEAR_FORMATS", "Linear", "decode_attention", "decode_mask", "prefill_attention", "rms_norm", "rope_",
            "rope_tables"]  # fmt: skip
 
 
@@ -29,65 +29,92 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rope_tables(inv_freq: Tensor, scaling: float, max_positions: int) -> tuple[Tensor, Tensor]:
-    """``cos`` and ``sin`` of every position, ``(max_positions, hd)``, as transformers' rotary embedding has them."""
+    """``cos`` and signed ``sin`` of every position, ``(max_positions, hd)``, from transformers' rotary embedding.
+
+    ``cos`` is transformers' table; the ``sin`` table has its first half negated, so that transformers'
+    ``rotate_half(x) * sin`` (``rotate_half(x) = [-x₂, x₁]``) is ``[x₂, x₁] * signed_sin``: one negation less per
+    step (see :func:`rope_`).
+    """
     positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
     freqs = positions[:, None] * inv_freq.float()[None, :]  # (P, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (P, hd)
-    return emb.cos() * scaling, emb.sin() * scaling
+    sin = emb.sin() * scaling
+    half = sin.shape[-1] // 2
+    return emb.cos() * scaling, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (N, heads, hd) by its tokens' angles; ``cos``/``sin``: (N, 1, hd) rows of :func:`rope_tables`."""
+def rope_(x: Tensor, cos: Tensor, signed_sin: Tensor) -> None:
+    """Rotate ``x`` (N, heads, hd), a view, in place by its tokens' angles: ``x·cos + rotate_half(x)·sin``.
+
+    ``cos``/``signed_sin``: (N, 1, hd) rows of :func:`rope_tables`. Three operations: the halves swapped, then
+    ``x *= cos`` and ``x += swapped * signed_sin``.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # transformers' rotate_half
-    return torch.addcmul(x * cos, rotated, sin)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x₂, x₁]
+    x.mul_(cos).addcmul_(swapped, signed_sin)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor | None, mask: Tensor | None,
-                     length: int) -> Tensor:  # fmt: skip
+DECODE_KERNEL = "auto"  # decode_attention's default kernel (the tests set it to check both on a CPU)
+
+
+def decode_attention(q: Tensor, kv_cache: Tensor, slots: Tensor | None, mask: Tensor | None, length: int,
+                     kernel: str | None = None) -> Tensor:  # fmt: skip
     """One new token per row against its slot's cache.
 
     Args:
         q: (n, H, hd), the rows' queries, rotated.
-        k_cache: (S, KV, T, hd), this layer's keys (the rows' new keys already written).
-        v_cache: (S, KV, T, hd), its values, likewise.
+        kv_cache: (S, KV, 2, T, hd), this layer's keys and values (the rows' new ones already written).
         slots: (n,) each row's slot; None when row i is slot i (the usual, dense case: no copy at all).
-        mask: (n, 1, 1, length), True where a row has a key (see :func:`decode_mask`); None when every row is
-            ``length`` long.
+        mask: (n, 1, 1, length), 0 where a row has a key and -inf elsewhere (see :func:`decode_mask`); None when
+            every row is ``length`` long.
         length: the longest row (with its new token), the part of the cache read.
+        kernel: ``sdpa`` (``scaled_dot_product_attention``), ``matmul`` (two batched products and a softmax),
+            or ``auto``: ``matmul`` on a GPU, ``sdpa`` elsewhere; default :data:`DECODE_KERNEL`. On an H100 the
+            fused kernel that ``sdpa`` picks for float32 spends about 57 µs on a decode step of one layer (it
+            walks the keys of each head in one thread block); the four plain kernels take a few µs each
+            (``benchmarks/gpu_check.py``).
 
     Returns:
         (n, H * hd)
     """
+    kernel = kernel or DECODE_KERNEL
     n, heads, hd = q.shape
-    kv = k_cache.shape[1]
-    if slots is None:
-        keys, values = k_cache[:n, :, :length], v_cache[:n, :, :length]  # (n, KV, L, hd) views
+    kv = kv_cache.shape[1]
+    rows = kv_cache[:n, :, :, :length] if slots is None else kv_cache[slots, :, :, :length]  # (n, KV, 2, L, hd)
+    keys, values = rows[:, :, 0], rows[:, :, 1]  # (n, KV, L, hd)
+    q = q.view(n, kv, heads // kv, hd)  # (n, KV, G, hd): the G query heads of a key/value head as its queries
+    if kernel == "matmul" or (kernel == "auto" and q.is_cuda):
+        scores = torch.matmul(q, keys.transpose(-1, -2))  # (n, KV, G, L)
+        scale = hd**-0.5
+        scores = scores.mul_(scale) if mask is None else torch.add(mask, scores, alpha=scale)
+        out = torch.matmul(scores.softmax(dim=-1), values)
     else:
-        keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
-    out = F.scaled_dot_product_attention(
-        q.view(n, kv, heads // kv, hd), keys, values, attn_mask=mask
-    )  # (n, KV, G, hd)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (n, KV, G, hd)
     return out.reshape(n, heads * hd)
 
 
-def decode_mask(lens: Tensor, length: int, always: bool = False) -> Tensor | None:
-    """(n, 1, 1, length): True where row i has a key (positions below its length); None when all are full.
+def decode_mask(lens: Tensor, length: int, dtype: torch.dtype, always: bool = False) -> Tensor | None:
+    """The additive decode mask, (n, 1, 1, length); None when all rows are full.
 
-    ``always``: build it without looking at ``lens`` on the host (inside a CUDA graph capture).
+    0 where row i has a key (positions below its length), -inf elsewhere.
+    Additive rather than boolean, because attention turns a boolean mask into this one on every call, i.e. in
+    every layer; built once a step here. ``always``: build it without looking at ``lens`` on the host (inside a
+    CUDA graph capture).
     """
     if not always and bool((lens == length).all()):
         return None
-    return (torch.arange(length, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
+    absent = torch.arange(length, device=lens.device)[None, :] >= lens[:, None]  # (n, length)
+    return torch.zeros(absent.shape, dtype=dtype, device=lens.device).masked_fill_(absent, float("-inf"))[
+        :, None, None, :
+    ]
 
 
-def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, start: int) -> Tensor:
+def prefill_attention(q: Tensor, kv_cache: Tensor, slot: int, start: int) -> Tensor:
     """A chunk of ``L`` prompt tokens at positions ``start..start+L-1`` of one slot, causal over the cache.
 
     Args:
         q: (L, H, hd), the chunk's queries, rotated.
-        k_cache: (S, KV, T, hd), this layer's keys, the chunk's already written.
-        v_cache: (S, KV, T, hd), its values, likewise.
+        kv_cache: (S, KV, 2, T, hd), this layer's keys and values, the chunk's already written.
         slot: the row's cache slot.
         start: the position of the chunk's first token.
 
@@ -95,10 +122,10 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int, st
         (L, H * hd)
     """
     length, heads, hd = q.shape
-    kv = k_cache.shape[1]
+    kv = kv_cache.shape[1]
     g = heads // kv
     end = start + length
-    keys, values = k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end]  # (1, KV, end, hd)
+    keys, values = kv_cache[slot : slot + 1, :, 0, :end], kv_cache[slot : slot + 1, :, 1, :end]  # (1, KV, end, hd)
     q = q.view(length, kv, g, hd).permute(1, 2, 0, 3).reshape(1, kv, g * length, hd)  # (1, KV, G*L, hd)
     query_pos = torch.arange(start, end, device=q.device).repeat(g)  # (G*L,) each query's position
     mask = torch.arange(end, device=q.device)[None, :] <= query_pos[:, None]  # (G*L, end), causal
@@ -155,8 +182,13 @@ class Linear:
         """(N, in) -> (N, out)."""
         return self._call(x)
 
-    def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
-        """``residual + self(x)``: one ``addmm`` for dense weights (the residual add fused into the product)."""
+    def add_to_(self, residual: Tensor, x: Tensor) -> None:
+        """``residual += self(x)`` in place.
+
+        One ``addmm_`` for dense weights: the residual add fused into the product, and no copy of the residual
+        into a fresh output, which ``addmm`` makes (on a GPU a memcpy per call, two per layer).
+        """
         if self.fmt == "dense" and self.bias is None:
-            return torch.addmm(residual, x, self.weight.t())
-        return residual + self._call(x)
+            residual.addmm_(x, self.weight.t())
+        else:
+            residual.add_(self._call(x))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slmstack.engine.cache import KVCache
-from slmstack.engine.layers import decode_attention, decode_mask, prefill_attention, rms_norm, rope
+from slmstack.engine.layers import decode_attention, decode_mask, prefill_attention, rms_norm, rope_
 from slmstack.engine.lora import LoraBank, StepAdapters, lora_add
 from slmstack.engine.weights import DecoderWeights
 
@@ -52,26 +52,25 @@ class Decoder:
         s, w = self.w.shape, self.w
         x = F.embedding(step.tokens, w.embed)  # (N, C)
         cos, sin = w.cos[step.positions][:, None, :], w.sin[step.positions][:, None, :]  # (N, 1, hd)
-        mask = decode_mask(step.decode_lens, step.decode_length, step.static) if step.n_decode else None
+        mask = decode_mask(step.decode_lens, step.decode_length, x.dtype, step.static) if step.n_decode else None
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.ln1, s.eps)
             qkv = layer.qkv(h)  # (N, (H + 2 KV) hd)
             lora_add(qkv, h, i, "qkv", self.lora, step.lora)
-            qk = rope(qkv[:, : self.q_width + self.kv_width].view(-1, s.heads + s.kv_heads, s.head_dim), cos, sin)
-            q, k = qk[:, : s.heads], qk[:, s.heads :]  # (N, H, hd), (N, KV, hd)
-            v = qkv[:, self.q_width + self.kv_width :].view(-1, s.kv_heads, s.head_dim)  # (N, KV, hd)
-            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-            k_cache[step.slots, :, step.positions] = k
-            v_cache[step.slots, :, step.positions] = v
-            attn = self._attention(q, k_cache, v_cache, step, mask)  # (N, H hd)
-            x = layer.o.add_to(x, attn)  # x + o(attn)
+            rope_(qkv[:, : self.q_width + self.kv_width].view(-1, s.heads + s.kv_heads, s.head_dim), cos, sin)
+            q = qkv[:, : self.q_width].view(-1, s.heads, s.head_dim)  # (N, H, hd)
+            kv_cache = self.cache.kv[i]  # (S, KV, 2, T, hd)
+            new = qkv[:, self.q_width :].view(-1, 2, s.kv_heads, s.head_dim).transpose(1, 2)  # (N, KV, 2, hd)
+            kv_cache[step.slots, :, :, step.positions] = new
+            attn = self._attention(q, kv_cache, step, mask)  # (N, H hd)
+            layer.o.add_to_(x, attn)  # x += o(attn)
             lora_add(x, attn, i, "o", self.lora, step.lora)
             h = rms_norm(x, layer.ln2, s.eps)
             gate_up = layer.gate_up(h)  # (N, 2 I)
             lora_add(gate_up, h, i, "gate_up", self.lora, step.lora)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up  # (N, I)
-            x = layer.down.add_to(x, act)  # x + down(act)
+            layer.down.add_to_(x, act)  # x += down(act)
             lora_add(x, act, i, "down", self.lora, step.lora)
         if step.sample is not None:
             x = x.index_select(0, step.sample)  # only the tokens that are sampled from
@@ -79,14 +78,13 @@ class Decoder:
                 return x.new_empty(0, s.vocab, dtype=torch.float32)
         return w.lm_head(rms_norm(x, w.norm, s.eps)).float()  # (n_sample, V)
 
-    def _attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, step: StepInput,
-                   mask: Tensor | None) -> Tensor:  # fmt: skip
+    def _attention(self, q: Tensor, kv_cache: Tensor, step: StepInput, mask: Tensor | None) -> Tensor:
         n = step.n_decode
         if not step.chunks:
-            return decode_attention(q, k_cache, v_cache, step.decode_slots, mask, step.decode_length)
+            return decode_attention(q, kv_cache, step.decode_slots, mask, step.decode_length)
         parts = []
         if n:
-            parts.append(decode_attention(q[:n], k_cache, v_cache, step.decode_slots, mask, step.decode_length))
+            parts.append(decode_attention(q[:n], kv_cache, step.decode_slots, mask, step.decode_length))
         for offset, length, slot, start in step.chunks:
-            parts.append(prefill_attention(q[offset : offset + length], k_cache, v_cache, slot, start))
+            parts.append(prefill_attention(q[offset : offset + length], kv_cache, slot, start))
         return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -173,16 +173,20 @@ def _run_graphs(model, tok, graphs: str, budgets=(12, 3, 20, 7, 15)) -> tuple[li
     if engine.graphs is not None:
         real = engine.graphs.run
 
-        def counting(step):
+        def counting(*args):
             static_steps["n"] += 1
-            return real(step)
+            return real(*args)
 
         engine.graphs.run = counting
     engine.run()
     return [h.generated().text for h in handles], static_steps["n"]
 
 
-def test_the_cuda_graph_static_path_gives_the_same_text_eagerly_on_a_cpu() -> None:
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_the_cuda_graph_static_path_gives_the_same_text_eagerly_on_a_cpu(kernel: str, monkeypatch) -> None:
+    from slmstack.engine import layers
+
+    monkeypatch.setattr(layers, "DECODE_KERNEL", kernel)  # "matmul" is what a GPU runs
     model, tok = _peft_model(), build_tokenizer()
     eager, _ = _run_graphs(model, tok, "off")
     static, used = _run_graphs(model, tok, "static")

@@ -107,3 +107,24 @@ def test_smaller_weight_formats_stay_close_to_float32(fmt: str, tolerance: float
     assert not torch.equal(small, dense)  # it really used other weights
     scale = dense.abs().max().item()
     assert (small - dense).abs().max().item() <= tolerance * scale
+
+
+def test_both_decode_attention_kernels_agree_with_scattered_slots_and_ragged_lengths() -> None:
+    from slmstack.engine.layers import decode_attention, decode_mask
+
+    # Prepare: 3 rows in slots 4, 0, 2 of a 5-slot cache (4 query heads over 2 key/value heads), lengths 7, 3, 16
+    torch.manual_seed(0)
+    kv_cache = torch.randn(5, 2, 2, 16, 8)  # (S, KV, 2, T, hd)
+    q = torch.randn(3, 4, 8)
+    slots, lens = torch.tensor([4, 0, 2]), torch.tensor([7, 3, 16])
+    mask = decode_mask(lens, 16, torch.float32)
+    # Execute
+    sdpa = decode_attention(q, kv_cache, slots, mask, 16, kernel="sdpa")
+    matmul = decode_attention(q, kv_cache, slots, mask, 16, kernel="matmul")
+    # Assert: the same, and row 1 (3 keys) equals attention written out by hand over its slot's first 3 keys
+    torch.testing.assert_close(matmul, sdpa, atol=1e-5, rtol=1e-5)
+    keys, values = kv_cache[0, :, 0, :3], kv_cache[0, :, 1, :3]  # (KV, 3, hd)
+    for head in range(4):
+        kv = head // 2
+        weights = torch.softmax(keys[kv] @ q[1, head] / 8**0.5, dim=0)
+        torch.testing.assert_close(matmul[1, head * 8 : (head + 1) * 8], weights @ values[kv], atol=1e-5, rtol=1e-5)
