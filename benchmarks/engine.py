@@ -12,6 +12,7 @@
    on the engine and on transformers (``--engine hf``), wall time and accuracies.
 
     python benchmarks/engine.py --tokens 128 [--llama-cpp-python /path/to/venv/bin/python] [--eval]
+    python benchmarks/engine.py --eval-only --out benchmarks/results/engine_eval.json
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ def main() -> None:
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--llama-cpp-python", default=None, help="an interpreter that has llama-cpp-python")
     p.add_argument("--eval", action="store_true", help="also time stack evaluation on both paths (long)")
+    p.add_argument("--eval-only", action="store_true", help="only the stack evaluation (into --out)")
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared/data"))
     p.add_argument("--out", type=Path, default=HERE / "results" / "engine.json")
     p.add_argument("--child", default=None)
@@ -245,6 +247,15 @@ def main() -> None:
 
     from slmstack.io import atomic_write_json
 
+    if args.eval_only:
+        runs = {e: run_child("eval", args, "--arg", e) for e in ("auto", "hf")}
+        if runs["auto"] and runs["hf"]:
+            runs["engine_over_hf_wall"] = round(runs["auto"]["wall_s"] / runs["hf"]["wall_s"], 3)
+        settings = {k: str(v) for k, v in vars(args).items() if v is not None}
+        atomic_write_json(args.out, {"benchmark": "engine", "settings": settings, "stack_eval_tiny": runs})
+        print(json.dumps(runs, indent=1))
+        print(f"wrote {args.out}")
+        return
     decode = {"hf_float32": run_child("hf", args)}
     for fmt in args.formats.split(","):
         decode[f"engine_{fmt}"] = run_child("engine", args, "--arg", fmt)
