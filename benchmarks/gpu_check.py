@@ -258,12 +258,12 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
         start = time.perf_counter()
         for _ in range(20):  # prompt, capture, warm-up
             engine.step()
-        sync_all()
+        sync(model)
         first = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(100):
             engine.step()
-        sync_all()
+        sync(model)
         step_ms = (time.perf_counter() - start) * 10
         graphs = engine.graphs
         bucket = next(b for b in graphs.buckets if b >= rows)
@@ -271,18 +271,18 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
         start = time.perf_counter()
         for _ in range(100):
             graph.replay() if graph is not None else graphs._forward(buffers)
-        sync_all()
+        sync(model)
         replay_ms = (time.perf_counter() - start) * 10
         kind = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
         with torch.profiler.profile(activities=[kind]) as prof:
             graphs._forward(buffers)
-            sync_all()
+            sync(model)
         kernels: dict[str, list[float]] = {}
         for event in prof.events():
             if str(event.device_type).endswith("CUDA") or (device == "cpu" and event.cpu_parent is None):
                 entry = kernels.setdefault(event.name[:90], [0, 0.0])
                 entry[0] += 1
-                entry[1] += float(getattr(event, "device_time", 0) or getattr(event, "cuda_time", 0) or 0)
+                entry[1] += float(event.device_time or 0)
         engine.cancel_all()
         engine.run()
         top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
@@ -310,7 +310,7 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
         model, _ = probe_model(device, layers)
         engine = Engine(model, tok, max_batch=1, graphs=mode)
         eager_forward = Decoder.forward.__wrapped__  # torch.compile traces no_grad, not inference_mode
-        compiled = torch.compile(lambda buffers: engine.graphs.__class__._forward(engine.graphs, buffers))
+        compiled = torch.compile(engine.graphs._forward)
         Decoder.forward = torch.no_grad()(eager_forward)
         engine.graphs._forward = compiled
         try:
@@ -320,13 +320,6 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
         finally:
             Decoder.forward = torch.inference_mode()(eager_forward)
     return out
-
-
-def sync_all() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def train_probe(model, steps: int, batch: int, length: int) -> dict:
