@@ -44,6 +44,12 @@ class KVCache:
         """Bytes held."""
         return sum(t.numel() * t.element_size() for t in self.kv)
 
+    def copy(self, src: int, dst: list[int], length: int) -> None:
+        """Positions ``0..length-1`` of slot ``src`` into each slot of ``dst``, every layer."""
+        index = torch.tensor(dst, device=self.device)
+        for kv in self.kv:  # (S, KV, 2, T, hd)
+            kv[index, :, :, :length] = kv[src : src + 1, :, :, :length]
+
     def ensure(self, length: int) -> bool:
         """Make every slot hold at least ``length`` positions; True when the buffers were (re)allocated."""
         if length <= self.length:

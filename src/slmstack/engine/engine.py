@@ -25,6 +25,7 @@ from slmstack.engine.cache import KVCache
 from slmstack.engine.graphs import DecodeGraphs
 from slmstack.engine.lora import LoraBank, StepAdapters
 from slmstack.engine.model import Decoder, StepInput
+from slmstack.engine.prefix import PrefixCache
 from slmstack.engine.sampling import SamplingParams, choose_tokens
 from slmstack.engine.scheduler import Request, Scheduler, State, StepPlan
 from slmstack.engine.weights import engine_support, read_weights
@@ -120,6 +121,8 @@ class Engine:
         max_length: the longest sequence (prompt + output); default: the model's context window.
         graphs: ``auto`` (CUDA graphs for decode steps on a GPU, none on a CPU), ``capture``, ``off``, or ``static``
             (the graphs' static path run eagerly: what the CPU tests check).
+        prefix_slots: cache slots reserved for prompt prefixes shared across requests (a stage's system turn, role
+            and template text; see :mod:`slmstack.engine.prefix`); 0 turns the reuse off.
 
     Example:
         >>> engine = Engine(lm.model, lm.tokenizer)
@@ -129,7 +132,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, weights: str = "dense", max_batch: int = 16,
                  max_tokens_per_step: int | None = None, max_lora_rank: int = 64, max_length: int | None = None,
-                 graphs: str = "auto") -> None:  # fmt: skip
+                 graphs: str = "auto", prefix_slots: int = 4) -> None:  # fmt: skip
         reason = engine_supports(model)
         if reason is not None:
             raise EngineUnsupported(f"the engine cannot run this model: {reason}")
@@ -143,9 +146,11 @@ class Engine:
         for name in getattr(model, "peft_config", {}) or {}:
             self.lora.add(model, name, self.dtype)
         s = self.weights.shape
-        # one slot more than the rows: the padding rows of a CUDA-graph step write there
-        self.cache = KVCache(s.layers, s.kv_heads, s.head_dim, max_batch + 1, self.max_length, self.dtype,
-                             self.device)  # fmt: skip
+        # one slot more than the rows (the padding rows of a CUDA-graph step write there), then the prefixes' slots
+        self.cache = KVCache(s.layers, s.kv_heads, s.head_dim, max_batch + 1 + prefix_slots, self.max_length,
+                             self.dtype, self.device)  # fmt: skip
+        self.prefixes = PrefixCache(list(range(max_batch + 1, max_batch + 1 + prefix_slots))) if prefix_slots else None
+        self._keep: dict[Request, int] = {}  # request -> leading prompt tokens to keep as a prefix once computed
         self.decoder = Decoder(self.weights, self.cache, self.lora)
         if graphs not in ("auto", "capture", "off", "static"):
             raise ConfigError(f"graphs {graphs!r}: use auto, capture, off or static")
@@ -158,7 +163,7 @@ class Engine:
         self.eos = frozenset(eos_token_ids(model, tokenizer))
         self._handles: dict[Request, EngineRequest] = {}
         self._lock = threading.Condition()  # the queues and handles
-        self._stepping = threading.Lock()  # one step at a time
+        self._stepping = threading.RLock()  # one step at a time (re-entered by adapter changes in a callback)
         self.steps = 0
         self.tokens_decoded = 0
         self.on_step: Callable[[int], None] | None = None  # rows of each step (the server's batch-size metric)
@@ -166,14 +171,20 @@ class Engine:
     # ---- adapters
     def add_adapter(self, model: Any, name: str) -> None:
         """Read adapter ``name`` from the peft model ``model`` (loaded there by peft) into the engine."""
-        self.lora.add(model, name, self.dtype)
+        with self._stepping:
+            self.lora.add(model, name, self.dtype)
+            if self.prefixes is not None:  # keys and values computed under the old factors
+                self.prefixes.clear()
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``; no running request may use it."""
         aid = self.lora.id(name)
         if any(r.adapter == aid for r in self.scheduler.running + list(self.scheduler.waiting)):
             raise ConfigError(f"adapter {name!r} is in use by a running request")
-        self.lora.remove(name)
+        with self._stepping:
+            self.lora.remove(name)
+            if self.prefixes is not None:
+                self.prefixes.clear()
 
     # ---- requests
     def submit(self, prompt: list[int], adapter: str | None = None, settings: Any = None,
@@ -226,6 +237,31 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
+    # ---- scoring
+    def loglikelihoods(self, groups: list[tuple[list[int], list[list[int]]]], adapter: str | None = None,
+                       progress: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:  # fmt: skip
+        """lm-eval's (log-likelihood, greedy) of each continuation of each (context, continuations) group.
+
+        Token ids as ``slmstack.evaluation.scorer`` splits them; each context runs once (see
+        :mod:`slmstack.engine.scoring`). Scoring takes every cache slot, so no request may be in flight.
+
+        Raises:
+            ConfigError: requests are in flight, or a sequence does not fit the context window.
+        """
+        from slmstack.engine.scoring import score_groups
+
+        longest = max((len(c) - 1 + max(map(len, conts)) for c, conts in groups), default=0)
+        if longest > self.max_length:
+            raise ConfigError(f"a scored sequence of {longest} tokens exceeds the {self.max_length}-token context")
+        if any(not c or not conts or not all(conts) for c, conts in groups):
+            raise ConfigError("every scored context and continuation needs at least one token")
+        with self._stepping:
+            if self.scheduler.has_work():
+                raise ConfigError("the engine is generating; score when its requests have finished")
+            rows = self.scheduler.max_rows  # slots 0..rows-1, and the spare slot after them
+            return score_groups(self.decoder, self.cache, groups, self.lora.id(adapter), rows, rows,
+                                progress=progress)  # fmt: skip
+
     # ---- running
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Step until no request is left, or until ``until()`` is true.
@@ -275,6 +311,8 @@ class Engine:
         if plan is None:
             return False
         self.cache.ensure(budget)
+        if self.prefixes is not None:
+            self._reuse_prefixes(plan)
         sampled = [row for row in plan.rows if row.sample]
         handles = [self._handles[row.request] for row in sampled]
         params = [r.request.params for r in sampled]
@@ -296,6 +334,8 @@ class Engine:
             tokens = choose_tokens(logits, params, [h.generator for h in handles], histories)
         for row in plan.rows:
             row.request.computed += len(row.tokens)
+        if self._keep:
+            self._keep_prefixes()
         self.steps += 1
         self.tokens_decoded += len(tokens)
         if self.on_step is not None:
@@ -303,6 +343,35 @@ class Engine:
         for handle, token in zip(handles, tokens, strict=True):
             self._append(handle, token)
         return True
+
+    def _reuse_prefixes(self, plan: StepPlan) -> None:
+        """Newly admitted rows start after the longest kept prefix of their prompt (its keys and values copied in)."""
+        for row in plan.prefill:
+            request = row.request
+            if row.start or request.computed:
+                continue  # a later chunk of a prompt
+            kept = self.prefixes.lookup(request.adapter, request.prompt)
+            reused = 0
+            if kept is not None:
+                reused = len(kept.tokens)
+                self.cache.copy(kept.slot, [request.slot], reused)
+                row.start, row.tokens = reused, request.prompt[reused : reused + len(row.tokens)]
+                row.sample = reused + len(row.tokens) == len(request.prompt)
+                request.computed = reused
+            keep = self.prefixes.candidate(request.adapter, request.prompt, reused)
+            if keep:
+                self._keep[request] = keep
+
+    def _keep_prefixes(self) -> None:
+        """Copy the prefixes chosen at admission into reserved slots once their keys and values are computed."""
+        for request, n in list(self._keep.items()):
+            if request.slot is None:  # ended first
+                del self._keep[request]
+            elif request.computed >= n:
+                del self._keep[request]
+                slot = self.prefixes.keep(request.adapter, request.prompt[:n])
+                if slot is not None:
+                    self.cache.copy(request.slot, [slot], n)
 
     def _inputs(self, plan: StepPlan) -> StepInput:
         """The step's tensors: tokens, positions and slots flat; decode rows first; LoRA groups by adapter."""
@@ -364,6 +433,7 @@ class Engine:
         with self._lock:
             self.scheduler.finish(request, reason)
             del self._handles[request]
+            self._keep.pop(request, None)
         if reason not in ("cancelled", "error"):
             handle.result = finish_row(self.tokenizer, request.output, handle.tokens_in, handle.truncated,
                                        sorted(request.eos), handle.stop)  # fmt: skip

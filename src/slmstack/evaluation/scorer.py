@@ -3,9 +3,15 @@
 ``loglikelihood`` reproduces lm-eval's ``HFLM`` request by request: the same context/continuation
 split (trailing context spaces move to the continuation; the whole string is encoded, then split),
 the same left truncation to ``max_length + 1`` tokens, the same sum of log-softmax over the
-continuation and the same greedy flag. Requests are batched, longest first, right-padded (no mask is
-needed: under a causal mask no real token sees the padding after it), and, when several requests share
-a context, the context is run once and its key/value cache reused for every continuation.
+continuation and the same greedy flag.
+
+Given slmstack's engine (``engine=``, as evaluation targets pass it when the engine runs their model), requests run
+on the engine's forward (:meth:`slmstack.engine.Engine.loglikelihoods`): each context once, its continuations side
+by side in cache slots, and the prefix all contexts share once per call. Otherwise (and for requests the engine
+does not take: left-truncated ones, empty continuations, sequences over :data:`ENGINE_MAX_TOKENS`) requests run on
+transformers' forward, batched, longest first, right-padded (no mask is needed: under a causal mask no real token
+sees the padding after it), and, when several requests share a context, the context is run once and its
+key/value cache reused for every continuation.
 """
 
 from __future__ import annotations
@@ -21,7 +27,12 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Scorer", "model_max_length"]
+__all__ = ["ENGINE_MAX_TOKENS", "Scorer", "model_max_length"]
+
+# the longest sequence scored on the engine: its cache holds every slot at the longest length scored (45 KB a token
+# and slot for the default model), so a few long perplexity windows go to transformers instead
+ENGINE_MAX_TOKENS = 1024
+_UNKNOWN = "\0unknown"
 
 
 def model_max_length(model: Any, tokenizer: Any, default: int = 2048) -> int:
@@ -58,8 +69,9 @@ class Scorer:
         batch_size: int = 16,
         max_length: int | None = None,
         show_progress: bool = False,
+        engine: Any = None,
     ) -> None:
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.engine = model, tokenizer, batch_size, engine
         self.max_length = max_length or model_max_length(model, tokenizer)
         self.adapter = adapter
         self.show_progress = show_progress
@@ -115,8 +127,20 @@ class Scorer:
         for r in requests:
             groups.setdefault(tuple(r.context), []).append(r)
         bar = tqdm(total=len(requests), desc="loglikelihood", disable=not self.show_progress)
-        shared = [g for g in groups.values() if len(g) > 1 and self._fits(g)]
-        single = [r for g in groups.values() if not (len(g) > 1 and self._fits(g)) for r in g]
+        rest = list(groups.values())
+        if self.engine is not None and not self.engine.has_work() and self._engine_adapter() is not _UNKNOWN:
+            on_engine = [g for g in rest if self._fits(g) and self._engine_takes(g)]
+            rest = [g for g in rest if not (self._fits(g) and self._engine_takes(g))]
+            if on_engine:
+                scored = self.engine.loglikelihoods([(g[0].context, [r.continuation for r in g]) for g in on_engine],
+                                                    self._engine_adapter(), progress=bar.update)  # fmt: skip
+                for group, out in zip(on_engine, scored, strict=True):
+                    for r, res in zip(group, out, strict=True):
+                        results[r.index] = res
+                self.tokens_processed += sum(len(g[0].context) - 1 + sum(len(r.continuation) for r in g)
+                                             for g in on_engine)  # fmt: skip
+        shared = [g for g in rest if len(g) > 1 and self._fits(g)]
+        single = [r for g in rest if not (len(g) > 1 and self._fits(g)) for r in g]
         for group in shared:
             for r, res in zip(group, self._score_shared_context(group), strict=True):
                 results[r.index] = res
@@ -132,6 +156,18 @@ class Scorer:
 
     def _fits(self, group: list[_Request]) -> bool:
         return all(len(r.context) + len(r.continuation) <= self.max_length + 1 for r in group)
+
+    def _engine_adapter(self) -> str | None:
+        """The adapter transformers' forward runs: the named one, else a peft model's active one, else none."""
+        if self.adapter is not None or not hasattr(self.model, "peft_config"):
+            return self.adapter
+        active = getattr(self.model, "active_adapter", None)
+        return active if isinstance(active, str) else _UNKNOWN  # several active adapters: transformers scores
+
+    def _engine_takes(self, group: list[_Request]) -> bool:
+        limit = min(ENGINE_MAX_TOKENS, self.engine.max_length)
+        return bool(group[0].context) and all(r.continuation and len(r.context) + len(r.continuation) - 1 <= limit
+                                              for r in group)  # fmt: skip
 
     def _score_batch(self, chunk: list[_Request]) -> list[tuple[float, bool]]:
         inputs = [(r.context + r.continuation)[-(self.max_length + 1) :][:-1] for r in chunk]

@@ -78,7 +78,21 @@ def summarise(results: list[dict[str, Any]], seed: int, bootstrap: int = 2000) -
             "train_seconds": round(sum(a["seconds"] for a in r["train"].values()), 1),
             "trainable_parameters": sum(a["trainable_parameters"] for a in r["train"].values()),
         }
-    return {"tasks": tasks, "scores": scores, "paired_tests": tests, "cost": cost}
+    return {"tasks": tasks, "scores": scores, "paired_tests": tests, "cost": cost, "time": protocol_time(results)}
+
+
+def protocol_time(results: list[dict[str, Any]], attribution: dict[str, Any] | None = None) -> dict[str, float]:
+    """Hours the protocol took, by part, from the records.
+
+    The parts: each adapter's training (and the data it generated, ``data_seconds``), each cell's evaluation, the
+    attribution. Adapters are trained once and cached, so a cell re-evaluated later still counts its training as
+    first measured.
+    """
+    train = sum(a["seconds"] + a.get("data_seconds", 0.0) for r in results for a in r["train"].values())
+    evaluation = sum(t["seconds"] for r in results for t in r["tasks"].values())
+    attributed = float((attribution or {}).get("seconds", 0.0))
+    return {"train_hours": train / 3600, "eval_hours": evaluation / 3600, "attribution_hours": attributed / 3600,
+            "total_hours": (train + evaluation + attributed) / 3600}  # fmt: skip
 
 
 def _cell(entry: dict[str, Any]) -> str:
@@ -125,6 +139,9 @@ def markdown(summary: dict[str, Any], best: list[str], attribution: dict[str, An
             f"| {arm} | {c['generated_tokens_per_item']:.1f} | {c['seconds_per_item']:.3f} | "
             f"{c['train_tokens']:,} | {c['trainable_parameters']:,} |"
         )
+    t = summary["time"]
+    lines += ["", f"Time of the protocol: {t['total_hours']:.2f} h (training {t['train_hours']:.2f} h, evaluation "
+              f"{t['eval_hours']:.2f} h, attribution {t['attribution_hours']:.2f} h)."]  # fmt: skip
     if attribution is not None:
         from slmstack.evaluation.attribution import markdown as attribution_markdown
 
@@ -176,6 +193,7 @@ def write_report(
     ``pending``: the cells of the plan not run yet (a report written part-way, ``slmstack study --report``).
     """
     summary = summarise(results, cfg.seeds[0])
+    summary["time"] = protocol_time(results, attribution)
     summary["best"], summary["pending"] = best, pending or []
     cells = [
         {**r, "tasks": {t: {k: v for k, v in x.items() if k != "items"} for t, x in r["tasks"].items()}}

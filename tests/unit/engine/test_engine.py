@@ -16,6 +16,8 @@ from tests.unit.engine.test_lora import _peft_model
 TEXTS = ["what is two plus two?", "name a red fruit.", "why is the sky blue? tell me more about it", "hi",
          "a b c d e f g", "one more question here", "short", "the last, eighth prompt of all"]  # fmt: skip
 ADAPTERS = ["qv", "__base__", "all", "mlp", "qv", "all", "__base__", "mlp"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def _alone(model, tok, text: str, adapter: str, settings: GenerationSettings) -> str:
@@ -203,3 +205,42 @@ def test_captured_cuda_graphs_replay_the_static_path_through_cache_growth() -> N
     captured, used = _run_graphs(model, tok, "capture", budgets)
     # Assert: the graphs ran the decode steps and replayed exactly what the static path computes
     assert used > 50 and captured == static
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_a_prompt_prefix_kept_across_requests_changes_no_token(device: str) -> None:
+    # Prepare: prompts sharing a 30-token preamble (a stage's system turn and role), under two adapters, in two
+    # waves; between them the rows' slots are filled with noise, so the second wave sees only what it copies
+    model, tok = _peft_model().to(device), build_tokenizer()
+    preamble = "system: you answer briefly. user: "
+    questions = ["what is two plus two?", "name a red fruit.", "why is the sky blue?", "a b c d e f g"]
+    waves = [[(preamble + q, a) for a in ("qv", "all") for q in qs] for qs in (questions[:2], questions[2:])]
+    settings = GenerationSettings(max_new_tokens=8)
+
+    def run(prefix_slots: int) -> tuple[list[str], Engine]:
+        engine = Engine(model, tok, max_batch=4, max_tokens_per_step=16, prefix_slots=prefix_slots)
+        texts = []
+        for wave in waves:
+            handles = [engine.submit(tok(t)["input_ids"], a, settings) for t, a in wave]
+            engine.run()
+            texts += [h.generated().text for h in handles]
+            for kv in engine.cache.kv:
+                kv[:4].normal_(0, 5)
+        return texts, engine
+
+    # Execute
+    plain, _ = run(0)
+    reused, engine = run(4)
+    # Assert: the same text; the preamble kept once per adapter, and the second wave did not compute it
+    assert reused == plain
+    n = len(tok(preamble)["input_ids"])
+    kept = sorted((e.adapter, len(e.tokens)) for e in engine.prefixes.entries)
+    assert [a for a, _ in kept] == [engine.lora.id("qv"), engine.lora.id("all")]
+    assert all(length >= n - 1 for _, length in kept)
+    assert engine.prefixes.reused_tokens >= 4 * (n - 1)
+    # a changed adapter drops the prefixes computed under the old one
+    engine.add_adapter(model, "qv")
+    assert engine.prefixes.entries == []

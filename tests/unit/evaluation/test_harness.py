@@ -168,7 +168,7 @@ def test_stack_scores_with_the_final_stage_and_runs_upstream_once(
     prepared, delimiter = target.prepare(["question 0"], " ")
     assert prepared == [ctx] and delimiter == ""  # the chat template ends the prompt; no space before a choice
     got = target.scorer(4).loglikelihood([(prepared[0], delimiter + "yes")])[0][0]
-    assert got == pytest.approx(expected, abs=1e-6)
+    assert got == pytest.approx(expected, abs=1e-4)  # the engine scores (its logits equal transformers to 1e-4)
     base_ll = Scorer(stack.model, stack.tokenizer, adapter="__base__").loglikelihood([(ctx, "yes")])[0][0]
     assert abs(base_ll - expected) > 1e-4  # the final stage's adapter really is in play
 

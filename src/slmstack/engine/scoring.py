@@ -1,0 +1,162 @@
+"""Log-likelihood scoring on the engine's forward: each context runs once, its continuations side by side.
+
+lm-eval's multiple-choice tasks send one request per choice, every one with the same context. Here a *group* is a
+context and its continuations (token ids, split as lm-eval splits them; see ``slmstack.evaluation.scorer``):
+
+1. The prefix every context of the call shares (a chat template's system turn with a stage's role, a few-shot
+   preamble) runs once, into the spare cache slot.
+2. A round takes groups until their continuations fill the cache slots. Each group's first slot gets the shared
+   prefix copied in and runs the rest of its context but the last token, with no logits (the LM head is skipped).
+3. The context's keys and values are copied into the slots of the group's other continuations, and steps run every
+   continuation as ``[last context token] + continuation[:-1]`` with the logits of all its tokens: the logits at
+   index ``j`` score continuation token ``j``.
+
+Each continuation's result is lm-eval's pair: the sum of its tokens' log-softmax, and whether greedy decoding
+produces it. Steps hold at most ``max_tokens`` tokens (a longer piece runs in several steps, in order), which also
+bounds the logits held at once (``max_tokens`` x vocabulary floats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from slmstack.engine.cache import KVCache
+from slmstack.engine.lora import StepAdapters
+from slmstack.engine.model import Decoder, StepInput
+
+__all__ = ["Group", "score_groups"]
+
+Group = tuple[list[int], list[list[int]]]  # (context, continuations), token ids; context non-empty
+MIN_SHARED = 4  # a shared prefix shorter than this is not worth its own step and copies
+
+
+@dataclass
+class _Piece:
+    """Tokens of one slot at positions ``start..``; ``key`` (group, continuation, offset) when they are scored."""
+
+    slot: int
+    start: int
+    tokens: list[int]
+    key: tuple[int, int, int] | None = None
+
+
+def score_groups(decoder: Decoder, cache: KVCache, groups: list[Group], adapter: int, slots: int, spare: int,
+                 max_tokens: int = 512,
+                 progress: Callable[[int], None] | None = None) -> list[list[tuple[float, bool]]]:  # fmt: skip
+    """(log-likelihood, greedy) of every continuation of every group.
+
+    Args:
+        decoder: the engine's decoder.
+        cache: its KV cache; no request may be running (this uses every slot).
+        groups: (context, continuations) token ids; contexts and continuations non-empty.
+        adapter: the LoRA adapter id every token runs under (0: the bare base).
+        slots: cache slots ``0..slots-1`` hold a round's continuations.
+        spare: the slot that holds the prefix shared by every context.
+        max_tokens: tokens per step.
+        progress: called with the number of continuations scored after each round.
+    """
+    device = cache.device
+    heads = [ctx[:-1] for ctx, _ in groups]
+    shared = _common_prefix(heads) if len(groups) > 1 else 0
+    shared = shared if shared >= MIN_SHARED else 0
+    cache.ensure(max(len(ctx) - 1 + max(len(c) for c in conts) for ctx, conts in groups))
+    lora = StepAdapters(single=adapter)
+    totals: dict[tuple[int, int], list] = {}  # (group, continuation) -> [log-likelihood, greedy]
+    if shared:
+        _run([_Piece(spare, 0, heads[0][:shared])], decoder, lora, max_tokens, device, groups, totals)
+    work = [(g, list(range(s, min(len(conts), s + slots)))) for g, (_, conts) in enumerate(groups)
+            for s in range(0, len(conts), slots)]  # fmt: skip
+    i = 0
+    while i < len(work):
+        plan, used = [], 0  # (group, continuations, their slots)
+        while i < len(work) and used + len(work[i][1]) <= slots:
+            g, js = work[i]
+            plan.append((g, js, list(range(used, used + len(js)))))
+            used, i = used + len(js), i + 1
+        if shared:
+            cache.copy(spare, [s[0] for _, _, s in plan], shared)
+        contexts = [_Piece(s[0], shared, heads[g][shared:]) for g, _, s in plan if len(heads[g]) > shared]
+        _run(contexts, decoder, lora, max_tokens, device, groups, totals)
+        for g, _, s in plan:
+            if len(s) > 1 and heads[g]:
+                cache.copy(s[0], s[1:], len(heads[g]))
+        pieces = [_Piece(slot, len(heads[g]), groups[g][0][-1:] + groups[g][1][j][:-1], (g, j, 0))
+                  for g, js, s in plan for j, slot in zip(js, s, strict=True)]  # fmt: skip
+        _run(pieces, decoder, lora, max_tokens, device, groups, totals)
+        if progress is not None:
+            progress(used)
+    return [[(float(totals[g, j][0]), bool(totals[g, j][1])) for j in range(len(conts))]
+            for g, (_, conts) in enumerate(groups)]  # fmt: skip
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    first = min(seqs, key=len)
+    n = len(first)
+    for seq in seqs:
+        n = next((k for k in range(n) if seq[k] != first[k]), n)
+    return n
+
+
+def _run(pieces: list[_Piece], decoder: Decoder, lora: StepAdapters, max_tokens: int, device: torch.device,
+         groups: list[Group], totals: dict) -> None:  # fmt: skip
+    """Run pieces in steps of at most ``max_tokens`` tokens (a longer piece split in order) and score them."""
+    step: list[_Piece] = []
+    width = 0
+    for piece in pieces:
+        if len(piece.tokens) > max_tokens:
+            for off in range(0, len(piece.tokens), max_tokens):
+                key = None if piece.key is None else (*piece.key[:2], piece.key[2] + off)
+                _step([_Piece(piece.slot, piece.start + off, piece.tokens[off : off + max_tokens], key)],
+                      decoder, lora, device, groups, totals)  # fmt: skip
+            continue
+        if width + len(piece.tokens) > max_tokens:
+            _step(step, decoder, lora, device, groups, totals)
+            step, width = [], 0
+        step.append(piece)
+        width += len(piece.tokens)
+    if step:
+        _step(step, decoder, lora, device, groups, totals)
+
+
+def _step(pieces: list[_Piece], decoder: Decoder, lora: StepAdapters, device: torch.device, groups: list[Group],
+          totals: dict) -> None:  # fmt: skip
+    tokens, positions, slots, chunks, sample = [], [], [], [], []
+    for p in pieces:
+        offset, n = len(tokens), len(p.tokens)
+        tokens += p.tokens
+        positions += range(p.start, p.start + n)
+        slots += [p.slot] * n
+        chunks.append((offset, n, p.slot, p.start))
+        if p.key is not None:
+            sample += range(offset, offset + n)
+
+    def longs(values: list[int] | range) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    step = StepInput(tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=0,
+                     decode_slots=None, decode_lens=longs([]), decode_length=0, chunks=chunks, lora=lora,
+                     sample=None if len(sample) == len(tokens) else longs(sample))  # fmt: skip
+    logits = decoder.forward(step)  # (len(sample), V)
+    if not sample:
+        return
+    scored = [p for p in pieces if p.key is not None]
+    targets = longs([t for p in scored for t in _targets(p, groups)])
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    hits = (logprobs.argmax(-1) == targets).tolist()
+    at = 0
+    for p in scored:
+        n = len(p.tokens)
+        entry = totals.setdefault(p.key[:2], [0.0, True])
+        entry[0] += sum(picked[at : at + n])
+        entry[1] = entry[1] and all(hits[at : at + n])
+        at += n
+
+
+def _targets(piece: _Piece, groups: list[Group]) -> list[int]:
+    g, j, off = piece.key  # type: ignore[misc]
+    return groups[g][1][j][off : off + len(piece.tokens)]
