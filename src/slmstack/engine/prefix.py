@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["Prefix", "PrefixCache"]
+__all__ = ["Prefix", "PrefixCache", "common_prefix"]
 
 
 @dataclass
@@ -92,7 +92,12 @@ class PrefixCache:
         self.entries, self.last = [], {}
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    limit = min(len(a), len(b))
+    return next((k for k in range(limit) if a[k] != b[k]), limit)
+
+
 def _shared(last: list[int], prompt: list[int]) -> int:
     """Leading tokens two prompts share, leaving ``prompt`` at least one to compute."""
-    limit = min(len(last), len(prompt) - 1)
-    return next((k for k in range(limit) if last[k] != prompt[k]), limit)
+    return min(common_prefix(last, prompt), len(prompt) - 1)

@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: N812
 from slmstack.engine.cache import KVCache
 from slmstack.engine.lora import StepAdapters
 from slmstack.engine.model import Decoder, StepInput
+from slmstack.engine.prefix import common_prefix
 
 __all__ = ["Group", "score_groups"]
 
@@ -61,7 +62,7 @@ def score_groups(decoder: Decoder, cache: KVCache, groups: list[Group], adapter:
     """
     device = cache.device
     heads = [ctx[:-1] for ctx, _ in groups]
-    shared = _common_prefix(heads) if len(groups) > 1 else 0
+    shared = min(common_prefix(heads[0], h) for h in heads) if len(groups) > 1 else 0
     shared = shared if shared >= MIN_SHARED else 0
     cache.ensure(max(len(ctx) - 1 + max(len(c) for c in conts) for ctx, conts in groups))
     lora = StepAdapters(single=adapter)
@@ -91,14 +92,6 @@ def score_groups(decoder: Decoder, cache: KVCache, groups: list[Group], adapter:
             progress(used)
     return [[(float(totals[g, j][0]), bool(totals[g, j][1])) for j in range(len(conts))]
             for g, (_, conts) in enumerate(groups)]  # fmt: skip
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    first = min(seqs, key=len)
-    n = len(first)
-    for seq in seqs:
-        n = next((k for k in range(n) if seq[k] != first[k]), n)
-    return n
 
 
 def _run(pieces: list[_Piece], decoder: Decoder, lora: StepAdapters, max_tokens: int, device: torch.device,

@@ -128,12 +128,14 @@ class Scorer:
             groups.setdefault(tuple(r.context), []).append(r)
         bar = tqdm(total=len(requests), desc="loglikelihood", disable=not self.show_progress)
         rest = list(groups.values())
-        if self.engine is not None and not self.engine.has_work() and self._engine_adapter() is not _UNKNOWN:
-            on_engine = [g for g in rest if self._fits(g) and self._engine_takes(g)]
-            rest = [g for g in rest if not (self._fits(g) and self._engine_takes(g))]
+        adapter = self._engine_adapter() if self.engine is not None else _UNKNOWN
+        if adapter is not _UNKNOWN and not self.engine.has_work():
+            takes = [self._fits(g) and self._engine_takes(g) for g in rest]
+            on_engine = [g for g, t in zip(rest, takes, strict=True) if t]
+            rest = [g for g, t in zip(rest, takes, strict=True) if not t]
             if on_engine:
                 scored = self.engine.loglikelihoods([(g[0].context, [r.continuation for r in g]) for g in on_engine],
-                                                    self._engine_adapter(), progress=bar.update)  # fmt: skip
+                                                    adapter, progress=bar.update)  # fmt: skip
                 for group, out in zip(on_engine, scored, strict=True):
                     for r, res in zip(group, out, strict=True):
                         results[r.index] = res
