@@ -78,7 +78,7 @@ def summarise(results: list[dict[str, Any]], seed: int, bootstrap: int = 2000) -
             "train_seconds": round(sum(a["seconds"] for a in r["train"].values()), 1),
             "trainable_parameters": sum(a["trainable_parameters"] for a in r["train"].values()),
         }
-    return {"tasks": tasks, "scores": scores, "paired_tests": tests, "cost": cost, "time": protocol_time(results)}
+    return {"tasks": tasks, "scores": scores, "paired_tests": tests, "cost": cost}
 
 
 def protocol_time(results: list[dict[str, Any]], attribution: dict[str, Any] | None = None) -> dict[str, float]:
@@ -139,7 +139,7 @@ def markdown(summary: dict[str, Any], best: list[str], attribution: dict[str, An
             f"| {arm} | {c['generated_tokens_per_item']:.1f} | {c['seconds_per_item']:.3f} | "
             f"{c['train_tokens']:,} | {c['trainable_parameters']:,} |"
         )
-    t = summary["time"]
+    t = summary["time"]  # set by write_report, which knows the attribution
     lines += ["", f"Time of the protocol: {t['total_hours']:.2f} h (training {t['train_hours']:.2f} h, evaluation "
               f"{t['eval_hours']:.2f} h, attribution {t['attribution_hours']:.2f} h)."]  # fmt: skip
     if attribution is not None:
