@@ -10,7 +10,9 @@ probe (``--device cpu``). One JSON (``--out``) holds the suite's counts and the 
    - decode tokens/s at batch 1 and batch 64, slmstack's engine (CUDA graphs on a GPU) and transformers ``generate``;
    - the default 4-stage stack, a random LoRA on every stage, ``--questions`` questions batched, against the same
      prompts on the bare base (tokens/s ratio);
-   - LoRA training tokens/s (``precision: auto``: bf16 autocast on a GPU) and whether the loss stays finite.
+   - LoRA training tokens/s (``precision: auto``: bf16 autocast on a GPU) and whether the loss stays finite;
+   - the profile (``profile``): a decode step's time, graph replay and kernels, at batch 1 and at 16 rows (bare
+     base, and 4 LoRA adapters mixed), each with and without the engine's Triton kernels where they run.
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json            # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu_check_cpu.json  # here, to show it runs
@@ -226,11 +228,14 @@ def stack_probe(model, tok, questions: int, workdir: Path) -> dict:
         sync(stack.model)
         wall = time.perf_counter() - start
         generated = sum(t.tokens_out for r in results for t in r.trace)
+        engine = stack.backend.engine
         out[mode] = {
             "tokens": generated,
             "seconds": round(wall, 2),
             "tokens_per_s": round(generated / wall, 1),
             "engine": stack.on_engine,
+            "steps": engine.steps if engine is not None else None,  # warm-up included
+            "graph_replays": engine.graphs.replays if engine is not None and engine.graphs else None,
         }
     out["stack_over_base"] = round(out["stack"]["tokens_per_s"] / out["base"]["tokens_per_s"], 3)
     return out
@@ -246,6 +251,7 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
     from peft import LoraConfig, get_peft_model
 
     from slmstack.engine import Engine
+    from slmstack.engine.kernels import kernel_available
     from slmstack.stack.config import GenerationSettings
 
     prompt = tok("Write a long story about a lighthouse keeper and a storm.")["input_ids"]
@@ -295,6 +301,12 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
     mode = "auto" if device == "cuda" else "static"  # on a CPU: the static path, eagerly
     model, _ = probe_model(device, layers)
     out["batch_1"] = breakdown(Engine(model, tok, max_batch=1, graphs=mode), 1, [None])
+    if kernel_available(torch.device(device), "rope"):  # RoPE and the cache write in torch's kernels instead
+        os.environ["SLMSTACK_NO_TRITON"] = "rope"
+        try:
+            out["batch_1_torch_rope"] = breakdown(Engine(model, tok, max_batch=1, graphs=mode), 1, [None])
+        finally:
+            del os.environ["SLMSTACK_NO_TRITON"]
     out["batch_16_base"] = breakdown(Engine(model, tok, max_batch=16, graphs=mode), 16, [None])
     names = [f"a{i}" for i in range(4)]
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -304,6 +316,16 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
                                           init_lora_weights=False))  # fmt: skip
     out["batch_16_mixed_lora"] = breakdown(Engine(peft, tok, max_batch=16, graphs=mode), 16, names)
     out["mixed_over_base_step"] = round(out["batch_16_base"]["step_ms"] / out["batch_16_mixed_lora"]["step_ms"], 3)
+    out["lora_kernel"] = kernel_available(torch.device(device), "lora")
+    if out["lora_kernel"]:  # the same mix in the masked form (three products and a mask per projection)
+        os.environ["SLMSTACK_NO_TRITON"] = "lora"
+        try:
+            out["batch_16_mixed_masked"] = breakdown(Engine(peft, tok, max_batch=16, graphs=mode), 16, names)
+        finally:
+            del os.environ["SLMSTACK_NO_TRITON"]
+        out["masked_over_base_step"] = round(
+            out["batch_16_base"]["step_ms"] / out["batch_16_mixed_masked"]["step_ms"], 3
+        )
     if compile_too:
         from slmstack.engine.model import Decoder
 

@@ -396,8 +396,7 @@ class Engine:
         decode_slots = [r.request.slot for r in plan.decode]
         dense = decode_slots == list(range(len(decode_slots)))
         lens = [r.start + 1 for r in plan.decode]
-        distinct = set(adapters)
-        lora = StepAdapters(single=adapters[0]) if len(distinct) == 1 else StepAdapters(rows=longs(adapters))
+        lora = StepAdapters.for_tokens(adapters, len(plan.decode), dev)
 
         return StepInput(
             tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=len(plan.decode),

@@ -7,9 +7,9 @@ positions and slots of the step's rows, each row's length and adapter, the logit
 graph of the smallest bucket ``B >= n``; the ``B - n`` padding rows write their keys and values into a scratch
 slot (the cache holds one slot more than the engine's rows) and their logits are dropped. Attention reads the
 whole allocated cache length, masked per row, so that a graph fits every step until the cache grows; LoRA is
-always the stacked, masked form (:func:`slmstack.engine.lora.lora_add`), whose shapes do not depend on which
-adapters the rows use. A graph is captured the first time its bucket is used and captured again when the cache
-grows or adapters change.
+always the mixed form (:func:`slmstack.engine.lora.lora_add`: one Triton kernel per projection where Triton
+runs, else the stacked, masked products), whose shapes do not depend on which adapters the rows use. A graph
+is captured the first time its bucket is used and captured again when the cache grows or adapters change.
 
 Only pure decode steps (no prompt chunk) use a graph; the others run eagerly. Rows are read from their slots
 through the slots buffer (a gather, cheap on a GPU), so a graph fits any slot layout. The host side of a step is
@@ -48,6 +48,7 @@ class DecodeGraphs:
         self._key: tuple = ()
         self._pool: Any = None
         self.capture_seconds = 0.0
+        self.replays = 0  # steps run on a graph
 
     def usable(self, n_decode: int, n_rows: int) -> bool:
         """Whether a step of ``n_rows`` rows, ``n_decode`` of them decoding, can run on a graph.
@@ -75,6 +76,7 @@ class DecodeGraphs:
         host.copy_(torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [self.scratch] * pad,
                                  [p + 1 for p in positions] + [1] * pad, adapters + [0] * pad]))  # fmt: skip
         buffers.copy_(host, non_blocking=True)
+        self.replays += 1
         if graph is None:
             logits, best = self._forward(buffers)
         else:

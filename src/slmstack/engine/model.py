@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slmstack.engine.cache import KVCache
+from slmstack.engine.kernels import kernel_available, rope_store_
 from slmstack.engine.layers import decode_attention, decode_mask, prefill_attention, rms_norm, rope_
 from slmstack.engine.lora import LoraBank, StepAdapters, lora_add
 from slmstack.engine.weights import DecoderWeights
@@ -51,17 +52,22 @@ class Decoder:
         """Write the step's keys and values into the cache; return the logits of ``step.sample``, (n_sample, V)."""
         s, w = self.w.shape, self.w
         x = F.embedding(step.tokens, w.embed)  # (N, C)
-        cos, sin = w.cos[step.positions][:, None, :], w.sin[step.positions][:, None, :]  # (N, 1, hd)
+        fused = kernel_available(x.device, "rope")  # RoPE and the cache write in one kernel (kernels.py)
+        if not fused:
+            cos, sin = w.cos[step.positions][:, None, :], w.sin[step.positions][:, None, :]  # (N, 1, hd)
         mask = decode_mask(step.decode_lens, step.decode_length, x.dtype, step.static) if step.n_decode else None
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.ln1, s.eps)
             qkv = layer.qkv(h)  # (N, (H + 2 KV) hd)
             lora_add(qkv, h, i, "qkv", self.lora, step.lora)
-            rope_(qkv[:, : self.q_width + self.kv_width].view(-1, s.heads + s.kv_heads, s.head_dim), cos, sin)
-            q = qkv[:, : self.q_width].view(-1, s.heads, s.head_dim)  # (N, H, hd)
             kv_cache = self.cache.kv[i]  # (S, KV, 2, T, hd)
-            new = qkv[:, self.q_width :].view(-1, 2, s.kv_heads, s.head_dim).transpose(1, 2)  # (N, KV, 2, hd)
-            kv_cache[step.slots, :, :, step.positions] = new
+            if fused:
+                rope_store_(qkv, w.cos, w.sin, step.positions, step.slots, kv_cache, s.heads, s.kv_heads)
+            else:
+                rope_(qkv[:, : self.q_width + self.kv_width].view(-1, s.heads + s.kv_heads, s.head_dim), cos, sin)
+                new = qkv[:, self.q_width :].view(-1, 2, s.kv_heads, s.head_dim).transpose(1, 2)  # (N, KV, 2, hd)
+                kv_cache[step.slots, :, :, step.positions] = new
+            q = qkv[:, : self.q_width].view(-1, s.heads, s.head_dim)  # (N, H, hd)
             attn = self._attention(q, kv_cache, step, mask)  # (N, H hd)
             layer.o.add_to_(x, attn)  # x += o(attn)
             lora_add(x, attn, i, "o", self.lora, step.lora)

@@ -91,6 +91,7 @@ class LocalBackend:
                 return None
             self._engine = Engine(self.model, self.tokenizer, weights=ENGINE_WEIGHTS.get(self.dtype, "dense"),
                                   max_batch=self.max_batch)  # fmt: skip
+            self._lora_version = _lora_version(self.model)  # the engine has just read every adapter
             logger.info("generating with slmstack's engine (%s weights, up to %d rows a step)",
                         ENGINE_WEIGHTS.get(self.dtype, "dense"), self.max_batch)  # fmt: skip
         version = _lora_version(self.model)  # adapters attached since (another stack), or trained since
@@ -258,11 +259,25 @@ def _generated(text: str, usage: dict[str, Any] | None) -> Generated:
     return Generated(text.strip(), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
 
 
+_LORA_PARAMS = "_slmstack_lora_params"  # on the peft model: (its adapters' identity, their LoRA parameters)
+
+
 def _lora_version(model: Any) -> tuple:
-    """Changes whenever an adapter is attached or its weights change (an optimizer step bumps ``_version``)."""
-    if not hasattr(model, "peft_config"):
+    """Changes whenever an adapter is attached or its weights change (an optimizer step bumps ``_version``).
+
+    Called at every request a stack submits, so the walk over the model's parameters is done once per set of
+    attached adapters (an adapter attached, deleted or attached again under the same name changes its config
+    object); each call then reads only the LoRA tensors' versions and storage.
+    """
+    configs = getattr(model, "peft_config", None)
+    if not configs:
         return ()
-    return tuple(p._version for name, p in model.named_parameters() if "lora_" in name)
+    key = tuple((name, id(config)) for name, config in configs.items())
+    cached = model.__dict__.get(_LORA_PARAMS)
+    if cached is None or cached[0] != key:
+        cached = (key, [p for name, p in model.named_parameters() if "lora_" in name])
+        model.__dict__[_LORA_PARAMS] = cached
+    return key + tuple((p._version, p.data_ptr()) for p in cached[1])
 
 
 BACKENDS: Registry[Callable[[BackendConfig, bool], Any]] = Registry("backend")

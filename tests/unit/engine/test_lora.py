@@ -29,8 +29,14 @@ def _peft_model():
 
 
 def test_a_mixed_batch_gives_peft_logits_row_by_row() -> None:
-    # Prepare: four prompts of different lengths, each under another adapter (one on the bare base)
-    model, tok = _peft_model(), build_tokenizer()
+    check_mixed_batch_equals_peft("cpu", kernel=False)
+
+
+def check_mixed_batch_equals_peft(device: str, kernel: bool) -> None:
+    """Four prompts of different lengths, each under another adapter (one on the bare base), in one step, give
+    peft's logits row by row; ``kernel``: whether the step takes the Triton kernel (``kernels.py``)."""
+    # Prepare
+    model, tok = _peft_model().to(device), build_tokenizer()
     prompts = ["first prompt", "a second, longer prompt here", "third", "the fourth one?"]
     adapters = ["qv", "__base__", "all", "mlp"]
     engine = Engine(model, tok, max_batch=4)
@@ -43,17 +49,61 @@ def test_a_mixed_batch_gives_peft_logits_row_by_row() -> None:
     # Execute: one step with every row's whole prompt
     step = engine._inputs(StepPlan([], rows))
     step.sample = None  # every token's logits, rows one after another
+    assert step.lora.kernel == kernel
     ours = engine.decoder.forward(step)
     # Assert: each row's logits equal peft's forward with that row's adapter
     start = 0
     for text, adapter in zip(prompts, adapters, strict=True):
-        ids = torch.tensor([tok(text)["input_ids"]])
+        ids = torch.tensor([tok(text)["input_ids"]], device=device)
         with torch.no_grad():
             reference = model(input_ids=ids, adapter_names=[adapter]).logits[0]
         torch.testing.assert_close(ours[start : start + ids.shape[1]], reference, atol=1e-5, rtol=1e-5)
         start += ids.shape[1]
     with torch.no_grad():  # and the adapters really change the logits
         assert not torch.allclose(model(input_ids=ids, adapter_names=["__base__"]).logits[0], reference)
+
+
+def test_a_step_splits_into_mixed_decode_rows_and_single_adapter_spans() -> None:
+    from slmstack.engine.lora import StepAdapters
+
+    cpu = torch.device("cpu")
+    # decode rows under adapters 1, 2, 1 (mixed), then a chunk under 2, a bare-base chunk, a chunk under 3
+    step = StepAdapters.for_tokens([1, 2, 1, 2, 2, 2, 0, 0, 3, 3], 3, cpu)
+    assert step.rows.tolist() == [1, 2, 1] and step.runs == ((3, 6, 2), (8, 10, 3))
+    assert step.present == {1, 2}
+    # decode rows that share adapter 1 join the chunk after them under 1
+    step = StepAdapters.for_tokens([1, 1, 1, 1, 1, 2], 3, cpu)
+    assert step.rows is None and step.runs == ((0, 5, 1), (5, 6, 2))
+    assert StepAdapters.for_tokens([2, 2, 2], 3, cpu).single == 2
+
+
+@pytest.mark.parametrize("adapters", [["qv", "all", "__base__", "mlp"], ["all", "mlp", "mlp", "__base__"]])
+def test_a_step_of_mixed_decode_rows_and_a_prompt_chunk_gives_peft_logits(adapters: list[str]) -> None:
+    # Prepare: four prompts in the cache under their adapters (the second set leaves "qv"'s columns out of the
+    # mixed form); a fifth prompt arrives as a chunk
+    model, tok = _peft_model(), build_tokenizer()
+    prompts = ["first prompt", "a second, longer prompt here", "third", "the fourth one?"]
+    engine = Engine(model, tok, max_batch=5)
+    engine.cache.ensure(64)
+    requests = []
+    for slot, (text, adapter) in enumerate(zip(prompts, adapters, strict=True)):
+        request = Request(tok(text)["input_ids"], adapter=engine.lora.id(adapter))
+        request.slot = slot
+        requests.append(request)
+        engine.decoder.forward(engine._inputs(StepPlan([], [Row(request, 0, request.prompt, True)])))
+    late = Request(tok("a late prompt")["input_ids"], adapter=engine.lora.id("all"))
+    late.slot = 4
+    # Execute: one step, each cached row decoding token 7, and the late prompt's whole chunk
+    decode = [Row(r, len(r.prompt), [7], True) for r in requests]
+    step = engine._inputs(StepPlan(decode, [Row(late, 0, late.prompt, True)]))
+    assert step.lora.rows is not None and step.lora.runs  # both forms in one step
+    ours = engine.decoder.forward(step)
+    # Assert: each row's logits equal peft's forward of its whole sequence
+    for row, (text, adapter) in enumerate(zip([*prompts, "a late prompt"], [*adapters, "all"], strict=True)):
+        ids = tok(text)["input_ids"] + ([7] if row < 4 else [])
+        with torch.no_grad():
+            reference = model(input_ids=torch.tensor([ids]), adapter_names=[adapter]).logits[0, -1]
+        torch.testing.assert_close(ours[row], reference, atol=1e-5, rtol=1e-5)
 
 
 def test_adapters_load_and_unload_at_run_time() -> None:
