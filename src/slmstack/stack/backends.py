@@ -94,7 +94,11 @@ class LocalBackend:
             self._lora_version = _lora_version(self.model)  # the engine has just read every adapter
             logger.info("generating with slmstack's engine (%s weights, up to %d rows a step)",
                         ENGINE_WEIGHTS.get(self.dtype, "dense"), self.max_batch)  # fmt: skip
-        version = _lora_version(self.model)  # adapters attached since (another stack), or trained since
+        # adapters attached since (another stack), or trained since; while requests are in flight only newly
+        # attached adapters are looked for (a stack submits each stage's request as the last one ends, and reading
+        # every LoRA tensor's version there cost more than the bare base's whole host work on a GPU)
+        busy = self._engine.has_work() and _adapter_key(self.model) == self._lora_version[:1]
+        version = self._lora_version if busy else _lora_version(self.model)
         if version != self._lora_version:
             for name in getattr(self.model, "peft_config", {}) or {}:
                 self._engine.add_adapter(self.model, name)
@@ -262,17 +266,24 @@ def _generated(text: str, usage: dict[str, Any] | None) -> Generated:
 _LORA_PARAMS = "_slmstack_lora_params"  # on the peft model: (its adapters' identity, their LoRA parameters)
 
 
+def _adapter_key(model: Any) -> tuple:
+    """The attached adapters' identity: ``(((name, id(config)), ...),)``, or ``()`` without adapters.
+
+    An adapter attached, deleted, or attached again under the same name changes it (a new config object).
+    """
+    configs = getattr(model, "peft_config", None)
+    return (tuple((name, id(config)) for name, config in configs.items()),) if configs else ()
+
+
 def _lora_version(model: Any) -> tuple:
     """Changes whenever an adapter is attached or its weights change (an optimizer step bumps ``_version``).
 
-    Called at every request a stack submits, so the walk over the model's parameters is done once per set of
-    attached adapters (an adapter attached, deleted or attached again under the same name changes its config
-    object); each call then reads only the LoRA tensors' versions and storage.
+    Its first item is :func:`_adapter_key`. The walk over the model's parameters is done once per set of attached
+    adapters; each call then reads only the LoRA tensors' versions and storage.
     """
-    configs = getattr(model, "peft_config", None)
-    if not configs:
+    key = _adapter_key(model)
+    if not key:
         return ()
-    key = tuple((name, id(config)) for name, config in configs.items())
     cached = model.__dict__.get(_LORA_PARAMS)
     if cached is None or cached[0] != key:
         cached = (key, [p for name, p in model.named_parameters() if "lora_" in name])

@@ -37,3 +37,32 @@ def test_lora_version_changes_with_adapters_and_walks_the_model_once() -> None:
 
     # Assert: a model without adapters has the empty version
     assert backends._lora_version(build_tiny_llama()) == ()
+
+
+def test_the_engine_rereads_adapters_when_idle_and_sees_new_ones_while_busy() -> None:
+    # Prepare: a backend on a peft model; its engine has read adapter "one"
+    from peft import LoraConfig, get_peft_model
+
+    from slmstack.stack.config import GenerationSettings
+    from tests.conftest import build_tokenizer
+
+    model = get_peft_model(build_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="one")
+    backend = backends.LocalBackend(model, build_tokenizer(), engine="native")
+    engine = backend.engine
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    read = lambda: engine.lora.factors[engine.lora.id("one")][0]["qkv"].b_t.abs().sum().item()  # noqa: E731
+    assert read() == 0.0  # peft starts B at zero
+    # Execute: a request in flight, then the adapter trained in place and a second adapter attached
+    engine.submit([1, 2, 3], "one", GenerationSettings(max_new_tokens=2))
+    with torch.no_grad():
+        lora_b.add_(1.0)
+    model.add_adapter("two", LoraConfig(r=2, target_modules=["v_proj"]))
+    # Assert: while busy the new adapter is read at once (with the others), and only then
+    assert backend.engine.lora.id("two") and read() > 0.0
+    with torch.no_grad():
+        lora_b.add_(1.0)
+    before = read()
+    assert backend.engine is engine and read() == before  # busy, same adapters: not read again
+    engine.run()
+    backend.engine  # noqa: B018 - idle: read again
+    assert read() > before
