@@ -251,7 +251,7 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
     from peft import LoraConfig, get_peft_model
 
     from slmstack.engine import Engine
-    from slmstack.engine.kernels import kernel_available
+    from slmstack.engine.kernels import kernel_available, torch_forms
     from slmstack.stack.config import GenerationSettings
 
     prompt = tok("Write a long story about a lighthouse keeper and a storm.")["input_ids"]
@@ -302,11 +302,8 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
     model, _ = probe_model(device, layers)
     out["batch_1"] = breakdown(Engine(model, tok, max_batch=1, graphs=mode), 1, [None])
     if kernel_available(torch.device(device), "rope"):  # RoPE and the cache write in torch's kernels instead
-        os.environ["SLMSTACK_NO_TRITON"] = "rope"
-        try:
+        with torch_forms("rope"):
             out["batch_1_torch_rope"] = breakdown(Engine(model, tok, max_batch=1, graphs=mode), 1, [None])
-        finally:
-            del os.environ["SLMSTACK_NO_TRITON"]
     out["batch_16_base"] = breakdown(Engine(model, tok, max_batch=16, graphs=mode), 16, [None])
     names = [f"a{i}" for i in range(4)]
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -318,11 +315,8 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
     out["mixed_over_base_step"] = round(out["batch_16_base"]["step_ms"] / out["batch_16_mixed_lora"]["step_ms"], 3)
     out["lora_kernel"] = kernel_available(torch.device(device), "lora")
     if out["lora_kernel"]:  # the same mix in the masked form (three products and a mask per projection)
-        os.environ["SLMSTACK_NO_TRITON"] = "lora"
-        try:
+        with torch_forms("lora"):
             out["batch_16_mixed_masked"] = breakdown(Engine(peft, tok, max_batch=16, graphs=mode), 16, names)
-        finally:
-            del os.environ["SLMSTACK_NO_TRITON"]
         out["masked_over_base_step"] = round(
             out["batch_16_base"]["step_ms"] / out["batch_16_mixed_masked"]["step_ms"], 3
         )

@@ -107,12 +107,14 @@ def check_generation_unchanged(device: str) -> None:
         engine.run()
         return [h.generated().text for h in handles]
 
+    from slmstack.engine.kernels import kernel_available, torch_forms
+
+    assert kernel_available(torch.device(device), "lora") and kernel_available(torch.device(device), "rope")
     ours = run()
-    os.environ["SLMSTACK_NO_TRITON"] = "all"
-    try:
+    with torch_forms():
+        assert not kernel_available(torch.device(device), "lora")
         reference = run()
-    finally:
-        del os.environ["SLMSTACK_NO_TRITON"]
+    assert kernel_available(torch.device(device), "rope")  # switched back on
     assert ours == reference and len(set(ours)) > 2
 
 
