@@ -192,6 +192,51 @@ def child_lora(rows: int, threads: int, repeats: int) -> dict:
             "over_bare_base": {k: round(v / base, 3) for k, v in ms.items()}}  # fmt: skip
 
 
+def child_attention(rows: int, threads: int, repeats: int) -> dict:
+    """One layer's decode attention, ``rows`` rows of 192 keys on the default shape, by where the rows' slots lie.
+
+    In place (row i in slot i); a quarter of the first slots idle, the rows' queries laid out by slot (what the
+    engine does up to :data:`~slmstack.engine.engine.VIEW_SLOTS` x the rows), or the rows' keys and values copied
+    out of the cache (what it does beyond). Median µs per call.
+    """
+    import torch
+
+    from slmstack.engine.model import Decoder, StepInput
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    heads, kv, hd, length = 9, 3, 64, 192
+    m = rows * 4 // 3
+    cache = torch.randn(m + 1, kv, 2, 512, hd)
+    q = torch.randn(rows, heads, hd)
+    slots = sorted(torch.randperm(m)[:rows].tolist())
+    row_of = [0] * m
+    for i, s in enumerate(slots):
+        row_of[s] = i
+
+    def step(decode_slots: list[int] | None, view: list[int] | None) -> StepInput:
+        longs = lambda v: None if v is None else torch.tensor(v)  # noqa: E731
+        n = len(view) if view else rows
+        return StepInput(tokens=torch.zeros(rows, dtype=torch.long), positions=torch.zeros(rows, dtype=torch.long),
+                         slots=torch.zeros(rows, dtype=torch.long),
+                         n_decode=rows, decode_slots=longs(decode_slots), decode_lens=torch.full((n,), length),
+                         decode_length=length, decode_view=longs(view))  # fmt: skip
+
+    def median_us(s: StepInput) -> float:
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats * 50):
+                start = time.perf_counter()
+                Decoder._decode_attention(q, cache, s, None)
+                times.append(time.perf_counter() - start)
+        return round(statistics.median(times) * 1e6, 1)
+
+    us = {"in place (row i in slot i)": median_us(step(None, None)),
+          f"laid out by slot ({m} slots)": median_us(step(slots, row_of)),
+          "copied out of the cache": median_us(step(slots, None))}  # fmt: skip
+    return {"rows": rows, "keys": length, "layer_us": us}
+
+
 def child_eval(engine: str, data_dir: str, threads: int, work: str) -> dict:
     import torch
 
@@ -240,6 +285,7 @@ def main() -> None:
             "hf": lambda: child_hf(args.tokens, args.repeats, args.threads),
             "llama_cpp": lambda: child_llama_cpp(args.arg, args.tokens, args.repeats, args.threads),
             "lora": lambda: child_lora(args.rows, args.threads, args.repeats),
+            "attention": lambda: child_attention(args.rows, args.threads, args.repeats),
             "eval": lambda: child_eval(args.arg, args.data_dir, args.threads, str(args.out.parent)),
         }[args.child]()
         print(json.dumps(result))
@@ -276,7 +322,9 @@ def main() -> None:
                 row["greedy_same_chars"] = f"{len(same)}/{len(decode['hf_float32']['text'])}"
     settings = {k: str(v) for k, v in vars(args).items() if v is not None}
     lora = run_child("lora", args, "--rows", str(args.rows))
-    report: dict = {"benchmark": "engine", "settings": settings, "decode_batch_1": decode, "lora_step": lora}
+    attention = run_child("attention", args, "--rows", "32")
+    report: dict = {"benchmark": "engine", "settings": settings, "decode_batch_1": decode, "lora_step": lora,
+                    "decode_attention": attention}  # fmt: skip
     if args.eval:
         report["stack_eval_tiny"] = {e: run_child("eval", args, "--arg", e) for e in ("auto", "hf")}
         runs = report["stack_eval_tiny"]
@@ -295,6 +343,10 @@ def main() -> None:
         print(f"decode step of {lora['rows']} rows, 4 rank-8 adapters mixed:")
         for name, ms in lora["step_ms"].items():
             print(f"  {name:<34}{ms:>8} ms  x{lora['over_bare_base'][name]} of the bare base")
+    if attention:
+        print(f"decode attention of {attention['rows']} rows, {attention['keys']} keys, one layer:")
+        for name, us in attention["layer_us"].items():
+            print(f"  {name:<34}{us:>8} µs")
     if args.eval:
         print(json.dumps(report["stack_eval_tiny"], indent=1))
     print(f"wrote {args.out}")

@@ -41,6 +41,10 @@ from slmstack.stack.generation import (
 
 logger = logging.getLogger(__name__)
 
+# decode attention reads the cache's first m slots in place while m <= VIEW_SLOTS x the decode rows, and copies
+# the rows' keys and values beyond that (the copy costs about as much as attending over 2.3x the rows)
+VIEW_SLOTS = 2
+
 __all__ = ["Engine", "EngineRequest", "EngineUnsupported", "engine_supports"]
 
 
@@ -394,14 +398,22 @@ class Engine:
             return torch.tensor(values, dtype=torch.long, device=dev)
 
         decode_slots = [r.request.slot for r in plan.decode]
-        dense = decode_slots == list(range(len(decode_slots)))
+        n, m = len(decode_slots), max(decode_slots, default=-1) + 1
         lens = [r.start + 1 for r in plan.decode]
-        lora = StepAdapters.for_tokens(adapters, len(plan.decode), dev)
+        length, view = max(lens, default=0), None
+        if decode_slots != list(range(n)) and m <= VIEW_SLOTS * n:
+            # attention over the first m slots where they lie: a few idle slots cost less than copying every
+            # row's keys and values (measured: benchmarks/engine.py); an idle slot attends to its first key
+            row_of, slot_lens = [0] * m, [1] * m
+            for i, (slot, length_i) in enumerate(zip(decode_slots, lens, strict=True)):
+                row_of[slot], slot_lens[slot] = i, length_i
+            view, lens = longs(row_of), slot_lens
+        lora = StepAdapters.for_tokens(adapters, n, dev)
 
         return StepInput(
-            tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=len(plan.decode),
-            decode_slots=None if dense else longs(decode_slots), decode_lens=longs(lens),
-            decode_length=max(lens, default=0), chunks=chunks, lora=lora,
+            tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=n,
+            decode_slots=None if decode_slots == list(range(n)) else longs(decode_slots), decode_lens=longs(lens),
+            decode_length=length, chunks=chunks, lora=lora, decode_view=view,
             sample=None if len(sample) == len(tokens) else longs(sample),
         )  # fmt: skip
 

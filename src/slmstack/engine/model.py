@@ -30,13 +30,16 @@ class StepInput:
     positions: Tensor  # (N,) each token's position in its row
     slots: Tensor  # (N,) each token's cache slot
     n_decode: int
-    decode_slots: Tensor | None  # (n,) or None when decode row i sits in slot i
-    decode_lens: Tensor  # (n,) each decode row's length including its new token
+    decode_slots: Tensor | None  # (n,) each decode row's slot, or None when decode row i sits in slot i
+    decode_lens: Tensor  # (n,) each decode row's length including its new token; (m,) by slot with decode_view
     decode_length: int  # max(decode_lens)
     chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (offset in N, length, slot, start)
     lora: StepAdapters = field(default_factory=StepAdapters)  # each token's adapter
     sample: Tensor | None = None  # (n_sample,) indices of the tokens whose logits are wanted
     static: bool = False  # a CUDA-graph step: no host-side decisions on tensor values (see graphs.py)
+    # (m,) the decode row in each of the cache's first m slots (any row for an idle slot): decode attention runs
+    # over those slots where they lie, not over a copy of the rows' keys and values (Decoder._decode_attention)
+    decode_view: Tensor | None = None
 
 
 class Decoder:
@@ -87,10 +90,18 @@ class Decoder:
     def _attention(self, q: Tensor, kv_cache: Tensor, step: StepInput, mask: Tensor | None) -> Tensor:
         n = step.n_decode
         if not step.chunks:
-            return decode_attention(q, kv_cache, step.decode_slots, mask, step.decode_length)
+            return self._decode_attention(q, kv_cache, step, mask)
         parts = []
         if n:
-            parts.append(decode_attention(q[:n], kv_cache, step.decode_slots, mask, step.decode_length))
+            parts.append(self._decode_attention(q[:n], kv_cache, step, mask))
         for offset, length, slot, start in step.chunks:
             parts.append(prefill_attention(q[offset : offset + length], kv_cache, slot, start))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    @staticmethod
+    def _decode_attention(q: Tensor, kv_cache: Tensor, step: StepInput, mask: Tensor | None) -> Tensor:
+        if step.decode_view is None:
+            return decode_attention(q, kv_cache, step.decode_slots, mask, step.decode_length)
+        # the rows' queries laid out by slot: attention reads the first m slots of the cache in place
+        out = decode_attention(q.index_select(0, step.decode_view), kv_cache, None, mask, step.decode_length)
+        return out.index_select(0, step.decode_slots)

@@ -77,26 +77,35 @@ def test_a_step_splits_into_mixed_decode_rows_and_single_adapter_spans() -> None
     assert StepAdapters.for_tokens([2, 2, 2], 3, cpu).single == 2
 
 
-@pytest.mark.parametrize("adapters", [["qv", "all", "__base__", "mlp"], ["all", "mlp", "mlp", "__base__"]])
-def test_a_step_of_mixed_decode_rows_and_a_prompt_chunk_gives_peft_logits(adapters: list[str]) -> None:
-    # Prepare: four prompts in the cache under their adapters (the second set leaves "qv"'s columns out of the
-    # mixed form); a fifth prompt arrives as a chunk
+@pytest.mark.parametrize(("adapters", "slots", "attention"), [
+    (["qv", "all", "__base__", "mlp"], [0, 1, 2, 3], "in place"),  # decode row i in slot i
+    (["all", "mlp", "mlp", "__base__"], [3, 0, 2, 1], "by slot"),  # leaves "qv"'s columns out of the mixed form
+    (["qv", "all", "__base__", "mlp"], [1, 6, 9, 11], "copied"),  # 12 slots for 4 rows: their cache is copied
+])  # fmt: skip
+def test_a_step_of_mixed_decode_rows_and_a_prompt_chunk_gives_peft_logits(adapters: list[str], slots: list[int],
+                                                                          attention: str) -> None:  # fmt: skip
+    # Prepare: four prompts in the cache under their adapters, in the given slots; a fifth prompt arrives as a
+    # chunk. Decode attention reads the rows' slots in place, laid out by slot (idle slots between), or copied
     model, tok = _peft_model(), build_tokenizer()
     prompts = ["first prompt", "a second, longer prompt here", "third", "the fourth one?"]
-    engine = Engine(model, tok, max_batch=5)
+    engine = Engine(model, tok, max_batch=12)
     engine.cache.ensure(64)
     requests = []
-    for slot, (text, adapter) in enumerate(zip(prompts, adapters, strict=True)):
+    for slot, text, adapter in zip(slots, prompts, adapters, strict=True):
         request = Request(tok(text)["input_ids"], adapter=engine.lora.id(adapter))
         request.slot = slot
         requests.append(request)
         engine.decoder.forward(engine._inputs(StepPlan([], [Row(request, 0, request.prompt, True)])))
     late = Request(tok("a late prompt")["input_ids"], adapter=engine.lora.id("all"))
-    late.slot = 4
+    late.slot = 4 if 4 not in slots else 5
     # Execute: one step, each cached row decoding token 7, and the late prompt's whole chunk
     decode = [Row(r, len(r.prompt), [7], True) for r in requests]
     step = engine._inputs(StepPlan(decode, [Row(late, 0, late.prompt, True)]))
     assert step.lora.rows is not None and step.lora.runs  # both forms in one step
+    assert {"in place": (None, None), "by slot": (None, 4), "copied": (4, None)}[attention] == (
+        None if step.decode_slots is None or step.decode_view is not None else len(step.decode_slots),
+        None if step.decode_view is None else len(step.decode_view),
+    )
     ours = engine.decoder.forward(step)
     # Assert: each row's logits equal peft's forward of its whole sequence
     for row, (text, adapter) in enumerate(zip([*prompts, "a late prompt"], [*adapters, "all"], strict=True)):
