@@ -274,6 +274,7 @@ def main() -> None:
     p.add_argument("--llama-cpp-python", default=None, help="an interpreter that has llama-cpp-python")
     p.add_argument("--eval", action="store_true", help="also time stack evaluation on both paths (long)")
     p.add_argument("--eval-only", action="store_true", help="only the stack evaluation (into --out)")
+    p.add_argument("--attention-only", action="store_true", help="only the decode-attention row (into --out)")
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared/data"))
     p.add_argument("--out", type=Path, default=HERE / "results" / "engine.json")
     p.add_argument("--child", default=None)
@@ -300,6 +301,13 @@ def main() -> None:
         settings = {k: str(v) for k, v in vars(args).items() if v is not None}
         atomic_write_json(args.out, {"benchmark": "engine", "settings": settings, "stack_eval_tiny": runs})
         print(json.dumps(runs, indent=1))
+        print(f"wrote {args.out}")
+        return
+    if args.attention_only:
+        attention = run_child("attention", args, "--rows", "32")
+        settings = {k: str(v) for k, v in vars(args).items() if v is not None}
+        atomic_write_json(args.out, {"benchmark": "engine", "settings": settings, "decode_attention": attention})
+        _print_attention(attention)
         print(f"wrote {args.out}")
         return
     decode = {"hf_float32": run_child("hf", args)}
@@ -343,13 +351,17 @@ def main() -> None:
         print(f"decode step of {lora['rows']} rows, 4 rank-8 adapters mixed:")
         for name, ms in lora["step_ms"].items():
             print(f"  {name:<34}{ms:>8} ms  x{lora['over_bare_base'][name]} of the bare base")
+    _print_attention(attention)
+    if args.eval:
+        print(json.dumps(report["stack_eval_tiny"], indent=1))
+    print(f"wrote {args.out}")
+
+
+def _print_attention(attention: dict | None) -> None:
     if attention:
         print(f"decode attention of {attention['rows']} rows, {attention['keys']} keys, one layer:")
         for name, us in attention["layer_us"].items():
             print(f"  {name:<34}{us:>8} µs")
-    if args.eval:
-        print(json.dumps(report["stack_eval_tiny"], indent=1))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
