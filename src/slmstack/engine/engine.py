@@ -399,11 +399,12 @@ class Engine:
 
         decode_slots = [r.request.slot for r in plan.decode]
         n, m = len(decode_slots), max(decode_slots, default=-1) + 1
+        dense = decode_slots == list(range(n))
         lens = [r.start + 1 for r in plan.decode]
         length, view = max(lens, default=0), None
-        if decode_slots != list(range(n)) and m <= VIEW_SLOTS * n:
+        if not dense and m <= VIEW_SLOTS * n:
             # attention over the first m slots where they lie: a few idle slots cost less than copying every
-            # row's keys and values (measured: benchmarks/engine.py); an idle slot attends to its first key
+            # row's keys and values (benchmarks/engine.py --attention-only); an idle slot attends to its first key
             row_of, slot_lens = [0] * m, [1] * m
             for i, (slot, length_i) in enumerate(zip(decode_slots, lens, strict=True)):
                 row_of[slot], slot_lens[slot] = i, length_i
@@ -412,7 +413,7 @@ class Engine:
 
         return StepInput(
             tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=n,
-            decode_slots=None if decode_slots == list(range(n)) else longs(decode_slots), decode_lens=longs(lens),
+            decode_slots=None if dense else longs(decode_slots), decode_lens=longs(lens),
             decode_length=length, chunks=chunks, lora=lora, decode_view=view,
             sample=None if len(sample) == len(tokens) else longs(sample),
         )  # fmt: skip
