@@ -105,16 +105,20 @@ def child_alternating(args: argparse.Namespace) -> None:
     stacks = {"base": Stack.from_config(args.stack.with_name("base.yaml"), []),
               "batched": Stack.from_config(args.stack, [])}  # fmt: skip
     walls: dict[str, list[float]] = {mode: [] for mode in stacks}
+    tokens: dict[str, int] = {}
     for stack in stacks.values():  # warm-up
         stack.run_batch(questions[:4], batch_size=args.batch_size)
     for _ in range(args.repeats):
         for mode, stack in stacks.items():
             start = time.perf_counter()
-            stack.run_batch(questions, batch_size=args.batch_size)
+            results = stack.run_batch(questions, batch_size=args.batch_size)
             walls[mode].append(round(time.perf_counter() - start, 2))
+            tokens[mode] = sum(t.tokens_out for r in results for t in r.trace)
     best = {mode: min(w) for mode, w in walls.items()}
+    rate = {mode: tokens[mode] / best[mode] for mode in stacks}
     print(json.dumps({"mode": "alternating", "repeats": args.repeats, "walls_s": walls, "best_s": best,
-                      "stack_over_base_tokens_per_s": round(best["base"] / best["batched"], 3)}))  # fmt: skip
+                      "generated_tokens": tokens,
+                      "stack_over_base_tokens_per_s": round(rate["batched"] / rate["base"], 3)}))  # fmt: skip
 
 
 def run_child(mode: str, stack_yaml: Path, args: argparse.Namespace) -> dict:
