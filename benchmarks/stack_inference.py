@@ -8,7 +8,12 @@ Runs each mode in its own subprocess so peak RSS (VmHWM) is measured cleanly:
 * ``base``:       the base model alone (no peft, no adapters) generating the same stage prompts, batched;
 * ``batched_hf``, ``base_hf``: the same two on transformers' ``generate`` (``engine: hf``, stage by stage);
 * ``alternating``: ``base`` and ``batched`` in one process, in turn ``--repeats`` times, each one's best wall time
-  (the separate runs' ratio moves with this VM's speed from minute to minute; this one puts both under the same).
+  (the separate runs' ratio moves with this VM's speed from minute to minute; this one puts both under the same);
+* ``lora_cost``: what the engine's LoRA costs in ``batched``, against its floor. Three forms of the same run, in
+  turn in one process: the engine as it is (each row under its stage's adapter, mixed in steps), every token under
+  one adapter (the single-adapter form: two of torch's products a projection, the least any mix of adapters can
+  cost when built from them), and LoRA skipped. The adapters' B = 0, so all three generate the same text in the
+  same steps; each step's best time over ``--repeats`` turns, summed per form.
 
 The adapters are freshly initialised peft LoRA adapters (r=8 on every attention and MLP projection,
 B = 0 as peft initialises them), so the text equals the untrained stack's while every token pays
@@ -121,6 +126,64 @@ def child_alternating(args: argparse.Namespace) -> None:
                       "stack_over_base_tokens_per_s": round(rate["batched"] / rate["base"], 3)}))  # fmt: skip
 
 
+def child_lora_cost(args: argparse.Namespace) -> None:
+    """The stack's decoder time with its LoRA adapters mixed as the engine runs them, all on one adapter, and off.
+
+    Measurement only: it swaps the engine's ``lora_add`` and ``StepAdapters.for_tokens`` for the other two forms.
+    """
+    import torch
+
+    from slmstack.engine import lora as engine_lora
+    from slmstack.engine import model as engine_model
+    from slmstack.stack.runtime import Stack
+
+    torch.set_num_threads(args.threads)
+    questions = load_questions(args.data, args.n)
+    stack = Stack.from_config(args.stack, [])
+    stack.run_batch(questions[:4], batch_size=args.batch_size)  # warm-up (and the engine is built)
+    real_forward, real_add, real_for_tokens = (engine_model.Decoder.forward, engine_model.lora_add,
+                                               engine_lora.StepAdapters.__dict__["for_tokens"])  # fmt: skip
+
+    def one_adapter(cls: type, adapters: list[int], n_decode: int, device: torch.device) -> object:
+        return cls(single=1)
+
+    def skipped(*_: object) -> None:
+        return None
+
+    forms = {"mixed": (real_add, real_for_tokens), "one_adapter": (real_add, classmethod(one_adapter)),
+             "off": (skipped, real_for_tokens)}  # fmt: skip
+    step_times: list[float] = []
+
+    def timed(self: object, step: object) -> object:
+        start = time.perf_counter()
+        out = real_forward(self, step)
+        step_times.append(time.perf_counter() - start)
+        return out
+
+    runs: dict[str, list[list[float]]] = {form: [] for form in forms}
+    answers: dict[str, list[str]] = {}
+    engine_model.Decoder.forward = timed
+    try:
+        for _ in range(args.repeats):
+            for form, (add, for_tokens) in forms.items():
+                engine_model.lora_add, engine_lora.StepAdapters.for_tokens = add, for_tokens
+                step_times.clear()
+                answers[form] = [r.answer for r in stack.run_batch(questions, batch_size=args.batch_size)]
+                runs[form].append(list(step_times))
+    finally:
+        engine_model.Decoder.forward, engine_model.lora_add = real_forward, real_add
+        engine_lora.StepAdapters.for_tokens = real_for_tokens
+    steps = {form: {len(r) for r in times} for form, times in runs.items()}
+    if any(s != steps["off"] or len(s) != 1 for s in steps.values()):
+        raise SystemExit(f"the forms ran different steps: {steps}; the adapters must have B = 0")
+    best = {form: sum(min(step) for step in zip(*times, strict=True)) for form, times in runs.items()}
+    print(json.dumps({"mode": "lora_cost", "repeats": args.repeats, "steps": len(runs["off"][0]),
+                      "decoder_s": {form: round(s, 2) for form, s in best.items()},
+                      "same_answers": all(a == answers["off"] for a in answers.values()),
+                      "mixed_over_off": round(best["off"] / best["mixed"], 3),
+                      "one_adapter_over_off": round(best["off"] / best["one_adapter"], 3)}))  # fmt: skip
+
+
 def run_child(mode: str, stack_yaml: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--stack", str(stack_yaml), "--data", str(args.data),
            "--n", str(args.n), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
@@ -138,16 +201,19 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "results" / "stack_inference.json")
-    p.add_argument("--modes", default="base,batched,sequential,base_hf,batched_hf,alternating",
+    p.add_argument("--modes", default="base,batched,sequential,base_hf,batched_hf,alternating,lora_cost",
                    help="which runs (a subset: only the ratios they give are reported)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="turns each of the alternating run")
-    p.add_argument("--child", choices=["sequential", "batched", "base", "batched_hf", "base_hf", "alternating"])
+    p.add_argument(
+        "--child", choices=["sequential", "batched", "base", "batched_hf", "base_hf", "alternating", "lora_cost"]
+    )
     p.add_argument("--stack", type=Path)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         args.mode = args.child
-        return child_alternating(args) if args.child == "alternating" else child(args)
+        children = {"alternating": child_alternating, "lora_cost": child_lora_cost}
+        return children.get(args.child, child)(args)
 
     from slmstack.io import atomic_write_json
     from slmstack.stack.config import load_stack_config
@@ -175,6 +241,8 @@ def main() -> None:
         "batched_over_sequential_tokens_per_s": ratio("batched", "sequential", digits=2),
         "stack_over_base_tokens_per_s": ratio("batched", "base"),
         "stack_over_base_alternating": runs.get("alternating", {}).get("stack_over_base_tokens_per_s"),
+        "decoder_time_lora_off_over_mixed": runs.get("lora_cost", {}).get("mixed_over_off"),
+        "decoder_time_lora_off_over_one_adapter": runs.get("lora_cost", {}).get("one_adapter_over_off"),
         "engine_over_hf_batched_stack": ratio("batched", "batched_hf", digits=2),
         "hf_stack_over_hf_base_tokens_per_s": ratio("batched_hf", "base_hf"),
         "stack_over_base_peak_rss": ratio("batched", "base", "peak_rss_mb"),
@@ -190,6 +258,9 @@ def main() -> None:
     for mode, r in runs.items():
         if mode == "alternating":
             print(f"{mode:<12}{'':>8}{str(r['best_s']):>30}  (best of {r['repeats']} turns each)")
+            continue
+        if mode == "lora_cost":
+            print(f"{mode:<12}{r['steps']:>8} steps, decoder s {r['decoder_s']} (per-step best of {r['repeats']})")
             continue
         print(f"{mode:<12}{r['generated_tokens']:>8}{r['wall_s']:>9}{r['tokens_per_s']:>8}{r['peak_rss_mb']:>13}")
     for key, value in summary.items():
