@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights"]
+FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights"]
 
 
 def prompt_ids(tokenizer) -> list[int]:
@@ -65,7 +65,43 @@ def child_engine(fmt: str, tokens: int, repeats: int, threads: int) -> dict:
     out = _decode_rate(timed, tokens, repeats)
     handle = engine.submit(ids, None, GenerationSettings(max_new_tokens=48))
     engine.run()
-    return {"engine": f"slmstack engine ({fmt})", "prompt_tokens": len(ids), **out, "text": handle.generated().text}
+    text = handle.generated().text
+    if fmt != "dense":
+        out["logits_vs_float32"] = _teacher_forced(engine, Engine(lm.model, lm.tokenizer, max_batch=1), ids)
+    return {"engine": f"slmstack engine ({fmt})", "prompt_tokens": len(ids), **out, "text": text}
+
+
+def _teacher_forced(engine, dense, ids: list[int]) -> dict:
+    """``engine``'s logits against float32's over the prompt's last token and float32's 48 greedy tokens.
+
+    Each row's error is its largest difference over the row's largest float32 logit; ``top1_changed``: the positions
+    whose most likely token differs.
+    """
+    import torch
+
+    from slmstack.engine.scheduler import Request, Row, StepPlan
+    from slmstack.stack.config import GenerationSettings
+
+    handle = dense.submit(ids, None, GenerationSettings(max_new_tokens=48))
+    dense.run()
+    full = ids + handle.request.output
+
+    def logits(e) -> torch.Tensor:
+        e.cache.ensure(len(full))
+        request = Request(full)
+        request.slot = 0
+        step = e._inputs(StepPlan([], [Row(request, 0, full, True)]))
+        step.sample = torch.arange(len(ids) - 1, len(full))
+        return e.decoder.forward(step)
+
+    ref, got = logits(dense), logits(engine)
+    err = (got - ref).abs().amax(-1) / ref.abs().amax(-1)
+    return {
+        "positions": len(ref),
+        "mean_rel_err": round(err.mean().item(), 4),
+        "max_rel_err": round(err.max().item(), 4),
+        "top1_changed": int((got.argmax(-1) != ref.argmax(-1)).sum()),
+    }
 
 
 def child_hf(tokens: int, repeats: int, threads: int) -> dict:
@@ -159,7 +195,7 @@ def child_lora(rows: int, threads: int, repeats: int) -> dict:
     single = step_time(["a0"] * rows)
 
     def grouped(out, x, layer, module, bank, step):  # rows grouped by adapter: an index_add_ per group
-        if step.single is not None:
+        if step.single is not None or step.rows is None or step.runs:  # one adapter, or prompt chunks (not timed)
             return real(out, x, layer, module, bank, step)
         for aid in step.rows.unique().tolist():
             f = bank.factors[aid][layer].get(module) if aid else None
@@ -168,7 +204,7 @@ def child_lora(rows: int, threads: int, repeats: int) -> dict:
                 out.index_add_(0, idx, (x.index_select(0, idx) @ f.a_t) @ f.b_t)
 
     def gathered(out, x, layer, module, bank, step):  # each row's factors gathered, one bmm per product
-        if step.single is not None:
+        if step.single is not None or step.rows is None or step.runs:  # one adapter, or prompt chunks (not timed)
             return real(out, x, layer, module, bank, step)
         ids = sorted(bank.factors)
         a = torch.stack([bank.factors[aid][layer][module].a_t for aid in ids])  # (n_ad, in, R)
@@ -340,12 +376,15 @@ def main() -> None:
             runs["engine_over_hf_wall"] = round(runs["auto"]["wall_s"] / runs["hf"]["wall_s"], 3)
     atomic_write_json(args.out, report)
     print(f"{'batch-1 decode (default model, 2-core CPU)':<52}{'tok/s':>8}{'x HF fp32':>11}{'x llama.cpp':>13}"
-          f"{'greedy text = HF':>18}")  # fmt: skip
+          f"{'greedy text = HF':>18}{'logits err mean/max, top-1 changed':>36}")  # fmt: skip
     for row in decode.values():
         if row:
+            forced = row.get("logits_vs_float32")
+            forced = "-" if not forced else (f"{forced['mean_rel_err']}/{forced['max_rel_err']}, "
+                                             f"{forced['top1_changed']} of {forced['positions']}")  # fmt: skip
             print(f"{row['engine']:<52}{row['decode_tokens_per_s']:>8}{row['over_hf_float32']:>11}"
                   f"{row['over_llama_cpp'] if row['over_llama_cpp'] is not None else '-':>13}"
-                  f"{row.get('greedy_same_chars', '-'):>18}")  # fmt: skip
+                  f"{row.get('greedy_same_chars', '-'):>18}{forced:>36}")  # fmt: skip
     lora = report["lora_step"]
     if lora:
         print(f"decode step of {lora['rows']} rows, 4 rank-8 adapters mixed:")

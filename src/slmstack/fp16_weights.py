@@ -29,17 +29,20 @@ def check_available(device: torch.device, dtype: str = FP16_WEIGHTS) -> None:
     """Raise :class:`ConfigError` unless the CPU weight format ``dtype`` can run here.
 
     ``float16-weights`` needs torch's fbgemm (x86); ``bfloat16-weights`` oneDNN's bfloat16 kernels;
-    ``int8-weights`` a CPU. The last two run on slmstack's engine only.
+    ``int8-weights`` a CPU; ``int4-weights`` torch's int4 CPU kernel. The last three run on slmstack's engine only.
     """
     ok = device.type == "cpu"
     if dtype == FP16_WEIGHTS:
         ok = ok and "fbgemm" in torch.backends.quantized.supported_engines
     elif dtype == "bfloat16-weights":
         ok = ok and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    elif dtype == "int4-weights":
+        ok = ok and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     if not ok:
         raise ConfigError(
             f"dtype {dtype!r} needs a CPU with the kernels for it (an x86 CPU for float16-weights, oneDNN bfloat16 "
-            f"for bfloat16-weights); on {device.type} use dtype: float32, bfloat16 or float16."
+            f"for bfloat16-weights, torch's int4 CPU kernel for int4-weights); on {device.type} use dtype: "
+            "float32, bfloat16 or float16."
         )
 
 

@@ -54,7 +54,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHE_MARKER = "slmstack-cache.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # float32 compute, weights kept smaller
-_WEIGHT_FORMATS = (FP16_WEIGHTS, "bfloat16-weights", "int8-weights")
+_WEIGHT_FORMATS = (FP16_WEIGHTS, "bfloat16-weights", "int8-weights", "int4-weights")
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,55 @@ def prefill_attention(q: Tensor, kv_cache: Tensor, slot: int, start: int) -> Ten
 
 
 # ---------------------------------------------------------------- linear layers
-LINEAR_FORMATS = ("dense", "float16-weights", "bfloat16-weights", "int8-weights")
+LINEAR_FORMATS = ("dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights")
+INT4_GROUP = 32  # int4-weights: inputs per group, as in GGUF's Q4_1 blocks
+INT4_STEPS = 15  # the most steps a 4-bit grid has
+
+
+def int4_grid(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``weight`` (out, in) in 4-bit groups of :data:`INT4_GROUP` along ``in``: ``w ≈ low + q·scale``, q in 0..15.
+
+    A group whose values lie on a grid of at most 15 equal steps (a block of a Q4_1 GGUF file, dequantized) is
+    recovered exactly: its grid is the coarsest that holds every value, the smallest ``k`` in 1..15 for which every
+    ``(w - low)·k / (high - low)`` is an integer. A block that uses only part of its 0..15 range thus keeps its own
+    step (re-gridding it to 15 steps over its own range would move its values). Any other group is rounded to 15
+    steps from its smallest to its largest value.
+
+    Returns:
+        q (out, in) int32, scale and low (out, in / group, 1) float32, and exact (out, in / group, 1): whether the
+        group was on a grid.
+    """
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    span = (high - low).clamp(min=1e-30)
+    steps = torch.full_like(span, float(INT4_STEPS))
+    exact = torch.zeros(span.shape, dtype=torch.bool, device=span.device)
+    for k in range(1, INT4_STEPS + 1):
+        units = (groups - low) * (k / span)
+        on_grid = ((units - units.round()).abs().amax(-1, keepdim=True) < 1e-3) & ~exact
+        steps = torch.where(on_grid, float(k), steps)
+        exact |= on_grid
+    scale = (high - low).clamp(min=1e-12) / steps
+    q = torch.round((groups - low) / scale).clamp(0, INT4_STEPS).to(torch.int32)
+    return q.reshape(out_features, in_features), scale, low, exact
+
+
+def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Torch's packed int4 layout of ``weight`` and the (in / group, out, 2) bfloat16 scales and zeros it reads.
+
+    The kernel computes ``(q - 8)·scale + zero``, so ``zero = low + 8·scale``.
+    """
+    out_features, in_features = weight.shape
+    if in_features % INT4_GROUP or out_features % 16:
+        from slmstack.errors import ConfigError
+
+        raise ConfigError(f"dtype 'int4-weights' needs layer input sizes that are multiples of {INT4_GROUP} and "
+                          f"output sizes that are multiples of 16; this model has a {in_features} -> {out_features} "
+                          "layer: use dtype int8-weights or float16-weights")  # fmt: skip
+    q, scale, low, _ = int4_grid(weight)
+    scales_zeros = torch.cat([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8), scales_zeros
 
 
 class Linear:
@@ -146,6 +194,10 @@ class Linear:
       products are summed in float32 (AMX / AVX512-BF16 CPUs).
     - ``int8-weights``: int8 weights with one float scale per output channel (weight-only), the input in
       bfloat16, float32 accumulation (``torch._weight_int8pack_mm``).
+    - ``int4-weights``: 4-bit weights in groups of 32 inputs, each group with a scale and an offset (asymmetric, as
+      GGUF's Q4_1; :func:`int4_grid` recovers a Q4_1 file's blocks exactly), both kept in bfloat16 by torch's
+      kernel; the input in bfloat16, float32 accumulation (``_weight_int4pack_mm_for_cpu``). The output layer
+      is kept in float16 (:func:`slmstack.engine.weights.output_format`).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str = "dense", dtype: torch.dtype = torch.float32):
@@ -167,6 +219,12 @@ class Linear:
             self._call = lambda x: self._with_bias(
                 torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").to(dtype)
             )
+        elif fmt == "int4-weights":
+            packed4, scales_zeros = _int4_pack(weight)
+            self._call = lambda x: self._with_bias(
+                torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed4, INT4_GROUP,
+                                                           scales_zeros).to(dtype)
+            )  # fmt: skip
         else:  # int8-weights
             scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
             q8 = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()

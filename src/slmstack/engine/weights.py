@@ -19,6 +19,19 @@ from torch import Tensor
 from slmstack.arch import ARCHITECTURES, get_decoder_layers
 from slmstack.engine.layers import Linear, rope_tables
 
+
+def output_format(fmt: str) -> str:
+    """The output layer's weight format under ``fmt``.
+
+    Under ``int4-weights`` it is ``float16-weights`` (``int8-weights`` without fbgemm): GGUF files keep the
+    output layer at 8 bits, not 4, and on the default model an int8 output layer (one scale per row) behind
+    int4 projections changed a greedy token in 49 where float16 changed none (``benchmarks/engine.py``).
+    """
+    if fmt != "int4-weights":
+        return fmt
+    return "float16-weights" if "fbgemm" in torch.backends.quantized.supported_engines else "int8-weights"
+
+
 __all__ = ["DecoderShape", "DecoderWeights", "LayerWeights", "base_linear", "engine_support", "read_weights"]
 
 
@@ -154,6 +167,6 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
                            shape.max_positions)  # fmt: skip
     return DecoderWeights(
         shape=shape, embed=decoder.embed_tokens.weight.detach().to(dtype), layers=layers,
-        norm=decoder.norm.weight.detach().to(dtype), lm_head=_cat([head], fmt, dtype),
+        norm=decoder.norm.weight.detach().to(dtype), lm_head=_cat([head], output_format(fmt), dtype),
         cos=cos.to(dtype), sin=sin.to(dtype),
     )  # fmt: skip

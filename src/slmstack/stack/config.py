@@ -32,10 +32,19 @@ __all__ = [
 
 INPUT_FIELD = "input"
 MIN_TEMPERATURE = 1e-4  # below it logits / temperature overflows; greedy decoding is what is meant
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float16-weights", "bfloat16-weights", "int8-weights")
+DTYPES = (
+    "auto",
+    "float32",
+    "bfloat16",
+    "float16",
+    "float16-weights",
+    "bfloat16-weights",
+    "int8-weights",
+    "int4-weights",
+)
 # dtypes that are weight formats of the engine (``slmstack.engine.layers.Linear``); compute stays float32
 ENGINE_WEIGHTS = {"float16-weights": "float16-weights", "bfloat16-weights": "bfloat16-weights",
-                  "int8-weights": "int8-weights"}  # fmt: skip
+                  "int8-weights": "int8-weights", "int4-weights": "int4-weights"}  # fmt: skip
 ENGINES = ("auto", "native", "hf")
 
 
@@ -123,7 +132,7 @@ class StackConfig:
     model: str = field(default="default", metadata={"help": "model reference: default, a .gguf, a dir, a hub id"})
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16; on a CPU also "
-                                                         "float16-, bfloat16- and int8-weights"})  # fmt: skip
+                                                         "float16-, bfloat16-, int8- and int4-weights"})  # fmt: skip
     engine: str = field(default="auto", metadata={"help": "auto (the engine where it runs the model), native, hf"})
     chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"})
     batch_size: int = 8

@@ -109,6 +109,61 @@ def test_smaller_weight_formats_stay_close_to_float32(fmt: str, tolerance: float
     assert (small - dense).abs().max().item() <= tolerance * scale
 
 
+def test_int4_grid_recovers_q4_1_blocks_exactly_even_when_a_block_uses_part_of_its_range() -> None:
+    from slmstack.engine.layers import int4_grid
+
+    # Prepare: 16 rows of one group of 32. Row 0: a Q4_1 block (low -0.5, step 0.0625) using q = 0..15; row 1 the
+    # same grid using only q = 2, 4 and 6; row 2 values on no 4-bit grid (0, 1, then 0.3 + irrational steps)
+    weight = torch.zeros(16, 32)
+    weight[0] = -0.5 + 0.0625 * (torch.arange(32) % 16)
+    weight[1] = -0.5 + 0.0625 * torch.tensor([2, 4, 6, 4] * 8)
+    weight[2] = 0.3 + 0.01 * torch.arange(32) * 2**0.5
+    weight[2, 0], weight[2, 1] = 0.0, 1.0
+    # Execute
+    q, scale, low, exact = int4_grid(weight)
+    rebuilt = low + q.reshape(16, 1, 32) * scale
+    # Assert: rows 0 and 1 exactly, row 1 on its own coarsest grid (step 2 x 0.0625 = 0.125 from -0.375: q 0, 1, 2),
+    # where 15 steps over its range (0.375 / 15) would put 4 x 0.0625 at 7.5 steps and move it; row 2 rounded
+    assert exact[:2].all() and not exact[2].any()
+    torch.testing.assert_close(rebuilt[:2].reshape(2, 32), weight[:2], atol=1e-6, rtol=0)
+    assert scale[1].item() == pytest.approx(0.125) and low[1].item() == pytest.approx(-0.375)
+    assert q[1, :4].tolist() == [0, 1, 2, 1]
+    assert scale[2].item() == pytest.approx(1 / 15)
+    assert (rebuilt[2].reshape(32) - weight[2]).abs().max().item() <= scale[2].item() / 2 + 1e-6
+    assert 0 < (rebuilt[2].reshape(32) - weight[2]).abs().max().item()
+
+
+def test_int4_weights_on_q4_1_grids_stay_close_to_float32_and_odd_shapes_are_refused() -> None:
+    from slmstack.engine.layers import Linear
+    from slmstack.errors import ConfigError
+    from slmstack.fp16_weights import check_available
+
+    try:
+        check_available(torch.device("cpu"), "int4-weights")
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    # Prepare: the tiny model's projections moved onto Q4_1 blocks (32 inputs, q 0..15, float16 step and low), as
+    # the default model's are after dequantization
+    model, tok = _tiny("llama"), build_tokenizer()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                out_features, in_features = param.shape
+                groups = param.view(out_features, in_features // 32, 32)
+                low = groups.amin(-1, keepdim=True).half().float()
+                step = ((groups.amax(-1, keepdim=True) - low) / 15).half().float()
+                param.copy_((low + torch.round((groups - low) / step).clamp(0, 15) * step).view_as(param))
+    ids = tok(PROMPT)["input_ids"]
+    # Execute
+    dense = _logits(Engine(model, tok), ids, 64)
+    int4 = _logits(Engine(model, tok, weights="int4-weights"), ids, 64)
+    # Assert: other kernels (bfloat16 inputs, scales and offsets), within bfloat16-weights' tolerance
+    assert not torch.equal(int4, dense)
+    assert (int4 - dense).abs().max().item() <= 3e-2 * dense.abs().max().item()
+    with pytest.raises(ConfigError, match="multiples of 32.*int8-weights"):
+        Linear(torch.randn(16, 40), None, "int4-weights")
+
+
 def test_both_decode_attention_kernels_agree_with_scattered_slots_and_ragged_lengths() -> None:
     from slmstack.engine.layers import decode_attention, decode_mask
 
