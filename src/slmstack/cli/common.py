@@ -31,9 +31,10 @@ class _EngineChoice(argparse.Action):
 
 
 def add_engine_arg(p: argparse.ArgumentParser, also_override: bool = False) -> None:
-    """``--engine auto|native|hf``: slmstack's generation engine where it runs the model, always, or never."""
+    """``--engine auto|native|compiled|hf``: slmstack's engine where it runs the model, always, or never."""
     from slmstack.stack.config import ENGINES
 
     p.add_argument("--engine", choices=ENGINES, default="auto", action=_EngineChoice, const=also_override,
-                   help="generate on slmstack's engine where it runs the model (auto, the default), always (native), "
-                        "or with transformers' generate (hf)")  # fmt: skip
+                   help="generate on slmstack's engine where it runs the model (auto, the default), always (native; "
+                        "compiled: its decode steps through torch.compile, on a CPU), or with transformers' generate "
+                        "(hf)")  # fmt: skip

@@ -48,6 +48,22 @@ VIEW_SLOTS = 2
 __all__ = ["Engine", "EngineRequest", "EngineUnsupported", "engine_supports"]
 
 
+def _can_compile() -> bool:
+    """Whether ``torch.compile`` works here (it needs a C++ compiler on a CPU): a tiny function compiled once."""
+    global _COMPILES
+    if _COMPILES is None:
+        try:
+            _COMPILES = bool(torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4)).sum() == 12)
+        except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported platform, ...
+            logger.warning("torch.compile does not work here (%s: %s); decode steps run eagerly",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            _COMPILES = False
+    return _COMPILES
+
+
+_COMPILES: bool | None = None
+
+
 class EngineUnsupported(ConfigError):
     """The engine cannot run this model or adapter (the caller falls back to transformers)."""
 
@@ -123,8 +139,10 @@ class Engine:
             chunks mean fewer eager steps at nearly the same cost each.
         max_lora_rank: the largest adapter rank accepted.
         max_length: the longest sequence (prompt + output); default: the model's context window.
-        graphs: ``auto`` (CUDA graphs for decode steps on a GPU, none on a CPU), ``capture``, ``off``, or ``static``
-            (the graphs' static path run eagerly: what the CPU tests check).
+        graphs: ``auto`` (CUDA graphs for decode steps on a GPU, none on a CPU), ``capture``, ``off``, ``static``
+            (the graphs' static path run eagerly: what the CPU tests check), or ``compile``: on a CPU the static
+            path through ``torch.compile`` (a C++ compiler needed; without one, a warning and eager steps), on a
+            GPU ``capture``.
         prefix_slots: cache slots reserved for prompt prefixes shared across requests (a stage's system turn, role
             and template text; see :mod:`slmstack.engine.prefix`); 0 turns the reuse off.
 
@@ -156,11 +174,14 @@ class Engine:
         self.prefixes = PrefixCache(list(range(max_batch + 1, max_batch + 1 + prefix_slots))) if prefix_slots else None
         self._keep: dict[Request, int] = {}  # request -> leading prompt tokens to keep as a prefix once computed
         self.decoder = Decoder(self.weights, self.cache, self.lora)
-        if graphs not in ("auto", "capture", "off", "static"):
-            raise ConfigError(f"graphs {graphs!r}: use auto, capture, off or static")
-        capture = graphs == "capture" or (graphs == "auto" and self.device.type == "cuda")
-        self.graphs = (DecodeGraphs(self.decoder, max_batch, scratch_slot=max_batch, capture=capture)
-                       if capture or graphs == "static" else None)  # fmt: skip
+        if graphs not in ("auto", "capture", "off", "static", "compile"):
+            raise ConfigError(f"graphs {graphs!r}: use auto, capture, off, static or compile")
+        capture = graphs == "capture" or (graphs in ("auto", "compile") and self.device.type == "cuda")
+        if graphs == "compile" and not capture and not _can_compile():
+            graphs = "off"
+        self.graphs = (DecodeGraphs(self.decoder, max_batch, scratch_slot=max_batch, capture=capture,
+                                    compile=graphs == "compile")
+                       if capture or graphs in ("static", "compile") else None)  # fmt: skip
         if max_tokens_per_step is None:
             max_tokens_per_step = 2048 if self.device.type == "cuda" else 256
         self.scheduler = Scheduler(max_batch, max_tokens_per_step)
@@ -322,10 +343,9 @@ class Engine:
         params = [r.request.params for r in sampled]
         greedy = all(not p.do_sample and p.repetition_penalty == 1.0 for p in params)
         tokens = None
-        if self.graphs is not None and self.graphs.usable(len(plan.decode), len(plan.rows)):
-            logits, best = self.graphs.run([r.tokens[0] for r in plan.decode], [r.start for r in plan.decode],
-                                           [r.request.slot for r in plan.decode],
-                                           [r.request.adapter for r in plan.decode])  # fmt: skip
+        ran = self._graph_step(plan)
+        if ran is not None:
+            logits, best = ran
             if greedy:  # the graph's argmax: n token ids come back, not n rows of logits
                 tokens = best.tolist()
             else:
@@ -376,6 +396,22 @@ class Engine:
                 slot = self.prefixes.keep(request.adapter, request.prompt[:n])
                 if slot is not None:
                     self.cache.copy(request.slot, [slot], n)
+
+    def _graph_step(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step on the static decode path (a CUDA graph, or compiled), or None where it runs eagerly."""
+        if self.graphs is None or not self.graphs.usable(len(plan.decode), len(plan.rows)):
+            return None
+        args = ([r.tokens[0] for r in plan.decode], [r.start for r in plan.decode],
+                [r.request.slot for r in plan.decode], [r.request.adapter for r in plan.decode])  # fmt: skip
+        if not self.graphs.compiled:
+            return self.graphs.run(*args)
+        try:
+            return self.graphs.run(*args)
+        except Exception as exc:  # noqa: BLE001 - compiling fails before the step runs (no C++ compiler, ...)
+            logger.warning("torch.compile could not compile the decode step (%s: %s); decoding eagerly",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            self.graphs = None
+            return None
 
     def _inputs(self, plan: StepPlan) -> StepInput:
         """The step's tensors: tokens, positions and slots flat; decode rows first; LoRA groups by adapter."""

@@ -16,7 +16,9 @@ through the slots buffer (a gather, cheap on a GPU), so a graph fits any slot la
 one copy: the step's five index rows, padded, go into one pinned host buffer and from there into the graph's
 buffers. The graph also takes each row's argmax, so a step of greedy rows brings back ``n`` token ids, not
 ``n`` rows of logits.
-With ``capture=False`` the same static path runs eagerly, which is how the CPU tests check it.
+With ``capture=False`` the same static path runs eagerly, which is how the CPU tests check it. With ``compile``
+(a CPU's counterpart of the graphs) it runs through ``torch.compile``: one compiled program per bucket and cache
+length, whose fused C++ loops replace most of a step's per-operation work (the first step of each takes seconds).
 """
 
 from __future__ import annotations
@@ -39,16 +41,28 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class DecodeGraphs:
-    """The static decode path of a :class:`Decoder`, captured per bucket as CUDA graphs when ``capture``."""
+    """The static decode path of a :class:`Decoder`, captured per bucket as CUDA graphs when ``capture``.
 
-    def __init__(self, decoder: Decoder, max_rows: int, scratch_slot: int, capture: bool = True) -> None:
+    ``compile``: the path's forward compiled by ``torch.compile`` (not with ``capture``).
+    """
+
+    def __init__(self, decoder: Decoder, max_rows: int, scratch_slot: int, capture: bool = True,
+                 compile: bool = False) -> None:  # fmt: skip
         self.decoder, self.capture, self.scratch = decoder, capture, scratch_slot
+        self.compiled = compile and not capture
+        self._step = torch.compile(self._no_grad_forward, dynamic=False) if self.compiled else decoder.forward
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.graphs: dict[int, tuple[Any, Tensor, Tensor, Tensor, Tensor]] = {}
         self._key: tuple = ()
         self._pool: Any = None
         self.capture_seconds = 0.0
         self.replays = 0  # steps run on a graph
+
+    def _no_grad_forward(self, step: StepInput) -> Tensor:
+        # compiled under no_grad, not inference_mode: inductor fails to lift the dense weights (aliases of the
+        # model's parameters) inside inference_mode ("Cannot set version_counter for inference tensor")
+        with torch.no_grad():
+            return self.decoder.run(step)
 
     def usable(self, n_decode: int, n_rows: int) -> bool:
         """Whether a step of ``n_rows`` rows, ``n_decode`` of them decoding, can run on a graph.
@@ -109,7 +123,7 @@ class DecodeGraphs:
             tokens=tokens, positions=positions, slots=slots, n_decode=len(tokens), decode_slots=slots,
             decode_lens=lens, decode_length=self.decoder.cache.length, lora=StepAdapters(rows=adapters), static=True,
         )  # fmt: skip
-        logits = self.decoder.forward(step)
+        logits = self._step(step)
         return logits, logits.argmax(dim=-1)
 
     def _build(self, bucket: int) -> tuple[Any, Tensor, Tensor, Tensor, Tensor]:

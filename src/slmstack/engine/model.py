@@ -53,6 +53,10 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, step: StepInput) -> Tensor:
         """Write the step's keys and values into the cache; return the logits of ``step.sample``, (n_sample, V)."""
+        return self.run(step)
+
+    def run(self, step: StepInput) -> Tensor:
+        """:meth:`forward` without its ``inference_mode`` (the caller holds it, or ``no_grad``: see graphs.py)."""
         s, w = self.w.shape, self.w
         x = F.embedding(step.tokens, w.embed)  # (N, C)
         fused = kernel_available(x.device, "rope")  # RoPE and the cache write in one kernel (kernels.py)

@@ -84,13 +84,15 @@ class LocalBackend:
 
             reason = engine_supports(self.model)
             if reason is not None:
-                if self.engine_mode == "native":
-                    raise ConfigError(f"engine: native cannot run this model ({reason}); use engine: auto or hf")
+                if self.engine_mode in ("native", "compiled"):
+                    raise ConfigError(f"engine: {self.engine_mode} cannot run this model ({reason}); use engine: auto "
+                                      "or hf")  # fmt: skip
                 logger.info("generating with transformers: the engine cannot run this model (%s)", reason)
                 self.engine_mode = "hf"
                 return None
             self._engine = Engine(self.model, self.tokenizer, weights=ENGINE_WEIGHTS.get(self.dtype, "dense"),
-                                  max_batch=self.max_batch)  # fmt: skip
+                                  max_batch=self.max_batch,
+                                  graphs="compile" if self.engine_mode == "compiled" else "auto")  # fmt: skip
             self._lora_version = _lora_version(self.model)  # the engine has just read every adapter
             logger.info("generating with slmstack's engine (%s weights, up to %d rows a step)",
                         ENGINE_WEIGHTS.get(self.dtype, "dense"), self.max_batch)  # fmt: skip

@@ -45,7 +45,7 @@ DTYPES = (
 # dtypes that are weight formats of the engine (``slmstack.engine.layers.Linear``); compute stays float32
 ENGINE_WEIGHTS = {"float16-weights": "float16-weights", "bfloat16-weights": "bfloat16-weights",
                   "int8-weights": "int8-weights", "int4-weights": "int4-weights"}  # fmt: skip
-ENGINES = ("auto", "native", "hf")
+ENGINES = ("auto", "native", "compiled", "hf")  # compiled: native, decode steps through torch.compile (CPU)
 
 
 @dataclass(kw_only=True)
@@ -133,7 +133,12 @@ class StackConfig:
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16; on a CPU also "
                                                          "float16-, bfloat16-, int8- and int4-weights"})  # fmt: skip
-    engine: str = field(default="auto", metadata={"help": "auto (the engine where it runs the model), native, hf"})
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (the engine where it runs the model), native, compiled (native, decode steps compiled), hf"
+        },
+    )
     chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"})
     batch_size: int = 8
     max_input_tokens: int | None = field(default=None, metadata={"help": "default: context window - max_new"})

@@ -19,6 +19,7 @@ from typing import Literal
 
 from slmstack.config import load_config_file, require_at_least_one
 from slmstack.errors import ConfigError
+from slmstack.stack.config import ENGINES
 
 __all__ = ["MODES", "CollectionConfig", "EvalSettings", "SplitConfig", "TrainSettings", "TransferConfig",
            "load_transfer_config"]  # fmt: skip
@@ -129,8 +130,8 @@ class TransferConfig:
                 raise ConfigError(f"modes: {mode} starts from {start}; add {start} to modes")
         if not self.splits:
             raise ConfigError("splits: give at least one held-out split")
-        if self.engine not in ("auto", "native", "hf"):
-            raise ConfigError(f"engine {self.engine!r} is not one of auto, native, hf")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if len({s.name for s in self.splits}) != len(self.splits):
             raise ConfigError("splits: names must be unique")
         if not self.seeds or not self.instructions:

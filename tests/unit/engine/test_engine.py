@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -244,3 +246,48 @@ def test_a_prompt_prefix_kept_across_requests_changes_no_token(device: str) -> N
     # a changed adapter drops the prefixes computed under the old one
     engine.add_adapter(model, "qv")
     assert engine.prefixes.entries == []
+
+
+def _two_rows(engine: Engine, tok) -> list[str]:
+    handles = [engine.submit(tok(t)["input_ids"], a, GenerationSettings(max_new_tokens=n))
+               for t, a, n in (("what is two plus two?", "qv", 9), ("hi", "all", 4))]  # fmt: skip
+    engine.run()
+    return [h.generated().text for h in handles]
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="needs a C++ compiler")
+def test_compiled_decode_steps_give_the_same_text_as_eager_steps() -> None:
+    # Prepare: two rows under two adapters, decoding together (bucket 2), then one alone (bucket 1)
+    model, tok = _peft_model(), build_tokenizer()
+    eager = _two_rows(Engine(model, tok, max_batch=2, graphs="off"), tok)
+    engine = Engine(model, tok, max_batch=2, graphs="compile")
+    # Execute
+    compiled = _two_rows(engine, tok)
+    # Assert: the decode steps ran compiled (no fallback), and not one token changed
+    assert engine.graphs is not None and engine.graphs.compiled and engine.graphs.replays >= 8
+    assert compiled == eager
+
+
+def test_compiled_decode_steps_fall_back_to_eager_steps_when_compiling_fails(monkeypatch, caplog) -> None:
+    from slmstack.engine import engine as engine_module
+    from slmstack.engine import graphs
+
+    def no_compiler(fn, **_):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return fails
+
+    model, tok = _peft_model(), build_tokenizer()
+    eager = _two_rows(Engine(model, tok, max_batch=2, graphs="off"), tok)
+    # torch.compile unusable here (the probe failed): no static path at all
+    monkeypatch.setattr(engine_module, "_can_compile", lambda: False)
+    assert Engine(model, tok, max_batch=2, graphs="compile").graphs is None
+    # the probe passed but the decode step fails to compile: a warning, then eager steps
+    monkeypatch.setattr(engine_module, "_can_compile", lambda: True)
+    monkeypatch.setattr(graphs.torch, "compile", no_compiler)
+    engine = Engine(model, tok, max_batch=2, graphs="compile")
+    with caplog.at_level("WARNING", logger="slmstack.engine.engine"):
+        text = _two_rows(engine, tok)
+    assert text == eager and engine.graphs is None
+    assert "could not compile the decode step (RuntimeError: no C++ compiler found)" in caplog.text
