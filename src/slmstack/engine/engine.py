@@ -14,6 +14,7 @@ engine safely).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -48,20 +49,15 @@ VIEW_SLOTS = 2
 __all__ = ["Engine", "EngineRequest", "EngineUnsupported", "engine_supports"]
 
 
+@functools.cache
 def _can_compile() -> bool:
     """Whether ``torch.compile`` works here (it needs a C++ compiler on a CPU): a tiny function compiled once."""
-    global _COMPILES
-    if _COMPILES is None:
-        try:
-            _COMPILES = bool(torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4)).sum() == 12)
-        except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported platform, ...
-            logger.warning("torch.compile does not work here (%s: %s); decode steps run eagerly",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-            _COMPILES = False
-    return _COMPILES
-
-
-_COMPILES: bool | None = None
+    try:
+        return bool(torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4)).sum() == 12)
+    except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported platform, ...
+        logger.warning("torch.compile does not work here (%s: %s); decode steps run eagerly",
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        return False
 
 
 class EngineUnsupported(ConfigError):
@@ -403,11 +399,11 @@ class Engine:
             return None
         args = ([r.tokens[0] for r in plan.decode], [r.start for r in plan.decode],
                 [r.request.slot for r in plan.decode], [r.request.adapter for r in plan.decode])  # fmt: skip
-        if not self.graphs.compiled:
-            return self.graphs.run(*args)
         try:
             return self.graphs.run(*args)
         except Exception as exc:  # noqa: BLE001 - compiling fails before the step runs (no C++ compiler, ...)
+            if not self.graphs.compiled:
+                raise
             logger.warning("torch.compile could not compile the decode step (%s: %s); decoding eagerly",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
             self.graphs = None

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slmstack.errors import ConfigError
+
 __all__ = ["LINEAR_FORMATS", "Linear", "decode_attention", "decode_mask", "prefill_attention", "rms_norm", "rope_",
            "rope_tables"]  # fmt: skip
 
@@ -175,8 +177,6 @@ def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor]:
     """
     out_features, in_features = weight.shape
     if in_features % INT4_GROUP or out_features % 16:
-        from slmstack.errors import ConfigError
-
         raise ConfigError(f"dtype 'int4-weights' needs layer input sizes that are multiples of {INT4_GROUP} and "
                           f"output sizes that are multiples of 16; this model has a {in_features} -> {out_features} "
                           "layer: use dtype int8-weights or float16-weights")  # fmt: skip

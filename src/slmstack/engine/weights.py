@@ -19,6 +19,8 @@ from torch import Tensor
 from slmstack.arch import ARCHITECTURES, get_decoder_layers
 from slmstack.engine.layers import Linear, rope_tables
 
+__all__ = ["DecoderShape", "DecoderWeights", "LayerWeights", "base_linear", "engine_support", "read_weights"]
+
 
 def output_format(fmt: str) -> str:
     """The output layer's weight format under ``fmt``.
@@ -30,9 +32,6 @@ def output_format(fmt: str) -> str:
     if fmt != "int4-weights":
         return fmt
     return "float16-weights" if "fbgemm" in torch.backends.quantized.supported_engines else "int8-weights"
-
-
-__all__ = ["DecoderShape", "DecoderWeights", "LayerWeights", "base_linear", "engine_support", "read_weights"]
 
 
 @dataclass(frozen=True)

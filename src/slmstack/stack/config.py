@@ -32,16 +32,8 @@ __all__ = [
 
 INPUT_FIELD = "input"
 MIN_TEMPERATURE = 1e-4  # below it logits / temperature overflows; greedy decoding is what is meant
-DTYPES = (
-    "auto",
-    "float32",
-    "bfloat16",
-    "float16",
-    "float16-weights",
-    "bfloat16-weights",
-    "int8-weights",
-    "int4-weights",
-)
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float16-weights", "bfloat16-weights", "int8-weights",
+          "int4-weights")  # fmt: skip
 # dtypes that are weight formats of the engine (``slmstack.engine.layers.Linear``); compute stays float32
 ENGINE_WEIGHTS = {"float16-weights": "float16-weights", "bfloat16-weights": "bfloat16-weights",
                   "int8-weights": "int8-weights", "int4-weights": "int4-weights"}  # fmt: skip
