@@ -55,9 +55,13 @@ def _can_compile() -> bool:
     try:
         return bool(torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4)).sum() == 12)
     except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported platform, ...
-        logger.warning("torch.compile does not work here (%s: %s); decode steps run eagerly",
-                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+        logger.warning("torch.compile does not work here (%s); decode steps run eagerly", _first_line(exc))
         return False
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for a one-line warning."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 class EngineUnsupported(ConfigError):
@@ -404,8 +408,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - compiling fails before the step runs (no C++ compiler, ...)
             if not self.graphs.compiled:
                 raise
-            logger.warning("torch.compile could not compile the decode step (%s: %s); decoding eagerly",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            logger.warning("torch.compile could not compile the decode step (%s); decoding eagerly", _first_line(exc))
             self.graphs = None
             return None
 
