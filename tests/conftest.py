@@ -17,9 +17,21 @@ CHAT_TEMPLATE = (
 )
 
 
+# The public datasets beside a development checkout; a user's clone has none. A test that reads them is marked
+# ``@pytest.mark.needs_data("flan_cot")`` (a folder under it) and skips, with the reason, where it is missing.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Tests never reach a model hub; make any accidental hub access fail fast.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs_data"):
+        folder = SHARED_DATA.joinpath(*mark.args)
+        if not folder.is_dir():
+            pytest.skip(f"needs ../shared/data/{'/'.join(mark.args)} (the public datasets beside the checkout)")
 
 
 @pytest.fixture(autouse=True)

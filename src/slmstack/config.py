@@ -30,6 +30,7 @@ __all__ = [
     "load_config_file",
     "load_yaml",
     "require_at_least_one",
+    "require_unique",
 ]
 
 
@@ -38,6 +39,18 @@ def require_at_least_one(obj: Any, names: tuple[str, ...], prefix: str = "") -> 
     for name in names:
         if getattr(obj, name) < 1:
             raise ConfigError(f"{prefix}{name} must be >= 1, got {getattr(obj, name)}")
+
+
+def require_unique(obj: Any, names: tuple[str, ...], prefix: str = "") -> None:
+    """Raise a :class:`ConfigError` naming the first list among ``names`` that holds a value twice.
+
+    A repeated arm, seed or mode would run the same cell twice (or once, silently): the config cannot mean that.
+    """
+    for name in names:
+        values = getattr(obj, name) or []
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise ConfigError(f"{prefix}{name} lists {repeated[0]!r} twice; give each value once")
 
 
 def check_range(obj: Any, name: str, low: float | None = None, high: float | None = None, *,

@@ -15,11 +15,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from slmstack.io import read_json
+from slmstack.errors import InputError
+from slmstack.io import check_json_shape, read_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CellGrid"]
+__all__ = ["CellGrid", "check_scores"]
 
 
 class CellGrid:
@@ -47,7 +48,12 @@ class CellGrid:
 
     def read_cell(self, path: Path) -> dict[str, Any]:
         """A finished cell's result, checked to be one (a damaged file names itself and the fix)."""
-        return read_json(path, f"{self.kind} result", "Delete it to rerun the cell.", expect=self.result_fields)
+        result = read_json(path, f"{self.kind} result", CELL_FIX, expect=self.result_fields)
+        self.check_result(result, f"{path}: the {self.kind} result")
+        return result
+
+    def check_result(self, result: dict[str, Any], where: str) -> None:
+        """Check what the report reads from a finished cell, beyond :attr:`result_fields` (raise InputError)."""
 
     def run(self, executor: str = "local", cells: list[Any] | None = None) -> list[dict[str, Any]]:
         """Every cell's result (of ``cells``, default all), running what is not cached yet."""
@@ -76,3 +82,18 @@ class CellGrid:
             ray.get([call.remote(ref, name, args) for name, args in wave])
         for _ in tqdm(ray.get([call.remote(ref, "run_cell", (c,)) for c in todo]), desc=f"{self.kind} cells"):
             pass
+
+
+CELL_FIX = "Delete it to rerun the cell."
+
+
+def check_scores(entries: Any, expected: list[str], fields: dict[str, Any], where: str) -> None:
+    """``entries`` maps exactly the ``expected`` names to objects holding ``fields`` (a resumed cell's scores).
+
+    Raises:
+        InputError: naming the file, the entry and the field, with the fix (delete the cell to rerun it).
+    """
+    if sorted(entries) != sorted(expected):
+        raise InputError(f"{where} scores {sorted(entries)}, but this run scores {sorted(expected)}. {CELL_FIX}")
+    for name, entry in entries.items():
+        check_json_shape(entry, fields, f"{where}, entry {name!r}", f" {CELL_FIX}")

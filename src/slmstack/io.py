@@ -31,7 +31,10 @@ __all__ = [
     "read_done_jsonl",
     "read_json",
     "read_text",
+    "save_figure",
 ]
+
+CHART_CREATOR = "slmstack"  # written into every chart's metadata: how a chart proves it is ours
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -193,6 +196,33 @@ def atomic_dir(out: Path, write: Any) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix), naming slmstack in its metadata, and close it.
+
+    The metadata (PNG ``Software``, PDF and SVG ``Creator``) is how :func:`slmstack.ownership.chart_proof`
+    recognises a chart of ours before it is replaced.
+    """
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=dpi, metadata={"Software" if fmt == "png" else "Creator": CHART_CREATOR})
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:

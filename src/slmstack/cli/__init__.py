@@ -51,15 +51,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except SlmstackError as exc:
+        _close_progress_bars()
         print(f"slmstack {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system said no (permissions, disk full, a path of the wrong kind)
+        _close_progress_bars()
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"slmstack {args.verb}: error: {where}{exc.strerror or exc}. Check the path.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is saved (rerun the same command to resume)", file=sys.stderr)
+        _close_progress_bars()
+        print(f"slmstack {args.verb}: interrupted; {_ON_INTERRUPT.get(args.verb, _NOTHING_SAVED)}", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """Close every live progress bar, so that none is redrawn after the error line (which must come last)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+# what an interrupted verb leaves behind: only what is true of that verb
+_NOTHING_SAVED = "nothing was written"
+_ON_INTERRUPT = {
+    "run": "the answers finished so far are in --output, if one was given (rerun the same command to resume)",
+    "distill": "the finished items are saved (rerun the same command to resume)",
+    "train": "the last checkpoint is saved (rerun the same command with --resume to continue)",
+    "federate": "the finished rounds are saved (rerun the same command with --resume to continue)",
+    "study": "the finished cells are saved (rerun the same command to resume)",
+    "transfer": "the finished cells are saved (rerun the same command to resume)",
+    "prune": "the blocks finished so far are saved in --out; rerun only the missing sparsities",
+    "serve": "the server stopped",
+}
 
 
 # long-running verbs report their progress at INFO level by default

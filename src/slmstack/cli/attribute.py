@@ -37,7 +37,8 @@ def attribute_cmd(args: argparse.Namespace) -> int:
     """Replace each upstream stage's output in turn and report what the final stage's score does."""
     from slmstack.evaluation.attribution import attribute, markdown, plot
     from slmstack.evaluation.tasks import get_task
-    from slmstack.io import atomic_write_json, atomic_write_text, check_output_dir
+    from slmstack.io import atomic_write_json, atomic_write_text
+    from slmstack.ownership import check_dir_ours, claim_dir
 
     tasks = _names(args.tasks, "--tasks")
     for task in tasks:  # unknown tasks fail before any model loads
@@ -49,7 +50,7 @@ def attribute_cmd(args: argparse.Namespace) -> int:
         raise InputError(f"--seed {args.seed}: must be >= 0")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise InputError(f"{args.data_dir}: --data-dir is not a directory; pass the folder holding the tasks' files")
-    out = check_output_dir(args.out, "--out folder")
+    out = check_dir_ours(args.out, "attribute", "--out folder", legacy=("attribution.json",))
     from slmstack.evaluation.attribution import check_request, default_interventions
     from slmstack.stack.config import load_stack_config
     from slmstack.stack.runtime import Stack
@@ -62,7 +63,7 @@ def attribute_cmd(args: argparse.Namespace) -> int:
     stack = Stack(config)
     report = attribute(stack, tasks, args.data_dir, args.limit, args.subset, _names(args.stages, "--stages"),
                        interventions, args.seed, args.bootstrap, args.batch_size)  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    claim_dir(out, "attribute", "--out folder")
     atomic_write_json(out / "attribution.json", report)
     atomic_write_text(out / "attribution.md", markdown(report))
     plot(report, out / "attribution.png")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slmstack.cli.common import VERBS, add_stack_args
 from slmstack.errors import InputError
-from slmstack.io import check_output_file
+from slmstack.ownership import chart_proof, check_file_ours
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def eval_cmd(args: argparse.Namespace) -> int:
     """Evaluate a model, model + adapter, or stack and write results."""
-    from slmstack.evaluation.harness import evaluate, markdown_table, write_results
+    from slmstack.evaluation.harness import check_results_paths, evaluate, markdown_table, write_results
     from slmstack.evaluation.targets import ModelTarget, StackTarget
     from slmstack.evaluation.tasks import get_task
 
@@ -41,7 +41,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     ensure_builtins()
     for task in expand(tasks)[0]:  # fail on unknown tasks and bad paths before loading a model
         get_task(task)
-    check_output_file(args.out, "--out results file")
+    check_results_paths(args.out)  # before any model loads: a foreign file there is refused, untouched
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise InputError(f"{args.data_dir}: --data-dir is not a directory; pass the folder holding the tasks' files")
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
@@ -68,7 +68,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     """Print a side-by-side table and write a bar chart."""
     from slmstack.evaluation.compare import compare_table, load_runs, plot_runs
 
-    check_output_file(args.png, "--png chart")
+    check_file_ours(args.png, "--png chart", chart_proof)
     if args.png.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise InputError(f"{args.png}: --png must end in .png, .pdf or .svg")
     runs = load_runs(args.runs)

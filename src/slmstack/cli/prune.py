@@ -10,7 +10,8 @@ from typing import Any
 
 from slmstack.cli.common import VERBS
 from slmstack.errors import ConfigError
-from slmstack.io import check_input_file, check_output_dir, read_text
+from slmstack.io import check_input_file, read_text
+from slmstack.ownership import check_dir_ours
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +70,8 @@ def prune_cmd(args: argparse.Namespace) -> int:
         raise ConfigError("structured pruning ranks channels by their activations: pass --calibration FILE")
     if structured and (any(not 0 <= r < 1 for r in args.sparsity) or args.nsamples < 1 or args.seqlen < 2):
         raise ConfigError("structured: --sparsity ratios must be in [0, 1), --nsamples >= 1 and --seqlen >= 2")
-    check_output_dir(args.out, "--out folder")  # fail on bad paths before loading a model
+    # fail on bad paths (and folders that are not ours) before loading a model
+    check_dir_ours(args.out, "prune", "--out folder", legacy=("*/prune_report.json",))
     for flag, path in (("--calibration", args.calibration), ("--eval-text", args.eval_text)):
         if path is not None:
             check_input_file(path, f"{flag} file")

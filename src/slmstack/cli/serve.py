@@ -30,7 +30,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from slmstack.serving.server import require_serve
 
     require_serve()
-    from slmstack.serving.server import bind_socket, serve, stack_configs
+    from slmstack.serving.server import bind_socket, serve, stack_configs, start_engines
     from slmstack.serving.settings import ServeSettings
 
     # an empty key (e.g. --api-key "$KEY" with KEY unset) is refused, never read as "no authentication"
@@ -44,6 +44,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
         from slmstack.stack.runtime import Stack
 
         stacks = {c.name: s for c, s in zip(configs, Stack.sharing_bases(configs), strict=True)}
+        start_engines(stacks, settings)  # an engine that cannot load is refused here, before the server starts
     except BaseException:
         sock.close()
         raise

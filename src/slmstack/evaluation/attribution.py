@@ -30,6 +30,7 @@ from slmstack.errors import ConfigError, InputError
 from slmstack.evaluation.harness import MAIN_METRIC, multiple_choice_items, task_context
 from slmstack.evaluation.targets import StackTarget
 from slmstack.evaluation.tasks import TaskSpec, get_task, load_docs, select_subset
+from slmstack.io import save_figure
 from slmstack.stack.config import INPUT_FIELD, StageConfig
 from slmstack.stack.generation import BASE_ADAPTER
 
@@ -301,7 +302,4 @@ def plot(report: dict[str, Any], png: Path) -> None:
         ax.set_title(f"{task} (stack {report['tasks'][task]['stack_score']:.3f})", fontsize=9)
         ax.set_xlabel("Δ accuracy vs the stack as it is")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png)

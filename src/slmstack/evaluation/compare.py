@@ -7,7 +7,7 @@ from typing import Any
 
 from slmstack.errors import InputError
 from slmstack.evaluation.harness import main_metric
-from slmstack.io import read_json
+from slmstack.io import read_json, save_figure
 
 __all__ = ["compare_table", "load_runs", "plot_runs"]
 
@@ -64,10 +64,4 @@ def plot_runs(runs: list[tuple[str, dict[str, Any]]], out: str | Path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, Path(out), dpi=110)

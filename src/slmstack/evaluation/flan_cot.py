@@ -51,6 +51,10 @@ def _parse(line: str, where: str, name: str) -> dict[str, Any]:
     else:
         options = ["yes", "no"]
     if name == "qasc":  # "(A) text" options, answer "(D)"
+        if not options or not all(_QASC_OPTION.match(o) for o in options):
+            raise InputError(
+                f"{where}: a qasc option must read '(A) text'; got {options[:2]}. Fix or remove the line."
+            )
         letters = [o[1] for o in options]
         options = [o[4:].strip() for o in options]
         answer = options[letters.index(answer.strip("()"))] if answer.strip("()") in letters else answer
@@ -60,12 +64,41 @@ def _parse(line: str, where: str, name: str) -> dict[str, Any]:
             "rationale": rationale}  # fmt: skip
 
 
+_QASC_OPTION = re.compile(r"\([A-Z]\) \S")
+
+
+def _csqa_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` of each CommonsenseQA line, checked: ``question.stem``, ``question.choices``, ``answerKey``.
+
+    Raises:
+        InputError: naming the line that is not valid JSON or lacks one of those fields.
+    """
+    out = []
+    for number, line in enumerate(read_text(path, "CommonsenseQA dev file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            r = json.loads(line)
+            stem, choices = r["question"]["stem"], r["question"]["choices"]
+            labels = [c["label"] for c in choices]
+            record = {"question": stem, "options": [c["text"] for c in choices], "gold": labels.index(r["answerKey"]),
+                      "id": r.get("id", f"csqa-{number}")}  # fmt: skip
+            if not isinstance(stem, str) or not all(isinstance(o, str) for o in record["options"]):
+                raise TypeError("stem and choice texts must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise InputError(f"{where}: not a CommonsenseQA record (needs question.stem, question.choices with label "
+                             f"and text, and an answerKey among the labels; {type(exc).__name__}: {exc}). "
+                             "Fix or remove the line.") from None  # fmt: skip
+        out.append((where, record))
+    return out
+
+
 def _csqa_dev_questions(data_dir: Path) -> set[str] | None:
     path = data_dir / CSQA_DEV
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in read_text(path, "CommonsenseQA dev file").split("\n") if line.strip()]
-    return {normalise(r["question"]["stem"]) for r in rows}
+    return {normalise(r["question"]) for _, r in _csqa_records(path)}
 
 
 def read_flan_cot(name: str, data_dir: str | Path) -> list[dict[str, Any]]:
@@ -121,17 +154,7 @@ def load_commonsenseqa_clean(spec: Any, data_dir: str | Path | None) -> list[Any
     if data_dir is None:
         raise InputError("task 'commonsenseqa_clean' needs --data-dir (the folder holding commonsenseqa/)")
     path = check_input_file(Path(data_dir) / CSQA_DEV, "CommonsenseQA dev file")
-    docs = []
-    for number, line in enumerate(read_text(path, "CommonsenseQA dev file").split("\n"), start=1):
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        stem = r["question"]["stem"]
-        options = [c["text"] for c in r["question"]["choices"]]
-        gold = [c["label"] for c in r["question"]["choices"]].index(r["answerKey"])
-        docs.append(Doc(f"{path}:{number}", {"question": stem, "options": options, "gold": gold,
-                                             "answer": options[gold], "id": r["id"]}))  # fmt: skip
-    return docs
+    return [Doc(where, {**r, "answer": r["options"][r["gold"]]}) for where, r in _csqa_records(path)]
 
 
 def flan_cot_specs() -> list[Any]:

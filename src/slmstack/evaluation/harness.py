@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jinja2 import BaseLoader, Environment, StrictUndefined, UndefinedError
+from jinja2 import TemplateError, UndefinedError
 
 import slmstack
 from slmstack.errors import InputError
@@ -18,14 +18,31 @@ from slmstack.evaluation.groups import expand as expand_tasks
 from slmstack.evaluation.groups import score_groups
 from slmstack.evaluation.scorer import perplexities
 from slmstack.evaluation.targets import EvalTarget, extract, normalize_answer
-from slmstack.evaluation.tasks import TINY_SEED, Doc, TaskSpec, ensure_builtins, get_task, load_docs, select_subset
+from slmstack.evaluation.tasks import (
+    TINY_SEED,
+    Doc,
+    TaskSpec,
+    compile_template,
+    ensure_builtins,
+    get_task,
+    load_docs,
+    select_subset,
+)
 from slmstack.io import atomic_write_json, atomic_write_text
+from slmstack.ownership import check_file_ours, first_line_proof, json_fields
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "markdown_table", "mean_stderr", "multiple_choice_items", "task_context", "write_results"]
+__all__ = [
+    "check_results_paths",
+    "evaluate",
+    "markdown_table",
+    "mean_stderr",
+    "multiple_choice_items",
+    "task_context",
+    "write_results",
+]
 
-_ENV = Environment(loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True)
 MAIN_METRIC = ["acc_norm", "acc", "exact_match", "word_perplexity"]
 
 
@@ -40,9 +57,12 @@ def mean_stderr(values: list[float]) -> float:
 
 def _render(template: str, doc: Doc, task: str) -> str:
     try:
-        return _ENV.from_string(template).render(**doc.data)
+        return compile_template(template).render(**doc.data)
     except UndefinedError as exc:
         raise InputError(f"{doc.where}: task {task!r} needs a field the record lacks ({exc.message})") from None
+    except (TemplateError, TypeError, ValueError, ArithmeticError) as exc:  # an operation the record's values reject
+        raise InputError(f"{doc.where}: task {task!r}'s template fails on this record "
+                         f"({type(exc).__name__}: {exc})") from None  # fmt: skip
 
 
 def task_context(spec: TaskSpec, doc: Doc) -> str:
@@ -245,10 +265,29 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """Write the results JSON and a markdown table beside it (``.md``), atomically."""
+REPORT_HEAD = "<!-- slmstack eval results -->"  # the first line of every report: how it proves it is ours
+
+
+def check_results_paths(out: str | Path) -> tuple[Path, Path]:
+    """``(out, out.md)`` if both may be written: new, or results and report slmstack wrote before.
+
+    Raises:
+        InputError: either path holds a file slmstack did not write (it is left untouched), or ``out`` ends in .md.
+    """
     out = Path(out)
+    if out.suffix.lower() == ".md":
+        raise InputError(f"{out}: the results file must not end in .md (the report is written beside it as .md); "
+                         "use e.g. results.json")  # fmt: skip
+    check_file_ours(out, "results file (--out)", json_fields("tasks", "target"))
+    md = check_file_ours(
+        out.with_suffix(".md"), "results report (the .md beside --out)", first_line_proof(REPORT_HEAD)
+    )
+    return out, md
+
+
+def write_results(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write the results JSON and a markdown table beside it (``.md``), atomically; never over a foreign file."""
+    out, md = check_results_paths(out)
     atomic_write_json(out, results)
-    md = out.with_suffix(".md")
-    atomic_write_text(md, markdown_table(results))
+    atomic_write_text(md, f"{REPORT_HEAD}\n{markdown_table(results)}")
     return out, md

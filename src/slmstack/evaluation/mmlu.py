@@ -24,7 +24,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from slmstack.errors import InputError
+from slmstack.errors import ConfigError, InputError
 from slmstack.io import check_input_file, guard_read, iter_jsonl
 
 __all__ = ["CATEGORIES", "SUBJECTS", "load_mmlu", "mmlu_specs"]
@@ -130,9 +130,12 @@ def load_mmlu(spec: Any, data_dir: str | Path | None) -> list[Any] | None:
     """
     from slmstack.evaluation.tasks import Doc
 
+    subject = (spec.filter or {}).get("subject")
+    if not isinstance(subject, str) or not subject:
+        raise ConfigError(f"task {spec.name!r}: loader mmlu reads one subject; add filter: {{subject: NAME}} "
+                          "(e.g. anatomy) to the task YAML, or use the built-in task mmlu_<subject>")  # fmt: skip
     if data_dir is None:
         return None
-    subject = spec.filter["subject"]
     path = _where(Path(data_dir), subject)
     if path is None:
         raise InputError(

@@ -9,6 +9,7 @@ log-likelihood; word, byte and token perplexity). Templates are Jinja2 over the 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import random
@@ -18,13 +19,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from jinja2 import BaseLoader, Environment, StrictUndefined, Template, TemplateError
+
 from slmstack.config import build_dataclass, dataclass_to_dict, load_yaml
 from slmstack.errors import ConfigError, InputError
 from slmstack.io import check_input_file, guard_read, read_json, read_text
-from slmstack.registry import Registry
+from slmstack.registry import Registry, did_you_mean
 
-__all__ = ["LOADERS", "PREPROCESSORS", "TASKS", "Doc", "HFSource", "TaskSpec", "ensure_builtins", "get_task",
-           "load_docs", "load_task_file"]  # fmt: skip
+__all__ = ["KIND_METRICS", "LOADERS", "PREPROCESSORS", "TASKS", "Doc", "HFSource", "TaskSpec", "compile_template",
+           "ensure_builtins", "get_task", "load_docs", "load_task_file"]  # fmt: skip
 
 TINY_SIZE = 100
 TINY_SEED = 1234
@@ -94,10 +97,55 @@ class TaskSpec:
             raise ConfigError(f"task {self.name}: max_new_tokens and tiny_size must be >= 1")
         if isinstance(self.choices, list) and not self.choices:
             raise ConfigError(f"task {self.name}: choices must not be an empty list")
+        unknown = [m for m in self.metrics if m not in KIND_METRICS[self.kind]]
+        if unknown or not self.metrics:
+            raise ConfigError(f"task {self.name}: metrics {unknown or self.metrics!r} cannot be reported for kind "
+                              f"{self.kind}; use some of {', '.join(KIND_METRICS[self.kind])}")  # fmt: skip
+        for label, template in (("text", self.text), ("description", self.description)):
+            compile_template(template, f"task {self.name}: {label}")
+        patterns = {"answer_regex": self.answer_regex, "flexible_regex": self.flexible_regex,
+                    "gold_regex": self.gold_regex}  # fmt: skip
+        patterns.update({f"ignore_regexes[{i}]": r for i, r in enumerate(self.ignore_regexes)})
+        for label, pattern in patterns.items():
+            if pattern is not None:
+                _compile_regex(pattern, f"task {self.name}: {label}")
+        for label, name in (("preprocess", self.preprocess), ("hf.preprocess", self.hf and self.hf.preprocess)):
+            if name is not None and name not in PREPROCESSORS:
+                hint = did_you_mean(name, list(PREPROCESSORS))
+                raise ConfigError(f"task {self.name}: {label} {name!r} is not a preprocessor.{hint} "
+                                  f"Known: {', '.join(PREPROCESSORS)}")  # fmt: skip
 
     def spec_hash(self) -> str:
         """Short hash of everything that defines the task, recorded with every result."""
         return hashlib.sha256(json.dumps(dataclass_to_dict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# what each kind of task can report (a metric outside its kind's list is a config error, not a silent omission)
+KIND_METRICS = {
+    "multiple_choice": ("acc", "acc_norm"),
+    "loglikelihood": ("acc", "perplexity"),
+    "generative": ("exact_match", "exact_match_flexible"),
+    "perplexity": ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"),
+}
+# lm-eval renders its templates with Jinja2, StrictUndefined: a field the record lacks is an error, never ""
+TEMPLATES = Environment(loader=BaseLoader(), undefined=StrictUndefined, keep_trailing_newline=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def compile_template(template: str, where: str = "template") -> Template:
+    """A Jinja2 template compiled once; a syntax error or an unknown filter is a :class:`ConfigError` naming it."""
+    try:
+        return TEMPLATES.from_string(template)
+    except TemplateError as exc:
+        raise ConfigError(f"{where}: the Jinja2 template does not compile ({exc.message or exc}); "
+                          "fix the template (see lm-eval's task YAMLs for examples)") from None  # fmt: skip
+
+
+def _compile_regex(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise ConfigError(f"{where}: the regex {pattern!r} does not compile ({exc}); fix it") from None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slmstack.errors import ConfigError, InputError
-from slmstack.io import check_input_file, guard_read, iter_jsonl
+from slmstack.io import check_input_file, guard_read, iter_jsonl, save_figure
 
 __all__ = ["check_partition", "load_records", "partition_records", "plot_partitions", "split_heldout"]
 
@@ -141,10 +141,7 @@ def plot_partitions(parts: list[list[dict]], column: str, png: Path) -> Path:
     ax.set_title(f"records per client by {column}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def write_records(path: Path, records: list[dict]) -> Path:

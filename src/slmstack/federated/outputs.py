@@ -9,14 +9,13 @@ adapter) and ``metrics.png``. Everything is written atomically.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from slmstack.errors import InputError
 from slmstack.federated.plan import Plan
-from slmstack.io import atomic_dir, atomic_write_json, check_json_shape, guard_read, read_json
+from slmstack.io import atomic_dir, atomic_write_json, check_json_shape, guard_read, read_json, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +148,4 @@ def _plot(history: list[dict], png: Path, strategy: str) -> None:
     ax.set_title(f"federated LoRA ({strategy})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)

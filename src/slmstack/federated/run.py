@@ -26,13 +26,12 @@ from slmstack.federated.data import (
     write_records,
 )
 from slmstack.federated.plan import PLAN, Plan, load_plan, save_plan
-from slmstack.io import check_input_file, check_output_dir, read_json
+from slmstack.io import check_input_file, read_json
+from slmstack.ownership import check_dir_ours, claim_dir
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["check_inputs", "federate", "prepare"]
-
-_PREPARED = {"blocks", "partitions", "partitions.png"}  # what prepare writes before plan.json
 
 
 class FederationFailedError(SlmstackError):
@@ -51,7 +50,7 @@ def _given_block(cfg: FederateConfig, spec: Any) -> dict[str, Any]:
 
 
 def check_inputs(cfg: FederateConfig) -> list[dict[str, Any]]:
-    """Check what the config points at, without Flower and without a model: the data, its column, the blocks.
+    """Check what the config points at, without Flower: the data, its column, the blocks, given LoRA targets.
 
     Returns:
         The records (so :func:`prepare` reads them once).
@@ -64,6 +63,12 @@ def check_inputs(cfg: FederateConfig) -> list[dict[str, Any]]:
             _given_block(cfg, spec)
     if cfg.calibration is not None:
         check_input_file(cfg.resolve(cfg.calibration), "calibration file")
+    if cfg.train.target_modules is not None:  # given by the user: each must name a linear layer, as train checks
+        from slmstack.models import load_model
+        from slmstack.training.trainer import check_target_modules
+
+        model = load_model(cfg.model, device="cpu", dtype="float32").model
+        check_target_modules(model, cfg.train.target_modules, "train.target_modules")
     return records
 
 
@@ -100,16 +105,14 @@ def prepare(cfg: FederateConfig, out: str | Path, resume: bool = False) -> Plan:
     Raises:
         ConfigError: ``out`` holds another run (without ``resume``), or a bad partition setting.
     """
-    out = check_output_dir(Path(out), "federation output (--out)")
+    out = check_dir_ours(Path(out), "federate", "federation output (--out)", legacy=(PLAN,))
     if (out / PLAN).is_file() and not resume:
         raise ConfigError(f"{out} already holds a federated run. Pass --resume to continue it, or use another --out.")
     if resume and (out / PLAN).is_file():
         return load_plan(out)
-    leftovers = {p.name for p in out.iterdir()} - _PREPARED if out.is_dir() else set()
-    if leftovers:  # an interrupted prepare leaves only its own files, which are redone
-        raise ConfigError(f"{out} is not empty and holds no federated run. Use another --out.")
     data = cfg.data
     records = check_inputs(cfg)
+    claim_dir(out, "federate", "federation output (--out)")  # an interrupted prepare's own files are redone
     train, heldout = split_heldout(records, data.eval_fraction, cfg.seed)
     parts = partition_records(train, len(cfg.clients), data.partition, data.column, data.alpha, cfg.seed)
     blocks = _blocks(cfg, out)  # checks given blocks, prunes the others

@@ -2,15 +2,20 @@
 
 Honoured (applied per request): ``model``, ``messages`` (the last user message is the stack's input; text
 content parts are joined), ``prompt`` (completions), ``max_tokens`` / ``max_completion_tokens``,
-``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options``, and ``n`` = 1. The sampling
-fields apply to the stack's final stage, or to every stage when the stack sets ``request_sampling: all``.
-Checked but not applied (accepted at their neutral values only): ``n`` > 1 is refused; ``presence_penalty``,
-``frequency_penalty``, ``logprobs``, ``top_logprobs``, ``logit_bias``, ``user``, ``response_format`` and
-``tools`` are validated for type and otherwise ignored. Unknown fields are ignored, as vLLM does.
+``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options``, and ``user`` (recorded nowhere,
+as OpenAI's own is metadata). The sampling fields apply to the stack's final stage, or to every stage when the
+stack sets ``request_sampling: all``.
+
+Not implemented, so accepted only at the value that changes nothing (:data:`NEUTRAL`), and refused with a 400
+naming the field otherwise: ``n``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logprobs``,
+``top_logprobs``, ``response_format``, ``tools``, ``tool_choice``, ``functions``, ``function_call``, ``echo``,
+``best_of``, ``suffix``, ``audio``, ``modalities``, ``prediction`` and ``reasoning_effort``. A field that
+would change the reply is never accepted and ignored. Fields OpenAI does not define are ignored, as vLLM does.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -88,24 +93,50 @@ def _stop(body: dict[str, Any]) -> list[str] | None:
     return stops
 
 
-def _check_ignored(body: dict[str, Any]) -> None:
-    """Fields that are not applied are still type-checked, so a wrong value never passes silently."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        _number(body, name, -2.0, 2.0)
-    if body.get("logprobs") not in (None, False):
-        raise ApiError(400, "'logprobs' is not supported by slmstack", param="logprobs")
-    _integer(body, "top_logprobs", 0, 20)
-    if body.get("logit_bias") is not None and not isinstance(body["logit_bias"], dict):
-        raise ApiError(400, "'logit_bias' must be an object", param="logit_bias")
+def _is(value: Any, neutral: Any) -> bool:
+    """``value == neutral`` without Python's ``True == 1`` and ``0 == False`` (``echo: 1`` is not ``false``)."""
+    return type(value) is type(neutral) and value == neutral
+
+
+# field -> the values that change nothing (None, the field left out, is always one); anything else is a 400
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (True, False),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+}
+
+
+def _check_unsupported(body: dict[str, Any]) -> None:
+    """Every field slmstack does not implement is refused unless it holds a value that changes nothing."""
+    for name, neutral in NEUTRAL.items():
+        value = body.get(name)
+        if value is not None and not any(_is(value, v) for v in neutral):
+            shown = " or ".join(json.dumps(v) for v in neutral)
+            allowed = f" (only {shown} is accepted)" if neutral else ""
+            raise ApiError(400, f"'{name}' is not supported by slmstack{allowed}", param=name,
+                           code="unsupported_parameter")  # fmt: skip
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ApiError(400, "'user' must be a string", param="user")
 
 
 def _common(body: dict[str, Any], model: str, text: str, max_tokens_limit: int) -> CompletionRequest:
-    _check_ignored(body)
-    n = _integer(body, "n", 1, 128)
-    if n not in (None, 1):
-        raise ApiError(400, "'n' > 1 is not supported: send n requests (each with its own seed)", param="n")
+    _check_unsupported(body)
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -189,7 +220,4 @@ def parse_completion(body: dict[str, Any], max_tokens_limit: int) -> CompletionR
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "Missing required field 'prompt' (a string, or a list of one string)", param="prompt")
-    for name in ("echo", "best_of", "suffix"):
-        if body.get(name) not in (None, False, 1):
-            raise ApiError(400, f"'{name}' is not supported by slmstack", param=name)
     return _common(body, model, prompt, max_tokens_limit)

@@ -13,7 +13,7 @@ from slmstack.serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bind_socket", "load_stacks", "require_serve", "serve"]
+__all__ = ["bind_socket", "load_stacks", "require_serve", "serve", "start_engines"]
 
 
 def require_serve() -> None:
@@ -53,9 +53,10 @@ def stack_configs(stack_files: list[str], models: list[str], dtype: str | None =
         configs.append(StackConfig(name=name, model=ref, stages=[stage], description=f"the plain model {ref}"))
     if not configs:
         configs = [load_stack_config(None)]
-    for config in configs:
-        config.dtype = dtype or config.dtype
-        config.engine = config.engine if engine == "auto" else engine
+    for config in configs:  # --dtype and --engine apply to the stacks that run in process
+        if config.backend is None:
+            config.dtype = dtype or config.dtype
+            config.engine = config.engine if engine == "auto" else engine
     names = [c.name for c in configs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -64,6 +65,34 @@ def stack_configs(stack_files: list[str], models: list[str], dtype: str | None =
         if config.backend is None:
             pick_dtype(config.dtype, pick_device(config.device))
     return configs
+
+
+def start_engines(stacks: dict[str, Any], settings: ServeSettings) -> None:
+    """Build every in-process stack's generation engine now, so that options it cannot run with fail at start-up.
+
+    Without this the engine would be built in the app's lifespan, where a failure is uvicorn's "Application
+    startup failed" (exit status 0, after a traceback) instead of one line and exit status 2.
+
+    Raises:
+        ConfigError: naming the stack, what failed, and the fix.
+    """
+    from slmstack.errors import SlmstackError
+    from slmstack.stack.backends import LocalBackend
+
+    for name, stack in stacks.items():
+        backend = stack.backend
+        if not isinstance(backend, LocalBackend) or backend._engine is not None:
+            continue
+        backend.max_batch = settings.max_batch_size  # rows per engine step
+        try:
+            backend.engine  # noqa: B018  (the property builds the engine)
+        except SlmstackError as exc:
+            raise ConfigError(f"stack {name!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001  (any failure to build means these options cannot serve)
+            raise ConfigError(
+                f"stack {name!r}: the engine cannot load this model with these options "
+                f"({type(exc).__name__}: {str(exc)[:200]}); try --engine auto or --dtype float32"
+            ) from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -157,6 +157,11 @@ class StackConfig:
             raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
         _check_templates(self.stages)
         if self.backend is not None:
+            for name in ("device", "dtype", "engine"):  # how the process loads and runs a model: nothing to apply to
+                if getattr(self, name) != "auto":
+                    raise ConfigError(f"{name}: {getattr(self, name)!r} applies to stacks that run in process, but "
+                                      f"this stack's stages run on the backend at {self.backend.url}; leave {name} "
+                                      "out (set the remote engine's own options there)")  # fmt: skip
             unknown = sorted(set(self.backend.models) - {s.name for s in self.stages})
             if unknown:
                 raise ConfigError(f"backend.models: {unknown[0]!r} is not a stage; stages are "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmstack.config import check_range, load_config_file, require_at_least_one
+from slmstack.config import check_range, load_config_file, require_at_least_one, require_unique
 from slmstack.errors import ConfigError
 
 __all__ = ["AttributeSettings", "StudyConfig", "StudyTrain", "load_study_config"]
@@ -112,6 +112,23 @@ class StudyConfig:
         require_at_least_one(self, ("train_questions", "reason_tokens", "batch_size"))
         check_range(self, "generated_mix", 0, 1)
         check_range(self, "best", 0)
+        require_unique(self, ("arms", "seeds", "extra_seeds", "train_sets"))
+        both = sorted(set(self.seeds) & set(self.extra_seeds))
+        if both:
+            raise ConfigError(f"seed {both[0]} is in both seeds and extra_seeds; give each seed once")
+        self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        """Every evaluation task, and the attribution's, must exist and be multiple choice (items are 0/1)."""
+        from slmstack.evaluation.tasks import get_task
+
+        for label, name in [*((f"eval.{t}", t) for t in self.eval), ("attribute.task", self.attribute.task)]:
+            try:
+                spec = get_task(name)
+            except ConfigError as exc:
+                raise ConfigError(f"{label}: {exc}") from None
+            if spec.kind != "multiple_choice":
+                raise ConfigError(f"{label}: task {name!r} is {spec.kind}; the study scores multiple-choice tasks")
 
     def resolve(self, path: str) -> Path:
         """A path from the YAML, relative to the YAML's folder."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slmstack.evaluation.attribution import mcnemar_exact_p, paired_bootstrap_ci
-from slmstack.io import atomic_write_json, atomic_write_text
+from slmstack.io import atomic_write_json, atomic_write_text, save_figure
 
 __all__ = ["summarise", "write_report"]
 
@@ -174,10 +174,7 @@ def plot(summary: dict[str, Any], png: Path) -> None:
     ax.set_title("Does stacking help? (default model, FLAN CoT training)")
     ax.legend(fontsize=7, ncol=len(arms))
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png)
 
 
 def write_report(

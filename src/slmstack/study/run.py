@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from slmstack.config import dataclass_to_dict
-from slmstack.errors import ConfigError
-from slmstack.grid import CellGrid
-from slmstack.io import atomic_dir, atomic_write_json, atomic_write_text, check_output_dir, read_json
+from slmstack.errors import ConfigError, InputError
+from slmstack.grid import CellGrid, check_scores
+from slmstack.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from slmstack.ownership import check_dir_ours, claim_dir
 from slmstack.study.arms import ARMS, ROLE_ANSWER, ROLE_REASON, AdapterPlan, stages_for
 from slmstack.study.config import StudyConfig
 
@@ -49,6 +50,15 @@ class Study(CellGrid):
 
     kind = "study"
     result_fields = {"cell": dict, "tasks": dict, "train": dict}
+
+    def check_result(self, result: dict[str, Any], where: str) -> None:
+        """Each evaluation task's score, item count and 0/1 items (the paired tests read every item)."""
+        fields = {"metric": str, "score": (int, float), "n": int, "items": list}
+        check_scores(result["tasks"], list(self.cfg.eval), fields, where)
+        for name, task in result["tasks"].items():
+            if len(task["items"]) != task["n"] or not all(v in (0, 1) for v in task["items"]):
+                raise InputError(f"{where}, task {name!r}: 'items' must hold n = {task['n']} scores of 0 or 1. "
+                                 "Delete it to rerun the cell.")  # fmt: skip
 
     def __init__(self, cfg: StudyConfig, out: Path) -> None:
         self.cfg, self.out = cfg, Path(out)
@@ -289,16 +299,15 @@ class Study(CellGrid):
 
 def prepare_study(cfg: StudyConfig, out: Path, check_data: bool = True) -> Study:
     """The study in ``out``; ``out`` must be empty or hold the same study (then it resumes)."""
-    out = check_output_dir(Path(out), "study output (--out)")
+    out = check_dir_ours(Path(out), "study", "study output (--out)", legacy=(STUDY,))
     settings = dataclass_to_dict(cfg)
     if (out / STUDY).is_file():
         if read_json(out / STUDY, "study record", expect=dict) != settings:
             raise ConfigError(f"{out} holds a different study; use another --out")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty and holds no study; use another --out")
     study = Study(cfg, out)
     if check_data:
         study.pool()  # the data is checked before any model loads
+    claim_dir(out, "study", "study output (--out)")
     atomic_write_json(out / STUDY, settings)
     return study
 

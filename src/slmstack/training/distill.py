@@ -26,12 +26,12 @@ from slmstack.errors import ConfigError
 from slmstack.io import (
     atomic_write_json,
     atomic_write_text,
-    check_output_dir,
     jsonl_lines,
     read_done_jsonl,
     read_json,
     read_text,
 )
+from slmstack.ownership import check_dir_ours, claim_dir
 from slmstack.stack.config import INPUT_FIELD, StackConfig, save_stack_config
 from slmstack.training.data import Example
 from slmstack.training.teachers import Teacher, TeacherReply
@@ -140,7 +140,7 @@ def _sha(text: str) -> str:
 
 
 def _check_out_dir(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
-    check_output_dir(out, "distillation output (--out)")
+    check_dir_ours(out, "distill", "distillation output (--out)", legacy=(META,))
     path = out / META
     if path.exists():
         old = read_json(path, "distillation metadata", "Use another --out, or pass --overwrite.")
@@ -152,7 +152,7 @@ def _check_out_dir(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
         if old != meta:
             for p in [path, out / JOURNAL, *out.glob("*.jsonl")]:
                 p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_dir(out, "distill", "distillation output (--out)")
     atomic_write_json(path, meta)
 
 

@@ -32,8 +32,10 @@ from slmstack.io import (
     jsonl_lines,
     read_json,
     read_text,
+    save_figure,
 )
 from slmstack.models import load_model, resolve_precision
+from slmstack.ownership import check_dir_ours, claim_dir
 from slmstack.stack.config import StackConfig, StageConfig, save_stack_config
 from slmstack.training.checkpoint import load_latest, restore_rng, save_checkpoint
 from slmstack.training.train_data import collate, load_stage_records, make_batches, tokenize_example
@@ -118,7 +120,7 @@ def _sha_files(paths: list[Path]) -> str:
 
 
 def _claim_out_dir(out: Path, run: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    check_output_dir(out, "training output (--out)")
+    check_dir_ours(out, "train", "training output (--out)", legacy=(RUN_FILE,))
     path = out / RUN_FILE
     if path.is_file() and not overwrite:
         old = read_json(path, "training run record", "Use another --out, or pass --overwrite.")
@@ -133,9 +135,7 @@ def _claim_out_dir(out: Path, run: dict[str, Any], resume: bool, overwrite: bool
             )
     elif path.is_file() and overwrite:
         shutil.rmtree(out)
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} is not empty and holds no slmstack run. Use another --out or pass --overwrite.")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_dir(out, "train", "training output (--out)")
     atomic_write_json(path, run)
 
 
@@ -418,10 +418,7 @@ class _Metrics:
         ax.set(xlabel="step", ylabel="loss (target tokens)", title=f"stage {name}")
         ax.legend()
         fig.tight_layout()
-        tmp = self.path.with_name(".loss.png.tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        tmp.replace(self.path.with_name("loss.png"))
+        save_figure(fig, self.path.with_name("loss.png"))
 
 
 def _tensorboard(path: Path) -> Any:

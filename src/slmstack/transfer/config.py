@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slmstack.config import load_config_file, require_at_least_one
+from slmstack.config import load_config_file, require_at_least_one, require_unique
 from slmstack.errors import ConfigError
 from slmstack.stack.config import ENGINES
 
@@ -140,6 +140,7 @@ class TransferConfig:
             raise ConfigError(f"seeds: every seed must be >= 0, got {self.seeds}")
         if any(k < 1 for k in self.few_shot):
             raise ConfigError(f"few_shot: every k must be >= 1, got {self.few_shot}")
+        require_unique(self, ("modes", "instructions", "few_shot", "few_shot_modes", "seeds", "tasks"))
 
     def resolve(self, path: str) -> Path:
         """A path from the YAML, relative to the YAML's folder."""

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from slmstack.grid import CellGrid
+from slmstack.grid import CellGrid, check_scores
 from slmstack.io import atomic_dir, atomic_write_json
 from slmstack.transfer.config import MODES, TransferConfig
 from slmstack.transfer.splits import Split
@@ -66,6 +66,12 @@ class Grid(CellGrid):
 
     kind = "transfer"
     result_fields = {"cell": dict, "scores": dict, "seconds": (int, float)}
+
+    def check_result(self, result: dict[str, Any], where: str) -> None:
+        """Each held-out task's score, metric and category, as the report reads them."""
+        split = self.splits.get(result["cell"].get("split"))
+        expected = [t.name for t in split.heldout] if split is not None else list(result["scores"])
+        check_scores(result["scores"], expected, {"score": (int, float), "metric": str, "category": str}, where)
 
     def __init__(self, cfg: TransferConfig, splits: list[Split], out: Path) -> None:
         self.cfg, self.splits, self.out = cfg, {s.name: s for s in splits}, out

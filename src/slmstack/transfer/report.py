@@ -10,13 +10,12 @@ tables; ``zero_shot.png`` and ``few_shot.png`` plot them.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from slmstack.io import atomic_write_json, atomic_write_text
+from slmstack.io import atomic_write_json, atomic_write_text, save_figure
 from slmstack.transfer.config import MODES as MODE_ORDER
 
 __all__ = ["summarise", "write_report"]
@@ -159,7 +158,7 @@ def _plots(out: Path, summary: dict[str, Any]) -> None:
     ax.set_ylabel("held-out score ×100")
     ax.set_title("zero-shot on held-out tasks")
     fig.tight_layout()
-    _save(fig, out / "zero_shot.png", plt)
+    save_figure(fig, out / "zero_shot.png")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for c in summary["few_shot"]:
         ks, means, ses = zip(*c["points"], strict=True)
@@ -171,11 +170,4 @@ def _plots(out: Path, summary: dict[str, Any]) -> None:
     if summary["few_shot"]:
         ax.legend(fontsize=6)
     fig.tight_layout()
-    _save(fig, out / "few_shot.png", plt)
-
-
-def _save(fig: Any, png: Path, plt: Any) -> None:
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, out / "few_shot.png")

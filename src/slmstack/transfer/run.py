@@ -8,7 +8,8 @@ from typing import Any
 
 from slmstack.config import dataclass_to_dict
 from slmstack.errors import ConfigError
-from slmstack.io import atomic_write_json, check_output_dir, read_json
+from slmstack.io import atomic_write_json, read_json
+from slmstack.ownership import check_dir_ours, claim_dir
 from slmstack.transfer.config import MODES, TransferConfig
 from slmstack.transfer.grid import Grid
 from slmstack.transfer.report import write_report
@@ -24,19 +25,18 @@ STUDY = "study.json"
 
 def prepare_grid(cfg: TransferConfig, out: Path) -> Grid:
     """The grid of ``cfg`` in ``out``; ``out`` must be empty or hold the same study (then it resumes)."""
-    out = check_output_dir(Path(out), "transfer output (--out)")
+    out = check_dir_ours(Path(out), "transfer", "transfer output (--out)", legacy=(STUDY,))
     settings = {k: v for k, v in dataclass_to_dict(cfg).items() if k != "engine"}  # how it generates: not the study
     if (out / STUDY).is_file():
         if read_json(out / STUDY, "transfer study record", expect=dict) != settings:
             raise ConfigError(f"{out} holds a different transfer study; use another --out")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty and holds no transfer study; use another --out")
     c = cfg.collection
     tasks = select_tasks(load_collection(c.name, cfg.resolve(c.path), c.per_task), cfg.tasks)
     needs_domain = any(MODES[m][0] == "in_domain" for m in cfg.modes)
     ablation = len(set(cfg.instructions)) > 1
     splits = [make_split(s, tasks, cfg.eval.examples, cfg.eval.pool, cfg.few_shot, needs_domain, ablation)
               for s in cfg.splits]  # fmt: skip
+    claim_dir(out, "transfer", "transfer output (--out)")
     atomic_write_json(out / STUDY, settings)
     record = [{"name": s.name, "domain": s.domain, "heldout": [t.name for t in s.heldout],
                "general": [t.name for t in s.general], "in_domain": [t.name for t in s.in_domain],

@@ -10,9 +10,10 @@ import pytest
 from slmstack.errors import InputError
 from slmstack.evaluation.flan_cot import FLAN_COT, HELDOUT, flan_cot_split, normalise, read_flan_cot
 from slmstack.evaluation.tasks import get_task, load_docs
+from tests.conftest import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-real = pytest.mark.skipif(not (DATA / "flan_cot").is_dir(), reason="needs ../shared/data/flan_cot")
+DATA = SHARED_DATA
+real = pytest.mark.needs_data("flan_cot")
 
 
 def _tsv(root: Path, name: str, lines: list[str]) -> Path:

@@ -205,7 +205,9 @@ def test_cli_eval_and_compare(tiny_model_dir: Path, tmp_path: Path, capsys) -> N
         "tokens_per_second",
         "peak_rss_mb",
     }
-    assert result["tasks"]["t"]["spec_hash"] and (tmp_path / "one.md").read_text().startswith("| task |")
+    report = (tmp_path / "one.md").read_text().split("\n")
+    assert result["tasks"]["t"]["spec_hash"] and report[0] == "<!-- slmstack eval results -->"
+    assert report[1].startswith("| task |")
     capsys.readouterr()
     assert (
         main(["compare", str(tmp_path / "one.json"), str(tmp_path / "two.json"), "--png", str(tmp_path / "c.png")])

@@ -26,11 +26,12 @@ import yaml
 from slmstack.evaluation.harness import evaluate
 from slmstack.evaluation.targets import extract, normalize_answer
 from slmstack.evaluation.tasks import get_task, load_docs, split_hellaswag_ctx, wikitext_detokenize
+from tests.conftest import SHARED_DATA
 
 lm_eval_tasks = pytest.importorskip("lm_eval.tasks")
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+DATA = SHARED_DATA
 N = 100
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+pytestmark = pytest.mark.needs_data()
 
 
 def _jsonl(path: Path, n: int = N) -> list[dict[str, Any]]:

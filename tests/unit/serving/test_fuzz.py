@@ -16,6 +16,8 @@ import httpx  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from slmstack.serving.requests import NEUTRAL  # noqa: E402
+
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
                  st.text(max_size=12), st.lists(st.integers(), max_size=3),
                  st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))  # fmt: skip
@@ -46,7 +48,17 @@ WIDE = st.fixed_dictionaries(
         "stream_options": JUNK,
         "presence_penalty": JUNK,
         "logprobs": JUNK,
+        **{name: st.one_of(JUNK, st.sampled_from(NEUTRAL[name] or (None,))) for name in NEUTRAL},
     },  # fmt: skip
+)
+# only the fields slmstack does not implement, each neutral or not: a non-neutral one is always refused
+UNSUPPORTED = st.fixed_dictionaries(
+    {
+        "model": st.just("tiny-stack"),
+        "messages": st.just([{"role": "user", "content": "q"}]),
+        "max_tokens": st.just(2),
+    },
+    optional={name: st.one_of(JUNK, st.sampled_from(NEUTRAL[name] or (None,))) for name in NEUTRAL},
 )
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])  # fmt: skip
@@ -72,3 +84,22 @@ def test_valid_requests_with_wild_text_never_get_a_5xx(live, body, endpoint) -> 
 @given(body=WIDE, endpoint=ENDPOINTS)
 def test_requests_with_junk_fields_never_get_a_5xx(live, body, endpoint) -> None:
     _post(live[0], endpoint, body)
+
+
+def _neutral(name: str, value: object) -> bool:
+    return value is None or any(type(value) is type(v) and value == v for v in NEUTRAL[name])
+
+
+@FUZZ
+@given(body=UNSUPPORTED, endpoint=ENDPOINTS)
+def test_fields_not_implemented_are_refused_unless_neutral(live, body, endpoint) -> None:
+    # Execute
+    reply = httpx.post(f"{live[0]}{endpoint}", content=json.dumps({**body, "prompt": "q"}),
+                       headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    # Assert: a field that would change the reply is never accepted and ignored
+    changed = sorted(name for name in NEUTRAL if name in body and not _neutral(name, body[name]))
+    if changed:
+        assert reply.status_code == 400, (body, reply.text)
+        assert reply.json()["error"]["param"] in changed, (body, reply.text)
+    else:
+        assert reply.status_code == 200, (body, reply.text)

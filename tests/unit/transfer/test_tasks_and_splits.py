@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from slmstack.errors import ConfigError
@@ -12,8 +10,9 @@ from slmstack.transfer.metrics import accuracy, rouge_l
 from slmstack.transfer.splits import make_split
 from slmstack.transfer.t0 import split_instruction
 from slmstack.transfer.tasks import Example, Task, load_collection
+from tests.conftest import SHARED_DATA
 
-SHARED_T0 = Path(__file__).resolve().parents[4] / "shared" / "data" / "t0_multitask"
+SHARED_T0 = SHARED_DATA / "t0_multitask"
 
 
 def test_rouge_l_and_accuracy_by_hand() -> None:
@@ -44,7 +43,7 @@ def test_the_shared_instruction_is_cut_and_field_labels_stay() -> None:
     assert not split.reliable and split.inputs == ["Q: one?", "Q: two?"]
 
 
-@pytest.mark.skipif(not SHARED_T0.is_dir(), reason="needs ../shared/data")
+@pytest.mark.needs_data("t0_multitask")
 def test_t0_templates_render_without_their_instruction() -> None:
     tasks = {t.name: t for t in load_collection("t0", SHARED_T0, per_task=4)}
     amazon = tasks["amazon_polarity__Is_this_review"]
@@ -59,7 +58,7 @@ def test_t0_templates_render_without_their_instruction() -> None:
     assert tasks["samsum__Summarize_this_dialogue_"].metric == "rouge_l"
 
 
-@pytest.mark.skipif(not SHARED_T0.is_dir(), reason="needs ../shared/data")
+@pytest.mark.needs_data("t0_multitask")
 def test_dialogsum_is_one_rouge_task_with_every_reference() -> None:
     (task,) = load_collection("dialogsum", SHARED_T0.parent / "dialogsum", per_task=3)
     assert task.kind == "generation" and task.metric == "rouge_l" and task.n_wordings == 3
