@@ -38,7 +38,7 @@ def attribute_cmd(args: argparse.Namespace) -> int:
     from slmstack.evaluation.attribution import attribute, markdown, plot
     from slmstack.evaluation.tasks import get_task
     from slmstack.io import atomic_write_json, atomic_write_text
-    from slmstack.ownership import check_dir_ours, claim_dir
+    from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
 
     tasks = _names(args.tasks, "--tasks")
     for task in tasks:  # unknown tasks fail before any model loads
@@ -50,7 +50,7 @@ def attribute_cmd(args: argparse.Namespace) -> int:
         raise InputError(f"--seed {args.seed}: must be >= 0")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise InputError(f"{args.data_dir}: --data-dir is not a directory; pass the folder holding the tasks' files")
-    out = check_dir_ours(args.out, "attribute", "--out folder", legacy=("attribution.json",))
+    out = check_dir_ours(args.out, "attribute", "--out folder", legacy=LEGACY["attribute"])
     from slmstack.evaluation.attribution import check_request, default_interventions
     from slmstack.stack.config import load_stack_config
     from slmstack.stack.runtime import Stack

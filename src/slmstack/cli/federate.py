@@ -23,10 +23,10 @@ def federate_cmd(args: argparse.Namespace) -> int:
     """Prune the blocks, partition the data, and run federated LoRA on Flower's simulation engine."""
     from slmstack.federated.config import load_federate_config, require_flwr
     from slmstack.federated.plan import PLAN, load_plan
-    from slmstack.ownership import check_dir_ours
+    from slmstack.ownership import LEGACY, check_dir_ours
 
     cfg = load_federate_config(args.config, args.overrides)
-    check_dir_ours(args.out, "federate", "--out run directory", legacy=(PLAN,))
+    check_dir_ours(args.out, "federate", "--out run directory", legacy=LEGACY["federate"])
     from slmstack.federated.run import check_inputs, federate, prepare
 
     if args.resume and (args.out / PLAN).is_file():

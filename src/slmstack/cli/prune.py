@@ -11,7 +11,7 @@ from typing import Any
 from slmstack.cli.common import VERBS
 from slmstack.errors import ConfigError
 from slmstack.io import check_input_file, read_text
-from slmstack.ownership import check_dir_ours
+from slmstack.ownership import LEGACY, check_dir_ours
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def prune_cmd(args: argparse.Namespace) -> int:
     if structured and (any(not 0 <= r < 1 for r in args.sparsity) or args.nsamples < 1 or args.seqlen < 2):
         raise ConfigError("structured: --sparsity ratios must be in [0, 1), --nsamples >= 1 and --seqlen >= 2")
     # fail on bad paths (and folders that are not ours) before loading a model
-    check_dir_ours(args.out, "prune", "--out folder", legacy=("*/prune_report.json",))
+    check_dir_ours(args.out, "prune", "--out folder", legacy=LEGACY["prune"])
     for flag, path in (("--calibration", args.calibration), ("--eval-text", args.eval_text)):
         if path is not None:
             check_input_file(path, f"{flag} file")

@@ -10,7 +10,7 @@ from typing import Any
 
 from slmstack.cli.common import VERBS, add_stack_args
 from slmstack.errors import ConfigError, InputError
-from slmstack.ownership import check_dir_ours
+from slmstack.ownership import LEGACY, check_dir_ours
 
 
 def _columns(text: str | None) -> dict[str, str] | None:
@@ -68,7 +68,7 @@ def distill_cmd(args: argparse.Namespace) -> int:
         raise InputError("give exactly one teacher: --teacher REF, or --teacher-url URL --teacher-model NAME")
     if args.teacher_url and not args.teacher_model:
         raise InputError("--teacher-url needs --teacher-model NAME (the model the endpoint serves)")
-    check_dir_ours(args.out, "distill", "--out directory", legacy=("distill.json",))
+    check_dir_ours(args.out, "distill", "--out directory", legacy=LEGACY["distill"])
     stack = load_stack_config(args.stack, args.overrides)
     data = read_examples(args.data, args.format, _columns(args.columns), args.skip_bad, args.limit)
     cfg = DistillConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_chars=args.max_chars,
@@ -150,7 +150,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         what = "is a file" if args.data.exists() else "does not exist"
         raise InputError(f"{args.data}: --data {what}; pass the directory slmstack distill wrote (<stage>.jsonl).")
-    check_dir_ours(args.out, "train", "--out directory", legacy=("run.json",))
+    check_dir_ours(args.out, "train", "--out directory", legacy=LEGACY["train"])
     stack = load_stack_config(args.stack, args.overrides)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     if stages:

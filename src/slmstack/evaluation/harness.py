@@ -279,9 +279,7 @@ def check_results_paths(out: str | Path) -> tuple[Path, Path]:
         raise InputError(f"{out}: the results file must not end in .md (the report is written beside it as .md); "
                          "use e.g. results.json")  # fmt: skip
     check_file_ours(out, "results file (--out)", json_fields("tasks", "target"))
-    md = check_file_ours(
-        out.with_suffix(".md"), "results report (the .md beside --out)", first_line_proof(REPORT_HEAD)
-    )
+    md = check_file_ours(out.with_suffix(".md"), "results report (.md beside --out)", first_line_proof(REPORT_HEAD))
     return out, md
 
 

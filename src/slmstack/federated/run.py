@@ -27,7 +27,7 @@ from slmstack.federated.data import (
 )
 from slmstack.federated.plan import PLAN, Plan, load_plan, save_plan
 from slmstack.io import check_input_file, read_json
-from slmstack.ownership import check_dir_ours, claim_dir
+from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def prepare(cfg: FederateConfig, out: str | Path, resume: bool = False) -> Plan:
     Raises:
         ConfigError: ``out`` holds another run (without ``resume``), or a bad partition setting.
     """
-    out = check_dir_ours(Path(out), "federate", "federation output (--out)", legacy=(PLAN,))
+    out = check_dir_ours(Path(out), "federate", "federation output (--out)", legacy=LEGACY["federate"])
     if (out / PLAN).is_file() and not resume:
         raise ConfigError(f"{out} already holds a federated run. Pass --resume to continue it, or use another --out.")
     if resume and (out / PLAN).is_file():

@@ -7,7 +7,7 @@ from typing import Any
 
 from slmstack.errors import ConfigError
 from slmstack.io import atomic_dir, atomic_write_json, check_output_dir, read_json
-from slmstack.ownership import claim_dir
+from slmstack.ownership import LEGACY, claim_dir
 from slmstack.pruning.engine import PruneResult
 from slmstack.pruning.masks import save_masks
 
@@ -23,7 +23,7 @@ def save_pruned(result: PruneResult, tokenizer: Any, out: Path, overwrite: bool 
     not a previous slmstack prune output is refused unless ``overwrite``.
     """
     out = check_output_dir(Path(out), "pruned model directory")
-    claim_dir(out.parent, "prune", "--out folder", legacy=(f"*/{REPORT}",))
+    claim_dir(out.parent, "prune", "--out folder", legacy=LEGACY["prune"])
     if out.exists():
         ours = (out / REPORT).is_file()
         if not overwrite or not ours:

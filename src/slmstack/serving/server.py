@@ -53,6 +53,10 @@ def stack_configs(stack_files: list[str], models: list[str], dtype: str | None =
         configs.append(StackConfig(name=name, model=ref, stages=[stage], description=f"the plain model {ref}"))
     if not configs:
         configs = [load_stack_config(None)]
+    if (dtype or engine != "auto") and all(c.backend is not None for c in configs):
+        flag = "--dtype" if dtype else "--engine"
+        raise ConfigError(f"{flag} applies to stacks that run in process, and every stack served here runs on a "
+                          f"remote backend; leave {flag} out")  # fmt: skip
     for config in configs:  # --dtype and --engine apply to the stacks that run in process
         if config.backend is None:
             config.dtype = dtype or config.dtype

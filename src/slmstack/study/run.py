@@ -21,7 +21,7 @@ from slmstack.config import dataclass_to_dict
 from slmstack.errors import ConfigError, InputError
 from slmstack.grid import CellGrid, check_scores
 from slmstack.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
-from slmstack.ownership import check_dir_ours, claim_dir
+from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
 from slmstack.study.arms import ARMS, ROLE_ANSWER, ROLE_REASON, AdapterPlan, stages_for
 from slmstack.study.config import StudyConfig
 
@@ -299,7 +299,7 @@ class Study(CellGrid):
 
 def prepare_study(cfg: StudyConfig, out: Path, check_data: bool = True) -> Study:
     """The study in ``out``; ``out`` must be empty or hold the same study (then it resumes)."""
-    out = check_dir_ours(Path(out), "study", "study output (--out)", legacy=(STUDY,))
+    out = check_dir_ours(Path(out), "study", "study output (--out)", legacy=LEGACY["study"])
     settings = dataclass_to_dict(cfg)
     if (out / STUDY).is_file():
         if read_json(out / STUDY, "study record", expect=dict) != settings:

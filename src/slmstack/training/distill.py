@@ -26,12 +26,13 @@ from slmstack.errors import ConfigError
 from slmstack.io import (
     atomic_write_json,
     atomic_write_text,
+    guard_read,
     jsonl_lines,
     read_done_jsonl,
     read_json,
     read_text,
 )
-from slmstack.ownership import check_dir_ours, claim_dir
+from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
 from slmstack.stack.config import INPUT_FIELD, StackConfig, save_stack_config
 from slmstack.training.data import Example
 from slmstack.training.teachers import Teacher, TeacherReply
@@ -140,7 +141,7 @@ def _sha(text: str) -> str:
 
 
 def _check_out_dir(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
-    check_dir_ours(out, "distill", "distillation output (--out)", legacy=(META,))
+    check_dir_ours(out, "distill", "distillation output (--out)", legacy=LEGACY["distill"])
     path = out / META
     if path.exists():
         old = read_json(path, "distillation metadata", "Use another --out, or pass --overwrite.")
@@ -244,23 +245,27 @@ def distill(
 
 
 def _materialize(stack: StackConfig, teacher: str, out: Path, resumed: int) -> DistillReport:
-    rows = [json.loads(line) for line in jsonl_lines(read_text(out / JOURNAL, "distillation journal"))]
-    kept = [r for r in rows if r["ok"]]
-    dropped = Counter(f"{r['reason']}@{r['stage']}" for r in rows if not r["ok"])
-    per_stage = {}
+    fix = "The journal was not written by this version of slmstack distill: rerun with --overwrite to start over."
+    stage_lines: dict[str, list[str]] = {}
     finishes: Counter[str] = Counter()
-    for stage in stack.stages:
-        lines = []
-        for r in kept:
-            prompt = r["prompts"][stage.name]
-            prov = {"teacher": teacher, "source": r["sources"][stage.name], "prompt_sha256": _sha(prompt),
-                    "finish": r.get("finish", {}).get(stage.name, "stop"), "time": r["time"]}  # fmt: skip
-            finishes[f"{prov['finish']}@{stage.name}"] += 1
-            record = {"id": r["id"], "stage": stage.name, "role": stage.role, "prompt": prompt,
-                      "completion": r["outputs"][stage.name], "provenance": prov}  # fmt: skip
-            lines.append(json.dumps(record, ensure_ascii=False))
-        atomic_write_text(out / f"{stage.name}.jsonl", "".join(line + "\n" for line in lines))
-        per_stage[stage.name] = len(lines)
+    with guard_read(out / JOURNAL, "distillation journal", fix):  # a journal line lacking a field is named, once
+        rows = [json.loads(line) for line in jsonl_lines(read_text(out / JOURNAL, "distillation journal"))]
+        kept = [r for r in rows if r["ok"]]
+        dropped = Counter(f"{r['reason']}@{r['stage']}" for r in rows if not r["ok"])
+        for stage in stack.stages:
+            lines = stage_lines.setdefault(stage.name, [])
+            for r in kept:
+                prompt = r["prompts"][stage.name]
+                prov = {"teacher": teacher, "source": r["sources"][stage.name], "prompt_sha256": _sha(prompt),
+                        "finish": r.get("finish", {}).get(stage.name, "stop"), "time": r["time"]}  # fmt: skip
+                finishes[f"{prov['finish']}@{stage.name}"] += 1
+                record = {"id": r["id"], "stage": stage.name, "role": stage.role, "prompt": prompt,
+                          "completion": r["outputs"][stage.name], "provenance": prov}  # fmt: skip
+                lines.append(json.dumps(record, ensure_ascii=False))
+    per_stage = {}
+    for name, lines in stage_lines.items():
+        atomic_write_text(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
+        per_stage[name] = len(lines)
     kept_cut = {k: v for k, v in sorted(finishes.items()) if k.split("@")[0] in ("trimmed", "cut")}
     return DistillReport(len(rows), len(kept), dict(dropped), resumed, 0.0, per_stage, kept_cut)
 

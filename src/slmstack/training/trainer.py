@@ -35,7 +35,7 @@ from slmstack.io import (
     save_figure,
 )
 from slmstack.models import load_model, resolve_precision
-from slmstack.ownership import check_dir_ours, claim_dir
+from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
 from slmstack.stack.config import StackConfig, StageConfig, save_stack_config
 from slmstack.training.checkpoint import load_latest, restore_rng, save_checkpoint
 from slmstack.training.train_data import collate, load_stage_records, make_batches, tokenize_example
@@ -120,7 +120,7 @@ def _sha_files(paths: list[Path]) -> str:
 
 
 def _claim_out_dir(out: Path, run: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    check_dir_ours(out, "train", "training output (--out)", legacy=(RUN_FILE,))
+    check_dir_ours(out, "train", "training output (--out)", legacy=LEGACY["train"])
     path = out / RUN_FILE
     if path.is_file() and not overwrite:
         old = read_json(path, "training run record", "Use another --out, or pass --overwrite.")

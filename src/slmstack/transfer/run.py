@@ -9,7 +9,7 @@ from typing import Any
 from slmstack.config import dataclass_to_dict
 from slmstack.errors import ConfigError
 from slmstack.io import atomic_write_json, read_json
-from slmstack.ownership import check_dir_ours, claim_dir
+from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
 from slmstack.transfer.config import MODES, TransferConfig
 from slmstack.transfer.grid import Grid
 from slmstack.transfer.report import write_report
@@ -25,7 +25,7 @@ STUDY = "study.json"
 
 def prepare_grid(cfg: TransferConfig, out: Path) -> Grid:
     """The grid of ``cfg`` in ``out``; ``out`` must be empty or hold the same study (then it resumes)."""
-    out = check_dir_ours(Path(out), "transfer", "transfer output (--out)", legacy=(STUDY,))
+    out = check_dir_ours(Path(out), "transfer", "transfer output (--out)", legacy=LEGACY["transfer"])
     settings = {k: v for k, v in dataclass_to_dict(cfg).items() if k != "engine"}  # how it generates: not the study
     if (out / STUDY).is_file():
         if read_json(out / STUDY, "transfer study record", expect=dict) != settings:

@@ -7,6 +7,7 @@ adds its rows here (at least six).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from slmstack.cli import main
-from tests.conftest import save_random_adapter, stack_dict, write_yaml
+from tests.conftest import build_tokenizer, save_random_adapter, save_tiny_model, stack_dict, write_yaml
 
 ROWS: list[tuple[str, str, str]] = [
     # ---- run
@@ -41,6 +42,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("run", "--stack {stack} --set stages.0.generation.repetition_penalty=0 q", "repetition_penalty must be > 0"),
     ("run", "--stack {stack} --set device=gpu q", "device 'gpu' is not valid"),
     ("run", "--stack {stack} --set max_input_tokens=0 q", "max_input_tokens must be >= 1"),
+    ("run", "--stack {remote_ok} --engine native q", "engine: 'native' applies to stacks that run in process"),
+    ("run", "--stack {remote_ok} --set dtype=float32 q", "dtype: 'float32' applies to stacks that run in process"),
     # ---- models
     ("models", "--nope", "unrecognized arguments"),
     ("models", "extra", "unrecognized arguments: extra"),
@@ -59,6 +62,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("distill", "--teacher {model} --data {gsm} --out {tmp}/d --columns x", "--columns 'x'"),
     ("distill", "--teacher {model} --teacher-url http://127.0.0.1:9/v1 --data {gsm} --out {tmp}/d", "exactly one"),
     ("distill", "--teacher {model} --data {gsm} --out {tmp}/d --unfinished maybe", "invalid choice: 'maybe'"),
+    ("distill", "--teacher {model} --data {gsm} --out {foreign_dir}", "not written by slmstack distill"),
+    ("distill", "--teacher {model} --data {gsm} --out {train_marked}", "holds the output of slmstack train"),
     # ---- train
     ("train", "--stack {stack} --data {tmp}/missing --out {tmp}/t", "--data does not exist"),
     ("train", "--stack {stack} --data {file} --out {tmp}/t", "--data is a file"),
@@ -71,6 +76,14 @@ ROWS: list[tuple[str, str, str]] = [
     ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first,second", "second.jsonl"),
     ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first --config {train_targets}", "linear"),
     ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first --config {train_seed}", "seed must be"),
+    ("train", "--stack {stack} --data {train_ok} --out {foreign_dir} --stages first", "not written by slmstack train"),
+    ("train", "--stack {stack} --data {train_ok} --out {distill_marked}", "holds the output of slmstack distill"),
+    ("train", "--stack {stack} --data {train_ok} --out {bad_marker} --stages first", "not an slmstack output marker"),
+    (
+        "train",  # a progress bar is running when this error comes: the error must still be the last line
+        "--stack {stack} --data {train_ok} --out {tmp}/t_lr --stages first --lr 1e30 --max-steps 6 --batch-size 1",
+        "the loss became nan",
+    ),
     # ---- eval
     ("eval", "--model {model} --tasks arc_esay --out {tmp}/r.json", "Did you mean 'arc_easy'"),
     ("eval", "--model {model} --tasks {task_gold} --out {tmp}/r.json", "gold 3 (field 'gold') is not a choice index"),
@@ -82,6 +95,22 @@ ROWS: list[tuple[str, str, str]] = [
     ("eval", "--model {model} --tasks {task_ok} --out {tmp}/r.json --limit 0", "--limit 0"),
     ("eval", "--model {model} --tasks {task_ok} --out {tmp}/r.json --batch-size 0", "--batch-size 0"),
     ("eval", "--model {model} --tasks arc_easy --data-dir {file} --out {tmp}/r.json", "not a directory"),
+    ("eval", "--model {model} --tasks {task_ok} --out {notes}", "not a results file (--out) written by slmstack"),
+    ("eval", "--model {model} --tasks {task_ok} --out {md_clash}", "not a results report (.md beside --out)"),
+    ("eval", "--model {model} --tasks {task_ok} --out {tmp}/r.md", "must not end in .md"),
+    ("eval", "--model {model} --tasks {task_bad_jinja} --out {tmp}/r.json", "text: the Jinja2 template does not"),
+    ("eval", "--model {model} --tasks {task_bad_filter} --out {tmp}/r.json", "No filter named 'shout'"),
+    ("eval", "--model {model} --tasks {task_bad_regex} --out {tmp}/r.json", "answer_regex: the regex '(unclosed'"),
+    ("eval", "--model {model} --tasks {task_bad_metric} --out {tmp}/r.json", "metrics ['f1'] cannot be reported"),
+    ("eval", "--model {model} --tasks {task_bad_pre} --out {tmp}/r.json", "preprocess 'hellaswg' is not a"),
+    ("eval", "--model {model} --tasks {task_mmlu} --out {tmp}/r.json", "loader mmlu reads one subject"),
+    ("eval", "--model {model} --tasks qasc --data-dir {bad_flan} --out {tmp}/r.json", "a qasc option must read"),
+    (
+        "eval",
+        "--model {model} --tasks commonsenseqa_clean --data-dir {bad_csqa} --out {tmp}/r.json",
+        "dev_rand_split.jsonl:2: not a CommonsenseQA record",
+    ),
+    ("eval", "--model {model} --tasks ecqa --data-dir {bad_csqa} --out {tmp}/r.json", "not a CommonsenseQA record"),
     # ---- compare
     ("compare", "{tmp}/missing.json", "missing.json: results file not found"),
     ("compare", "{not_yaml}", "results file is not valid JSON"),
@@ -89,6 +118,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("compare", "{json_list}", "not an slmstack eval results file"),
     ("compare", "{results} --png {dir}", "is a directory"),
     ("compare", "{results} --png {tmp}/chart.txt", "must end in .png"),
+    ("compare", "{results} --png {foreign_png}", "not a --png chart written by slmstack"),
     # ---- prune
     ("prune", "--model {model} --method magnitude --sparsity 1.5 --out {tmp}/p", "sparsity must be in [0, 1)"),
     ("prune", "--model {model} --method magnitude --sparsity -0.2 --out {tmp}/p", "sparsity must be in [0, 1)"),
@@ -100,6 +130,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("prune", "--model {model} --method wanda --calibration {dir} --out {tmp}/p", "is a directory"),
     ("prune", "--model {model} --method magnitude --pattern 3:2 --out {tmp}/p", "pattern"),
     ("prune", "--model {model} --method structured --sparsity 0.5 --out {tmp}/p", "pass --calibration FILE"),
+    ("prune", "--model {model} --method magnitude --out {foreign_dir}", "not written by slmstack prune"),
     # ---- serve (every row fails before the server would start)
     ("serve", "--stack {stack} --port 0", "--port must be in 1..65535"),
     ("serve", "--stack {stack} --max-batch-size 0", "--max-batch-size must be >= 1"),
@@ -119,6 +150,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("serve", "--stack {stack} --port {busy_port}", "is already in use"),
     ("serve", "--stack {stack} --host 256.0.0.1", "--host '256.0.0.1' is not a valid address"),
     ("serve", "--stack {stack} --host 10.255.255.1", "--host 10.255.255.1 is not an address of this machine"),
+    # an engine that cannot load with the options is refused before the server starts (not uvicorn's exit 0)
+    ("serve", "--stack {gpt2_stack} --engine native", "engine: native cannot run this model"),
+    ("serve", "--stack {stack24} --dtype int4-weights", "use dtype int8-weights"),
+    ("serve", "--stack {remote_ok} --dtype float32", "every stack served here runs on a remote backend"),
     # ---- transfer
     ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout=[is_rd]", "Did you mean 'is_red'"),
     ("transfer", "--config {xfer} --out {tmp}/x --set splits.0.heldout_category=colr", "Did you mean 'colour'"),
@@ -133,6 +168,9 @@ ROWS: list[tuple[str, str, str]] = [
     ("transfer", "--config {tmp}/none.yaml --out {tmp}/x", "Check the path."),
     ("transfer", "--config {xfer_t0} --out {tmp}/x", "cannot read the T0 task manifest (not UTF-8 text)"),
     ("transfer", "--config {xfer} --out {tmp}/x --set seeds=[-1]", "seeds: every seed must be >= 0"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set seeds=[0,0]", "seeds lists 0 twice"),
+    ("transfer", "--config {xfer} --out {tmp}/x --set few_shot=[2,2]", "few_shot lists 2 twice"),
+    ("transfer", "--config {xfer} --out {foreign_dir}", "not written by slmstack transfer"),
     # ---- attribute
     ("attribute", "--stack {stack} --tasks {task_gold_text} --stages nope --out {tmp}/a", "'nope' is not a stage"),
     ("attribute", "--stack {stack} --tasks {task_gold_text} --stages third --out {tmp}/a", "is the final stage"),
@@ -142,6 +180,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("attribute", "--stack {stack} --tasks {task_ok} --limit 0 --out {tmp}/a", "--limit 0"),
     ("attribute", "--stack {stack} --tasks {task_ok} --out {file}", "exists and is not a directory"),
     ("attribute", "--stack {stack} --tasks arc_esay --out {tmp}/a", "Did you mean 'arc_easy'"),
+    ("attribute", "--stack {stack} --tasks {task_gold_text} --out {foreign_dir}", "not written by slmstack attribute"),
+    ("attribute", "--stack {stack} --tasks {task_bad_metric} --out {tmp}/a", "metrics ['f1'] cannot be reported"),
     # ---- study
     ("study", "--config {study} --out {tmp}/s --set arms=[A1,S22]", "Did you mean 'S2'"),
     ("study", "--config {study} --out {tmp}/s --set train.rank=3", "train.rank must be an even number"),
@@ -152,6 +192,15 @@ ROWS: list[tuple[str, str, str]] = [
     ("study", "--config {study} --out {tmp}/s --set data_dir={dir}", "qasc_train.tsv: qasc data (FLAN CoT TSV) not"),
     ("study", "--config {study} --out {tmp}/s --set seeds=[-1]", "seeds and extra_seeds must be >= 0"),
     ("study", "--config {study} --out {tmp}/s --report", "holds no study yet, so there is nothing to report"),
+    ("study", "--config {study} --out {tmp}/s --set arms=[A1,A1]", "arms lists 'A1' twice"),
+    ("study", "--config {study} --out {tmp}/s --set seeds=[0,0]", "seeds lists 0 twice"),
+    ("study", "--config {study} --out {tmp}/s --set seeds=[1]", "seed 1 is in both seeds and extra_seeds"),
+    ("study", "--config {study} --out {tmp}/s --set attribute.task=nope", "attribute.task: unknown task 'nope'"),
+    ("study", '--config {study} --out {tmp}/s --set eval={{"nope":2}}', "eval.nope: unknown task 'nope'"),
+    ("study", "--config {study} --out {tmp}/s --set eval.wikitext2=0", "is perplexity; the study scores"),
+    ("study", "--config {study} --out {foreign_dir}", "not written by slmstack study"),
+    ("study", "--config {study_ok} --out {study_damaged}", "entry 'qasc' lacks the field 'metric'"),
+    ("study", "--config {study_ok} --out {study_foreign_tasks}", "but this run scores ['qasc']"),
     # ---- federate
     ("federate", "--config {fed} --out {tmp}/f --set strategy=legoo", "Did you mean 'lego'"),
     ("federate", "--config {fed} --out {tmp}/f --set clients.1.sparsity=1.0", "sparsity must be in [0, 1)"),
@@ -188,6 +237,12 @@ ROWS: list[tuple[str, str, str]] = [
     ("federate", "--config {fed} --out {tmp}/f --set data.path={collection_latin1}", "not UTF-8 text"),
     ("federate", "--config {fed} --out {not_a_plan_dir} --resume", "plan.json: not a federation plan"),
     ("federate", "--config {fed} --out {list_plan_dir} --resume", "must be a JSON object, got array"),
+    ("federate", "--config {fed} --out {foreign_dir}", "not written by slmstack federate"),
+    (
+        "federate",
+        "--config {fed} --out {tmp}/f --set train.target_modules=[q_proj,no_such_proj]",
+        "train.target_modules: 'no_such_proj' is not a linear layer of this model",
+    ),
 ]
 
 
@@ -292,7 +347,8 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
     for name, plan in (("not_a_plan_dir", {"model": "x", "clients": []}), ("list_plan_dir", [1, 2])):
         f[name] = root / name
         f[name].mkdir()
-        (f[name] / "plan.json").write_text(json.dumps(plan))
+        (f[name] / "plan.json").write_text(json.dumps(plan))  # damaged in a folder federate claimed
+        (f[name] / ".slmstack.json").write_text('{"written_by": "slmstack", "verb": "federate"}')
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -313,7 +369,93 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
               "remote_bad_type": {"type": "vlm"}}  # fmt: skip
     for name, backend in broken.items():
         f[name] = write_yaml(root / f"{name}.yaml", {**remote, "backend": {**remote["backend"], **backend}})
+    f["remote_ok"] = write_yaml(root / "remote_ok.yaml", remote)
+    _ownership_files(root, f)
+    _task_files(root, f, task)
+    _engine_refusals(root, f)
+    _study_files(root, f, model)
     return {k: str(v) for k, v in f.items()}
+
+
+def _ownership_files(root: Path, f: dict[str, Path]) -> None:
+    """Folders and files a verb must not write into: a user's, another verb's, a damaged marker."""
+    f["foreign_dir"] = root / "foreign_dir"
+    f["foreign_dir"].mkdir()
+    (f["foreign_dir"] / "results.md").write_text("my own notes\n")
+    for name, marker in (("train_marked", '{"written_by": "slmstack", "verb": "train"}'),
+                         ("distill_marked", '{"written_by": "slmstack", "verb": "distill"}'),
+                         ("bad_marker", "garbage")):  # fmt: skip
+        f[name] = root / name
+        f[name].mkdir()
+        (f[name] / ".slmstack.json").write_text(marker)
+        (f[name] / "kept.txt").write_text("a file in it\n")
+    (root / "md_clash.md").write_text("# my report, not slmstack's\n")
+    f["md_clash"] = root / "md_clash.json"  # absent; the .md beside it is the user's
+    f["foreign_png"] = root / "photo.png"
+    f["foreign_png"].write_bytes(b"\x89PNG\r\n\x1a\n a user's picture, no slmstack metadata")
+
+
+def _task_files(root: Path, f: dict[str, Path], task: dict) -> None:
+    """Task YAMLs whose templates, regexes, metrics or loaders cannot work, and malformed FLAN CoT/CSQA data."""
+    ok = {**task, "data_file": str(root / "t_ok.jsonl")}
+    broken = {
+        "task_bad_jinja": {"text": "{{ query "},
+        "task_bad_filter": {"text": "{{ query | shout }}"},
+        "task_bad_regex": {"kind": "generative", "gold": "choices", "metrics": ["exact_match"],
+                           "answer_regex": "(unclosed"},
+        "task_bad_metric": {"metrics": ["acc", "f1"]},
+        "task_bad_pre": {"preprocess": "hellaswg"},
+        "task_mmlu": {"loader": "mmlu", "data_file": None},
+    }  # fmt: skip
+    for name, extra in broken.items():
+        f[name] = write_yaml(root / f"{name}.yaml", {**ok, **extra})
+    f["bad_flan"] = root / "bad_flan"
+    (f["bad_flan"] / "flan_cot").mkdir(parents=True)
+    line = "What is red?\\nOptions:\\n- red\\n- blue\tred\tbecause.\n"  # QASC's options read "(A) red"
+    (f["bad_flan"] / "flan_cot" / "qasc_train.tsv").write_text(line)
+    f["bad_csqa"] = root / "bad_csqa"
+    (f["bad_csqa"] / "commonsenseqa").mkdir(parents=True)
+    (f["bad_csqa"] / "flan_cot").mkdir()
+    good = {"id": "a", "question": {"stem": "s?", "choices": [{"label": "A", "text": "x"}]}, "answerKey": "A"}
+    (f["bad_csqa"] / "commonsenseqa" / "dev_rand_split.jsonl").write_text(json.dumps(good) + '\n{"question": "x"}\n')
+    (f["bad_csqa"] / "flan_cot" / "ecqa_train.tsv").write_text("q?\\nOptions:\\n- a\\n- b\ta\tr.\n")
+
+
+def _engine_refusals(root: Path, f: dict[str, Path]) -> None:
+    """Stacks whose model the engine cannot run: an architecture it lacks, shapes int4-weights cannot hold."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = root / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=96, n_positions=128)).save_pretrained(gpt2)
+    build_tokenizer().save_pretrained(gpt2)
+    f["gpt2_stack"] = write_yaml(root / "gpt2.yaml", stack_dict(gpt2, max_new=4))
+    model24 = save_tiny_model(root / "model24", hidden=24)
+    f["stack24"] = write_yaml(root / "stack24.yaml", stack_dict(model24, max_new=4))
+
+
+def _study_files(root: Path, f: dict[str, Path], model: Path) -> None:
+    """A study with its data, and two resumable study folders whose finished cell is damaged."""
+    from slmstack.config import dataclass_to_dict
+    from slmstack.study.config import load_study_config
+
+    data = root / "study_data" / "flan_cot"
+    data.mkdir(parents=True)
+    words = ["red", "blue", "green", "black", "white", "pink"]
+    pairs = zip(words, words[1:] + words[:1], strict=True)
+    (data / "qasc_train.tsv").write_text("".join(f"What is {w}?\\nOptions:\\n- (A) {w}\\n- (B) {v}\t(A)\t{w}.\n"
+                                                 for w, v in pairs))  # fmt: skip
+    study = {"model": str(model), "data_dir": str(data.parent), "train_sets": ["qasc"], "arms": ["A1"],
+             "eval": {"qasc": 2}}  # fmt: skip
+    f["study_ok"] = write_yaml(root / "study_ok.yaml", study)
+    settings = dataclass_to_dict(load_study_config(f["study_ok"]))
+    cell = {"cell": {"arm": "A1", "seed": 0}, "train": {}, "seconds": 1.0}
+    other = {"ecqa": {"metric": "acc", "score": 0.5, "n": 1, "items": [1]}}  # a cell of another study's tasks
+    for name, tasks in (("study_damaged", {"qasc": {"score": 0.5}}), ("study_foreign_tasks", other)):
+        out = f[name] = root / name
+        (out / "cells").mkdir(parents=True)
+        (out / ".slmstack.json").write_text('{"written_by": "slmstack", "verb": "study"}')
+        (out / "study.json").write_text(json.dumps(settings))
+        (out / "cells" / "A1__s0.json").write_text(json.dumps({**cell, "tasks": tasks}))
 
 
 @pytest.fixture(scope="module")
@@ -397,9 +539,10 @@ def test_federate_rows_give_their_own_line_without_flower(verb, template, fragme
     monkeypatch.setattr(importlib.util, "find_spec", hidden)
     # Execute
     code = _run([verb, *(item.format(**bad) for item in template.split())])
-    # Assert: the config's own problem is named, not the missing extra
+    # Assert: the config's own problem is named (the last line, the only error), not the missing extra
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and fragment in err[0] and "slmstack[federated]" not in err[0], err
+    errors = [line for line in err if "error:" in line]
+    assert code == 2 and errors == err[-1:] and fragment in err[-1] and "slmstack[federated]" not in err[-1], err
 
 
 def test_a_refused_output_file_is_byte_for_byte_unchanged(bad, tmp_path, capsys) -> None:
@@ -430,3 +573,98 @@ def test_a_whitespace_api_key_is_refused() -> None:
     with pytest.raises(ConfigError, match="the API key is empty"):
         ServeSettings(api_key="  \t")
     assert ServeSettings(api_key="sk-1").api_key == "sk-1"
+
+
+# ---- one ownership rule: every verb that writes, given a path holding something it did not write, exits 2 and
+# leaves every byte there as it was. A verb is in OWNED (with an argv that would otherwise succeed or fail later) or
+# in WRITES_NOTHING; a new verb must be put in one of them.
+OWNED: list[tuple[str, str, str]] = [  # (verb, argv template with {own}, what {own} is: file, report or dir)
+    ("run", "--stack {stack} --input {questions} --output {own}", "file"),
+    ("eval", "--model {model} --tasks {task_ok} --out {own}", "file"),
+    ("eval", "--model {model} --tasks {task_ok} --out {own}", "report"),
+    ("compare", "{results} --png {own}", "chart"),
+    ("distill", "--teacher {model} --data {gsm} --out {own}", "dir"),
+    ("train", "--stack {stack} --data {train_ok} --out {own} --stages first", "dir"),
+    ("prune", "--model {model} --method magnitude --sparsity 0.5 --out {own}", "dir"),
+    ("federate", "--config {fed} --out {own}", "dir"),
+    ("transfer", "--config {xfer} --out {own}", "dir"),
+    ("study", "--config {study_ok} --out {own}", "dir"),
+    ("attribute", "--stack {stack} --tasks {task_gold_text} --out {own}", "dir"),
+]
+WRITES_NOTHING = {"models": "prints what is cached", "serve": "answers requests; writes no file"}
+
+
+def _foreign(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """(the path passed as {own}, the folder whose every byte must stay as it was)."""
+    root = tmp_path / "user"
+    root.mkdir()
+    if kind == "dir":
+        (root / "own").mkdir()
+        for name in ("results.md", "loss.png", "first.jsonl", "stack.yaml", "notes.txt"):
+            (root / "own" / name).write_text(f"the user's {name}\n")
+        return root / "own", root
+    if kind == "chart":
+        (root / "own.png").write_bytes(b"\x89PNG\r\n\x1a\n the user's picture")
+        return root / "own.png", root
+    (root / "own.json").write_text('{"mine": true}\n' if kind == "file" else "")
+    if kind == "report":  # the results file is new, the report beside it is the user's
+        (root / "own.json").unlink()
+        (root / "own.md").write_text("| my | own | table |\n")
+    return root / "own.json", root
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (hidden ones included) with its bytes (None for a folder)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(("verb", "template", "kind"), OWNED, ids=[f"{v}-{k}" for v, _, k in OWNED])
+def test_a_path_the_verb_did_not_write_is_refused_byte_for_byte(verb, template, kind, bad, tmp_path, capsys) -> None:
+    # Prepare: the user's file or folder where the verb would write
+    own, root = _foreign(tmp_path, kind)
+    before = _snapshot(root)
+    # Execute
+    code = _run([verb, *(item.format(**bad, own=own) for item in template.split())])
+    # Assert: exit 2, one error line naming the path, and nothing under the user's folder changed or added
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "written by slmstack" in err[-1] and "left untouched" in err[-1], err
+    assert _snapshot(root) == before  # nothing changed, and nothing added (no marker, no temp file)
+
+
+def test_every_verb_is_in_the_ownership_table() -> None:
+    from slmstack.cli.common import VERBS
+
+    assert set(VERBS) == {v for v, _, _ in OWNED} | set(WRITES_NOTHING)
+
+
+def test_a_verb_rewrites_what_it_wrote_itself(bad, tmp_path, capsys) -> None:
+    # eval and compare twice to the same paths; attribute twice into the same folder: each proves the files are its own
+    out, png, folder = tmp_path / "r.json", tmp_path / "c.png", tmp_path / "attr"
+    for _ in range(2):
+        assert _run(["eval", "--model", bad["model"], "--tasks", bad["task_ok"], "--out", str(out)]) == 0
+        assert _run(["compare", str(out), "--png", str(png)]) == 0
+        assert _run(["attribute", "--stack", bad["stack"], "--tasks", bad["task_gold_text"], "--interventions", "skip",
+                     "--bootstrap", "10", "--out", str(folder)]) == 0  # fmt: skip
+    assert json.loads((folder / ".slmstack.json").read_text())["verb"] == "attribute"
+
+
+@pytest.mark.parametrize(("verb", "message"), [("serve", "the server stopped"), ("run", "--output"),
+                                               ("train", "--resume"), ("eval", "nothing was written")])  # fmt: skip
+def test_an_interrupted_verb_says_what_is_true_of_it(verb, message, monkeypatch, capsys) -> None:
+    # Prepare: the verb's handler is interrupted (Ctrl-C) as soon as it starts
+    from slmstack.cli.common import VERBS
+
+    add_args, _, helptext = VERBS.get(verb)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    entry = dataclasses.replace(VERBS.entry(verb), obj=(add_args, interrupted, helptext))
+    monkeypatch.setitem(VERBS._entries, verb, entry)
+    # Execute
+    argv = {"serve": [], "run": ["q"], "train": ["--data", ".", "--out", "x"], "eval": ["--tasks", "t", "--out", "x"]}
+    code = _run([verb, *argv[verb]])
+    # Assert: exit 130 and the verb's own words (serve never claims that work was saved to resume)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err[-1].startswith(f"slmstack {verb}: interrupted; ") and message in err[-1], err
+    assert verb != "serve" or "resume" not in err[-1]

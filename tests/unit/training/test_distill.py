@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from slmstack.cli import main
-from slmstack.errors import ConfigError
+from slmstack.errors import ConfigError, InputError
 from slmstack.models import load_model
 from slmstack.stack.config import load_stack_config
 from slmstack.training.data import Example
@@ -99,6 +99,20 @@ def test_teacher_final_target_and_resume_skips_done_items(fake: FakeOpenAI, tmp_
     report = distill(stack, teacher, EXAMPLES, tmp_path / "d", cfg, show_progress=False)
     assert len(fake.requests) == 9 + 6  # only e3 and e4 were asked, 3 stages each
     assert report.kept == 5 and report.resumed == 3
+
+
+def test_a_journal_line_lacking_a_field_is_named_on_resume(fake: FakeOpenAI, tmp_path: Path) -> None:
+    # Prepare: a finished distillation whose journal's first line lost its prompts (a hand edit, another tool)
+    stack = load_stack_config(write_yaml(tmp_path / "s.yaml", stack_dict("m")))
+    teacher = OpenAITeacher(fake.url, "t", retries=0)
+    distill(stack, teacher, EXAMPLES[:2], tmp_path / "d", DistillConfig(batch_size=2), show_progress=False)
+    journal = tmp_path / "d" / "journal.jsonl"
+    rows = [json.loads(line) for line in journal.read_text().splitlines()]
+    del rows[0]["prompts"]
+    journal.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Execute / Assert: one InputError naming the journal and the fix, not a KeyError
+    with pytest.raises(InputError, match=r"journal.jsonl: cannot read the distillation journal .*--overwrite"):
+        distill(stack, teacher, EXAMPLES[:2], tmp_path / "d", DistillConfig(batch_size=2), show_progress=False)
 
 
 def test_unreachable_endpoint_retries_then_fails_keeping_progress(fake: FakeOpenAI, tmp_path: Path) -> None:

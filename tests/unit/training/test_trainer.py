@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import slmstack.training.checkpoint as checkpoint
-from slmstack.errors import ConfigError
+from slmstack.errors import ConfigError, InputError
 from slmstack.stack.config import load_stack_config
 from slmstack.stack.runtime import Stack
 from slmstack.training.trainer import TrainConfig, train_stack
@@ -110,8 +110,10 @@ def test_output_dir_of_another_run_is_refused(setup, tmp_path: Path) -> None:
     )
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
-        train_stack(stack, data, tmp_path / "other", cfg)
+    for overwrite in (False, True):  # --overwrite replaces a run of ours, never a folder of the user's
+        with pytest.raises(InputError, match="not empty and was not written by slmstack train"):
+            train_stack(stack, data, tmp_path / "other", cfg, overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
 
 
 def test_bad_training_data_is_named(setup, tmp_path: Path) -> None:
