@@ -31,7 +31,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("needs_data"):
         folder = SHARED_DATA.joinpath(*mark.args)
         if not folder.is_dir():
-            pytest.skip(f"needs ../shared/data/{'/'.join(mark.args)} (the public datasets beside the checkout)")
+            where = "/".join(("../shared/data", *mark.args))
+            pytest.skip(f"needs {where} (the public datasets beside the checkout)")
 
 
 @pytest.fixture(autouse=True)
