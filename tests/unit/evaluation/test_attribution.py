@@ -126,7 +126,8 @@ def test_cli_writes_the_three_outputs(two_stage, tmp_path: Path, capsys) -> None
     out = tmp_path / "attr"
     assert main(["attribute", "--stack", str(stack.config.source), "--tasks", task, "--bootstrap", "50",
                  "--out", str(out)]) == 0  # fmt: skip
-    assert {p.name for p in out.iterdir()} == {".slmstack.json", "attribution.json", "attribution.md", "attribution.png"}
+    expected = {".slmstack.json", "attribution.json", "attribution.md", "attribution.png"}
+    assert {p.name for p in out.iterdir()} == expected
     report = json.loads((out / "attribution.json").read_text())
     assert [r["intervention"] for r in report["tasks"]["t"]["rows"]] == ["skip", "placebo", "base", "oracle"]
     assert "| reason | placebo |" in (out / "attribution.md").read_text()
