@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from slmstack.errors import InputError
-from slmstack.evaluation.harness import main_metric
+from slmstack.evaluation.harness import MAIN_METRIC, main_metric
 from slmstack.io import read_json, save_figure
 
 __all__ = ["compare_table", "load_runs", "plot_runs"]
+
+_NUMERIC = {f"{m}{s}" for m in MAIN_METRIC for s in ("", "_stderr")}
 
 
 def load_runs(paths: list[str | Path]) -> list[tuple[str, dict[str, Any]]]:
@@ -19,6 +21,13 @@ def load_runs(paths: list[str | Path]) -> list[tuple[str, dict[str, Any]]]:
         data = read_json(p, "results file", "Pass the JSON that slmstack eval --out wrote.")
         if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
             raise InputError(f"{p}: not an slmstack eval results file (no 'tasks')")
+        for task, result in data["tasks"].items():  # what the table and the chart read: numbers per metric
+            numbers = isinstance(result, dict) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for k, v in result.items() if k in _NUMERIC
+            )
+            if not numbers or main_metric(result) is None:
+                raise InputError(f"{p}: task {task!r} is not an slmstack eval result (each task maps metrics such "
+                                 "as acc to numbers). Pass the JSON that slmstack eval --out wrote.")  # fmt: skip
         runs.append((p.stem, data))
     if not runs:
         raise InputError("no result files given")

@@ -97,6 +97,8 @@ class TaskSpec:
             raise ConfigError(f"task {self.name}: max_new_tokens and tiny_size must be >= 1")
         if isinstance(self.choices, list) and not self.choices:
             raise ConfigError(f"task {self.name}: choices must not be an empty list")
+        if not all(isinstance(u, str) and u for u in self.until):
+            raise ConfigError(f"task {self.name}: every 'until' stop string must be non-empty text, got {self.until}")
         unknown = [m for m in self.metrics if m not in KIND_METRICS[self.kind]]
         if unknown or not self.metrics:
             raise ConfigError(f"task {self.name}: metrics {unknown or self.metrics!r} cannot be reported for kind "

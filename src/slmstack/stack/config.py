@@ -153,6 +153,9 @@ class StackConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported. Use one of {', '.join(DTYPES)}.")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.engine == "hf" and self.dtype in ENGINE_WEIGHTS and self.dtype != "float16-weights":
+            raise ConfigError(f"dtype {self.dtype!r} is a weight format of slmstack's engine, but engine is hf "
+                              "(transformers' generate); use engine: auto, or a dtype such as float32")  # fmt: skip
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
         _check_templates(self.stages)

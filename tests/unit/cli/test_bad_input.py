@@ -43,6 +43,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("run", "--stack {stack} --set device=gpu q", "device 'gpu' is not valid"),
     ("run", "--stack {stack} --set max_input_tokens=0 q", "max_input_tokens must be >= 1"),
     ("run", "--stack {remote_ok} --engine native q", "engine: 'native' applies to stacks that run in process"),
+    ("run", "--stack {stack} --engine hf --set dtype=int8-weights q", "is a weight format of slmstack's engine"),
     ("run", "--stack {remote_ok} --set dtype=float32 q", "dtype: 'float32' applies to stacks that run in process"),
     # ---- models
     ("models", "--nope", "unrecognized arguments"),
@@ -103,6 +104,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("eval", "--model {model} --tasks {task_bad_regex} --out {tmp}/r.json", "answer_regex: the regex '(unclosed'"),
     ("eval", "--model {model} --tasks {task_bad_metric} --out {tmp}/r.json", "metrics ['f1'] cannot be reported"),
     ("eval", "--model {model} --tasks {task_bad_pre} --out {tmp}/r.json", "preprocess 'hellaswg' is not a"),
+    ("eval", "--model {model} --tasks {task_empty_until} --out {tmp}/r.json", "'until' stop string must be non-empty"),
     ("eval", "--model {model} --tasks {task_mmlu} --out {tmp}/r.json", "loader mmlu reads one subject"),
     ("eval", "--model {model} --tasks qasc --data-dir {bad_flan} --out {tmp}/r.json", "a qasc option must read"),
     (
@@ -119,6 +121,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("compare", "{results} --png {dir}", "is a directory"),
     ("compare", "{results} --png {tmp}/chart.txt", "must end in .png"),
     ("compare", "{results} --png {foreign_png}", "not a --png chart written by slmstack"),
+    ("compare", "{results_not_numbers}", "task 't' is not an slmstack eval result"),
+    ("compare", "{results_task_int}", "task 't' is not an slmstack eval result"),
     # ---- prune
     ("prune", "--model {model} --method magnitude --sparsity 1.5 --out {tmp}/p", "sparsity must be in [0, 1)"),
     ("prune", "--model {model} --method magnitude --sparsity -0.2 --out {tmp}/p", "sparsity must be in [0, 1)"),
@@ -354,6 +358,9 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
     busy.listen()
     _KEEP.append(busy)  # held open for the module: the port stays busy
     f["busy_port"] = busy.getsockname()[1]
+    for name, tasks in (("results_not_numbers", {"t": {"acc": "high"}}), ("results_task_int", {"t": 5})):
+        f[name] = root / f"{name}.json"
+        f[name].write_text(json.dumps({"tasks": tasks, "target": {}}))
     f["json_list"] = root / "list.json"
     f["json_list"].write_text("[1, 2]\n")
     f["results"] = root / "results.json"
@@ -406,6 +413,7 @@ def _task_files(root: Path, f: dict[str, Path], task: dict) -> None:
         "task_bad_metric": {"metrics": ["acc", "f1"]},
         "task_bad_pre": {"preprocess": "hellaswg"},
         "task_mmlu": {"loader": "mmlu", "data_file": None},
+        "task_empty_until": {"kind": "generative", "gold": "choices", "metrics": ["exact_match"], "until": [""]},
     }  # fmt: skip
     for name, extra in broken.items():
         f[name] = write_yaml(root / f"{name}.yaml", {**ok, **extra})
