@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from slmstack.cli import attribute, evaluate, federate, prune, run, serve, study, train, transfer  # noqa: F401
+from slmstack.cli import attribute, evaluate, federate, index, prune, run, serve, study, train, transfer  # noqa: F401
 from slmstack.cli.common import VERBS
 from slmstack.errors import SlmstackError
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO - 10 * min(args.verbose, 1) if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("slmstack").setLevel(logging.INFO if args.handler in _CHATTY or args.verbose else level)
-    for noisy in ("transformers", "huggingface_hub", "peft", "httpx"):
+    for noisy in ("transformers", "huggingface_hub", "peft", "httpx", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.handler(args)
@@ -83,6 +83,7 @@ _ON_INTERRUPT = {
     "study": "the finished cells are saved (rerun the same command to resume)",
     "transfer": "the finished cells are saved (rerun the same command to resume)",
     "prune": "the blocks finished so far are saved in --out; rerun only the missing sparsities",
+    "index": "the index was not finished (rerun the same command to build it)",
     "serve": "the server stopped",
 }
 
@@ -90,6 +91,7 @@ _ON_INTERRUPT = {
 # long-running verbs report their progress at INFO level by default
 _CHATTY = {
     attribute.attribute_cmd,
+    index.index_cmd,
     train.distill_cmd,
     train.train_cmd,
     evaluate.eval_cmd,

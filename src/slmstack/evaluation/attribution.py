@@ -245,7 +245,9 @@ def attribute(stack: Any, tasks: list[str], data_dir: str | Path | None = None, 
         _run_stages(stack, upstream, values)  # the stack's own upstream outputs: generated once, reused below
         reference = _score(stack, spec, docs, contexts, values, metric, batch_size)
         rows = []
-        jobs = [(stage, kind) for stage in chosen for kind in interventions]
+        # "base" regenerates a stage without its adapter: a retrieve stage runs no model, so it has no such variant
+        jobs = [(stage, kind) for stage in chosen for kind in interventions
+                if not (kind == "base" and stage.kind == "retrieve")]  # fmt: skip
         for stage, kind in tqdm(jobs, desc=f"attribute {spec.name}", unit="variant"):
             variant, changed = _intervene(stack, stage, kind, values, docs, spec, seed)
             scores = _score(variant, spec, docs, contexts, changed, metric, batch_size)

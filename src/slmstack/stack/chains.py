@@ -65,6 +65,9 @@ def _submit(chain: Chain) -> None:
     if chain.cancelled:
         _end(chain, GenerationCancelled("generation was cancelled"))
         return
+    if stage.kind == "retrieve":  # no model: the search runs now and the chain moves on to its next stage
+        _retrieve(chain, stage)
+        return
     try:
         settings = stage.generation
         extra = chain.overrides(chain.index) if chain.overrides else {}
@@ -83,6 +86,30 @@ def _submit(chain: Chain) -> None:
         _end(chain, exc)
 
 
+def _retrieve(chain: Chain, stage: StageConfig) -> None:
+    from slmstack.stack.runtime import retrieve_stage
+
+    try:
+        trace = retrieve_stage(chain.stack, stage, [chain.values])[0]
+    except Exception as exc:  # noqa: BLE001 - the chain's caller gets it
+        _end(chain, exc)
+        return
+    _record(chain, trace)
+
+
+def _record(chain: Chain, trace: Any) -> None:
+    """Keep a finished stage's trace, then submit the next stage or end the chain."""
+    chain.result.trace.append(trace)
+    chain.result.answer = trace.output
+    if chain.on_stage is not None:
+        chain.on_stage(trace)
+    chain.index += 1
+    if chain.index < len(chain.stages):
+        _submit(chain)
+    else:
+        _end(chain, None)
+
+
 def _advance(chain: Chain, handle: Any) -> None:
     from slmstack.stack.runtime import StageTrace
 
@@ -97,15 +124,7 @@ def _advance(chain: Chain, handle: Any) -> None:
     trace = StageTrace(stage.name, stack.render(stage, chain.values), out.text, out.tokens_in, out.tokens_out,
                        round(time.perf_counter() - chain.started, 4), None if adapter == BASE_ADAPTER else adapter,
                        out.truncated)  # fmt: skip
-    chain.result.trace.append(trace)
-    chain.result.answer = out.text
-    if chain.on_stage is not None:
-        chain.on_stage(trace)
-    chain.index += 1
-    if chain.index < len(chain.stages):
-        _submit(chain)
-    else:
-        _end(chain, None)
+    _record(chain, trace)
 
 
 def _end(chain: Chain, error: BaseException | None) -> None:

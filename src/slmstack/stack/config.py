@@ -37,6 +37,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "float16-weights", "bfloat16
 # dtypes that are weight formats of the engine (``slmstack.engine.layers.Linear``); compute stays float32
 ENGINE_WEIGHTS = {"float16-weights": "float16-weights", "bfloat16-weights": "bfloat16-weights",
                   "int8-weights": "int8-weights", "int4-weights": "int4-weights"}  # fmt: skip
+DEFAULT_K = 3  # passages a retrieve stage passes on
 ENGINES = ("auto", "native", "compiled", "hf")  # compiled: native, decode steps through torch.compile (CPU)
 
 
@@ -96,17 +97,44 @@ class BackendConfig:
 
 @dataclass(kw_only=True)
 class StageConfig:
-    """One stage: a role (system prompt), a template, decoding settings and an optional LoRA adapter."""
+    """One stage: a role (system prompt), a template, decoding settings and an optional LoRA adapter.
+
+    A ``kind: retrieve`` stage runs no model: its rendered template is a query to the passage index ``index``
+    (built by ``slmstack index``), and its output is the top ``k`` passages, one a line.
+
+    Example (retrieve, then answer from the passages)::
+
+        - {name: facts, kind: retrieve, index: runs/index, k: 3, template: "{input}"}
+        - {name: answer, template: "Facts: {facts} Question: {input}"}
+    """
 
     name: str = field(metadata={"help": "identifier used by later templates as {name}"})
+    kind: Literal["generate", "retrieve"] = field(
+        default="generate", metadata={"help": "generate, or retrieve (query an index; no model)"}
+    )
     role: str = field(default="", metadata={"help": "what this stage does; used as the system prompt"})
     template: str = field(metadata={"help": "prompt with {input} and {earlier_stage} fields"})
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     adapter: str | None = field(default=None, metadata={"help": "peft LoRA directory, relative to the YAML"})
+    index: str | None = field(default=None, metadata={"help": "retrieve: the index folder, relative to the YAML"})
+    k: int | None = field(default=None, metadata={"help": "retrieve: passages to pass on (default 3)"})
+    exclude: list[str] | None = field(default=None, metadata={"help": "retrieve: passage ids never to return"})
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name == INPUT_FIELD:
             raise ConfigError(f"stage name {self.name!r} must be a Python identifier other than 'input'")
+        if self.kind == "retrieve":
+            if self.index is None:
+                raise ConfigError(f"stage {self.name}: a retrieve stage needs index: (a folder from slmstack index)")
+            if self.adapter is not None:
+                raise ConfigError(f"stage {self.name}: a retrieve stage runs no model, so it takes no adapter")
+            self.k = DEFAULT_K if self.k is None else self.k
+            check_range(self, "k", 1, prefix=f"stage {self.name}: ")
+        else:
+            given = [f for f in ("index", "k", "exclude") if getattr(self, f) is not None]
+            if given:
+                raise ConfigError(f"stage {self.name}: {given[0]} applies to retrieve stages; add kind: retrieve, "
+                                  f"or leave {given[0]} out")  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -159,6 +187,9 @@ class StackConfig:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
         _check_templates(self.stages)
+        if self.stages[-1].kind == "retrieve":
+            raise ConfigError(f"stages: the last stage ({self.stages[-1].name}) writes the answer, so it cannot be a "
+                              "retrieve stage; add a stage that reads its passages")  # fmt: skip
         if self.backend is not None:
             for name in ("device", "dtype", "engine"):  # how the process loads and runs a model: nothing to apply to
                 if getattr(self, name) != "auto":
@@ -179,9 +210,16 @@ class StackConfig:
 
     def adapter_path(self, stage: StageConfig) -> Path | None:
         """The stage's adapter directory, resolved relative to the YAML file it came from."""
-        if stage.adapter is None:
+        return self._resolve(stage.adapter)
+
+    def index_path(self, stage: StageConfig) -> Path | None:
+        """A retrieve stage's index folder, resolved relative to the YAML file it came from."""
+        return self._resolve(stage.index)
+
+    def _resolve(self, value: str | None) -> Path | None:
+        if value is None:
             return None
-        path = Path(stage.adapter).expanduser()
+        path = Path(value).expanduser()
         if not path.is_absolute() and self.source is not None:
             path = self.source.parent / path
         return path
@@ -239,6 +277,16 @@ def load_stack_config(path: str | Path | None = None, overrides: list[str] | Non
 
 
 def save_stack_config(config: StackConfig, path: str | Path) -> Path:
-    """Write ``config`` as YAML atomically; :func:`load_stack_config` reads it back equal."""
-    text = yaml.safe_dump(dataclass_to_dict(config), sort_keys=False, allow_unicode=True, width=100)
+    """Write ``config`` as YAML atomically; :func:`load_stack_config` reads it back equal.
+
+    A retrieve stage's index folder is written as an absolute path, so the YAML works from wherever it is saved.
+    """
+    data = dataclass_to_dict(config)
+    for stage, saved in zip(config.stages, data["stages"], strict=True):
+        if stage.kind == "retrieve":
+            saved["index"] = str(Path(config.index_path(stage)).resolve())
+        else:  # a generate stage's YAML stays as it was before retrieve stages existed
+            for key in ("kind", "index", "k", "exclude"):
+                saved.pop(key)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
     return atomic_write_text(Path(path), text)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from slmstack.errors import InputError
 from slmstack.models import LoadedModel, load_model
+from slmstack.retrieval.base import load_stage_retrievers
 from slmstack.stack.adapters import attach_adapters
 from slmstack.stack.backends import LocalBackend, Row, make_backend
 from slmstack.stack.chains import Chain, run_chains
@@ -27,7 +28,7 @@ from slmstack.stack.generation import BASE_ADAPTER, GenerationCancelled
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stack", "StackResult", "StageCall", "StageTrace", "run_stage_calls"]
+__all__ = ["Stack", "StackResult", "StageCall", "StageTrace", "retrieve_stage", "run_stage_calls"]
 
 
 @dataclass
@@ -45,6 +46,7 @@ class StageTrace:
     seconds: float
     adapter: str | None = None
     truncated: bool = False
+    kind: str = "generate"  # or "retrieve": the output is passages from an index, and no model ran
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Stack:
                  adapter_prefix: str = "") -> None:  # fmt: skip
         self.config = config
         self.show_progress = show_progress
+        self.retrievers = load_stage_retrievers(config)  # before the model: a missing index fails at once
         if config.backend is not None:  # a remote engine generates; nothing is loaded here
             self.loaded = self.model = self.tokenizer = None
             self._chat = config.chat_template
@@ -234,8 +237,20 @@ def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] 
     ``values`` and trace. ``on_text(call_index, delta)`` streams the text as it is decoded. Setting ``cancel``
     stops generation at the next token with :class:`GenerationCancelled`.
     """
+    searches: dict[tuple[int, str], list[int]] = {}  # retrieve stages run no model: one search per stack and stage
+    for i, call in enumerate(calls):
+        if call.stage.kind == "retrieve":
+            searches.setdefault((id(call.stack), call.stage.name), []).append(i)
+    for members in searches.values():
+        first = calls[members[0]]
+        for i, trace in zip(members, retrieve_stage(first.stack, first.stage, [calls[i].values for i in members]),
+                            strict=True):  # fmt: skip
+            calls[i].result.trace.append(trace)
+            calls[i].result.answer = trace.output
     groups: list[tuple[Any, tuple, list[int]]] = []
     for i, call in enumerate(calls):
+        if call.stage.kind == "retrieve":
+            continue
         settings = replace(call.stage.generation, **call.overrides) if call.overrides else call.stage.generation
         cfg = call.stack.config
         key = (call.stack._chat, settings, cfg.max_input_tokens, cfg.on_overflow)
@@ -260,6 +275,27 @@ def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] 
             call.result.trace.append(StageTrace(call.stage.name, row.prompt, out.text, out.tokens_in, out.tokens_out,
                                                 round(seconds, 4), adapter, out.truncated))  # fmt: skip
             call.result.answer = out.text
+
+
+def retrieve_stage(stack: Stack, stage: StageConfig, values: list[dict[str, str]]) -> list[StageTrace]:
+    """Run a ``retrieve`` stage for a batch of rows: one search, each row's passages as its output and trace.
+
+    The query is the stage's rendered template; the stage's ``exclude`` ids are never returned (per-query
+    exclusions, such as an item's own passage, go through the retriever's ``search`` directly).
+    """
+    from slmstack.retrieval import format_passages
+
+    start = time.perf_counter()
+    queries = [stack.render(stage, v) for v in values]
+    exclude = [set(stage.exclude or ()) for _ in values]
+    found = stack.retrievers[stage.name].search(queries, stage.k, exclude)
+    seconds = round(time.perf_counter() - start, 4)
+    traces = []
+    for query, row_values, passages in zip(queries, values, found, strict=True):
+        text = format_passages(passages)
+        row_values[stage.name] = text
+        traces.append(StageTrace(stage.name, query, text, 0, 0, seconds, None, False, "retrieve"))
+    return traces
 
 
 def _check_inputs(texts: Sequence[str]) -> None:

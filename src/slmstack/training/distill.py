@@ -33,6 +33,7 @@ from slmstack.io import (
     read_text,
 )
 from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
+from slmstack.retrieval.base import format_passages, load_stage_retrievers
 from slmstack.stack.config import INPUT_FIELD, StackConfig, save_stack_config
 from slmstack.training.data import Example
 from slmstack.training.teachers import Teacher, TeacherReply
@@ -157,12 +158,20 @@ def _check_out_dir(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
     atomic_write_json(path, meta)
 
 
-def _run_item_batch(stack: StackConfig, teacher: Teacher, batch: list[Example], cfg: DistillConfig) -> list[dict]:
+def _run_item_batch(stack: StackConfig, teacher: Teacher, batch: list[Example], cfg: DistillConfig,
+                    retrievers: dict[str, Any]) -> list[dict]:  # fmt: skip
     rows = [{"id": ex.id, "ok": True, "outputs": {}, "prompts": {}, "sources": {}} for ex in batch]
     values = [{INPUT_FIELD: ex.text} for ex in batch]
     last = stack.stages[-1].name
     for stage in stack.stages:
         alive = [i for i, row in enumerate(rows) if row["ok"]]
+        if stage.kind == "retrieve":  # the index answers, as it will at run time: no teacher, nothing to train
+            queries = [stage.template.format(**values[i]) for i in alive]
+            found = retrievers[stage.name].search(queries, stage.k, [set(stage.exclude or ()) for _ in alive])
+            for i, query, passages in zip(alive, queries, found, strict=True):
+                values[i][stage.name] = rows[i]["outputs"][stage.name] = format_passages(passages)
+                rows[i]["prompts"][stage.name], rows[i]["sources"][stage.name] = query, "retrieve"
+            continue
         settings = stage.generation
         if cfg.max_new_tokens:
             settings = replace(settings, max_new_tokens=cfg.max_new_tokens)
@@ -222,6 +231,7 @@ def distill(
     meta["config"].pop("overwrite")
     _check_out_dir(out, meta, cfg.overwrite)
     save_stack_config(stack, out / "stack.yaml")
+    retrievers = load_stage_retrievers(stack)
     journal = out / JOURNAL
     done = read_done_jsonl(journal, "id")
     todo = [ex for ex in examples if ex.id not in done]
@@ -232,7 +242,7 @@ def distill(
     ):
         for s in range(0, len(todo), cfg.batch_size):
             batch = todo[s : s + cfg.batch_size]
-            for row in _run_item_batch(stack, teacher, batch, cfg):
+            for row in _run_item_batch(stack, teacher, batch, cfg, retrievers):
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -252,7 +262,7 @@ def _materialize(stack: StackConfig, teacher: str, out: Path, resumed: int) -> D
         rows = [json.loads(line) for line in jsonl_lines(read_text(out / JOURNAL, "distillation journal"))]
         kept = [r for r in rows if r["ok"]]
         dropped = Counter(f"{r['reason']}@{r['stage']}" for r in rows if not r["ok"])
-        for stage in stack.stages:
+        for stage in (s for s in stack.stages if s.kind != "retrieve"):  # a retrieve stage has nothing to learn
             lines = stage_lines.setdefault(stage.name, [])
             for r in kept:
                 prompt = r["prompts"][stage.name]

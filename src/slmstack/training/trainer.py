@@ -456,7 +456,11 @@ def train_stack(
     """
     cfg = config or TrainConfig()
     out, data_dir = Path(out), Path(data_dir)
-    chosen = [stack.stage(name) for name in stages] if stages else list(stack.stages)
+    chosen = [stack.stage(name) for name in stages] if stages else [s for s in stack.stages if s.kind != "retrieve"]
+    untrainable = [s.name for s in chosen if s.kind == "retrieve"]
+    if untrainable:
+        raise ConfigError(f"stage {untrainable[0]!r} is a retrieve stage: it runs no model, so it has no adapter to "
+                          "train; leave it out of --stages")  # fmt: skip
     files = [data_dir / f"{s.name}.jsonl" for s in chosen]
     run = {"stack": dataclass_to_dict(stack), "data": _sha_files(files), "stages": [s.name for s in chosen],
            "train": {k: v for k, v in dataclass_to_dict(cfg).items() if k != "skip_bad"}}  # fmt: skip

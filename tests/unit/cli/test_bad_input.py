@@ -45,6 +45,22 @@ ROWS: list[tuple[str, str, str]] = [
     ("run", "--stack {remote_ok} --engine native q", "engine: 'native' applies to stacks that run in process"),
     ("run", "--stack {stack} --engine hf --set dtype=int8-weights q", "is a weight format of slmstack's engine"),
     ("run", "--stack {remote_ok} --set dtype=float32 q", "dtype: 'float32' applies to stacks that run in process"),
+    ("run", "--stack {stack_no_index} q", "stage facts: "),
+    ("run", "--stack {stack_no_index} --set stages.0.k=0 q", "stage facts: k must be >= 1"),
+    ("run", "--stack {stack} --set stages.1.kind=retrieve q", "a retrieve stage needs index:"),
+    ("run", "--stack {stack} --set stages.1.k=2 q", "k applies to retrieve stages"),
+    # ---- index
+    ("index", "--corpus {tmp}/none.jsonl --out {tmp}/i", "none.jsonl: corpus not found"),
+    ("index", "--corpus {dir} --out {tmp}/i", "is a directory"),
+    ("index", "--corpus {binary} --out {tmp}/i", "not UTF-8"),
+    ("index", "--corpus {empty_txt} --out {tmp}/i", "the corpus holds no passages"),
+    ("index", "--corpus {bad_jsonl} --out {tmp}/i", "bad.jsonl:2: not valid JSON"),
+    ("index", "--corpus {questions} --out {tmp}/i", "q.jsonl:1: a passage needs a non-empty 'text'"),
+    ("index", "--corpus {not_yaml} --out {tmp}/i", "a corpus is .jsonl"),
+    ("index", "--corpus {corpus_ok} --out {file}", "exists and is not a directory"),
+    ("index", "--corpus {corpus_ok} --out {foreign_dir}", "not written by slmstack index"),
+    ("index", "--corpus {corpus_ok} --out {tmp}/i --kind dense", "unknown retriever 'dense'"),
+    ("index", "--corpus {corpus_dup} --out {tmp}/i", "id 'a' is used twice"),
     # ---- models
     ("models", "--nope", "unrecognized arguments"),
     ("models", "extra", "unrecognized arguments: extra"),
@@ -377,6 +393,15 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
     for name, backend in broken.items():
         f[name] = write_yaml(root / f"{name}.yaml", {**remote, "backend": {**remote["backend"], **backend}})
     f["remote_ok"] = write_yaml(root / "remote_ok.yaml", remote)
+    f["corpus_ok"] = root / "corpus.jsonl"
+    f["corpus_ok"].write_text('{"text": "a dog barks", "id": "a"}\n')
+    f["corpus_dup"] = root / "corpus_dup.jsonl"
+    f["corpus_dup"].write_text('{"text": "a dog barks", "id": "a"}\n{"text": "a cat", "id": "a"}\n')
+    rag = stack_dict(model, max_new=4)
+    rag["stages"][0] = {"name": "facts", "kind": "retrieve", "index": "no_such_index", "template": "{input}"}
+    rag["stages"][1]["template"] = "{facts} {input}"
+    rag["stages"][2]["template"] = "{facts} / {second}: {input}"
+    f["stack_no_index"] = write_yaml(root / "rag.yaml", rag)
     _ownership_files(root, f)
     _task_files(root, f, task)
     _engine_refusals(root, f)
@@ -598,6 +623,7 @@ OWNED: list[tuple[str, str, str]] = [  # (verb, argv template with {own}, what {
     ("transfer", "--config {xfer} --out {own}", "dir"),
     ("study", "--config {study_ok} --out {own}", "dir"),
     ("attribute", "--stack {stack} --tasks {task_gold_text} --out {own}", "dir"),
+    ("index", "--corpus {corpus_ok} --out {own}", "dir"),
 ]
 WRITES_NOTHING = {"models": "prints what is cached", "serve": "answers requests; writes no file"}
 
