@@ -1,9 +1,13 @@
 r"""Tasks with gold rationales, from FLAN v2's chain-of-thought data: ECQA, QASC, StrategyQA and CREAK.
 
 Each ``<name>_train.tsv`` line is ``question \t answer \t rationale`` (newlines written as backslash-n); the
-question of a multiple-choice set ends with ``\nOptions:\n- ...`` (QASC's options are ``(A) text`` and its answer
-is the letter). Every set is scored as the other built-in multiple-choice tasks are (lm-eval's ``acc`` and
-``acc_norm``): ``Question: {question}\nAnswer:`` then `` {option}``. StrategyQA has no options: ``yes``/``no``.
+question of a multiple-choice set ends with ``\nOptions:\n- ...`` (QASC's and AQuA's options are ``(A) text`` and
+the answer is the letter; SenseMaking's answer is ``Sentence A`` of ``Sentence A: "..."``). Every set is scored as
+the other built-in multiple-choice tasks are: ``Question: {question}\nAnswer:`` then `` {option}``, with lm-eval's
+``acc`` and ``acc_norm``, except the yes/no sets (StrategyQA, CREAK: no options, ``yes``/``no``), which report
+``acc`` only: ``acc_norm`` divides by the answer's length in characters, 3 for "yes" and 2 for "no", and so favours
+one answer. A template can name ``{{options_text}}``, the options one a line (the harness adds it to every
+multiple-choice record). SenseMaking and AQuA are read whole, as retrieval corpora only (no test split).
 Each record keeps its ``rationale``, which the task names as its gold text (``gold_text``), for
 ``slmstack attribute``'s oracle and for training the stages of a stack.
 
@@ -26,10 +30,21 @@ from typing import Any
 from slmstack.errors import InputError
 from slmstack.io import check_input_file, read_text
 
-__all__ = ["FLAN_COT", "HELDOUT", "SPLIT_SEED", "flan_cot_specs", "flan_cot_split", "read_flan_cot"]
+__all__ = [
+    "CORPUS_ONLY",
+    "FLAN_COT",
+    "HELDOUT",
+    "SPLIT_SEED",
+    "YES_NO",
+    "flan_cot_specs",
+    "flan_cot_split",
+    "read_flan_cot",
+]
 
-FLAN_COT = ("ecqa", "qasc", "strategyqa", "creak")
+FLAN_COT = ("ecqa", "qasc", "strategyqa", "creak")  # the sets with a held-out test (built-in tasks)
+CORPUS_ONLY = ("sensemaking", "aqua")  # read whole: a retrieval corpus's rationales, never a test
 HELDOUT = {"ecqa": 1000, "qasc": 300, "strategyqa": 400, "creak": 1000}
+YES_NO = ("strategyqa", "creak")  # options yes/no: scored with acc (acc_norm divides by 3 vs 2 characters)
 SPLIT_SEED = 2026
 CSQA_DEV = "commonsenseqa/dev_rand_split.jsonl"
 TEXT = "Question: {{question}}\nAnswer:"
@@ -50,13 +65,17 @@ def _parse(line: str, where: str, name: str) -> dict[str, Any]:
         options = [o.removeprefix("- ").strip() for o in listed.split("\n") if o.strip()]
     else:
         options = ["yes", "no"]
-    if name == "qasc":  # "(A) text" options, answer "(D)"
-        if not options or not all(_QASC_OPTION.match(o) for o in options):
+    if name == "sensemaking":  # options 'Sentence A: "..."', answer "Sentence A"
+        match = [o for o in options if o.startswith(answer + ":")]
+        answer = match[0] if len(match) == 1 else answer
+    if name in ("qasc", "aqua"):  # "(A) text" options, answer "(D)"
+        lettered = [_LETTERED.fullmatch(o) for o in options]
+        if not options or not all(lettered):
             raise InputError(
-                f"{where}: a qasc option must read '(A) text'; got {options[:2]}. Fix or remove the line."
+                f"{where}: a {name} option must read '(A) text'; got {options[:2]}. Fix or remove the line."
             )
-        letters = [o[1] for o in options]
-        options = [o[4:].strip() for o in options]
+        letters = [m.group(1) for m in lettered]
+        options = [m.group(2).strip() for m in lettered]
         answer = options[letters.index(answer.strip("()"))] if answer.strip("()") in letters else answer
     if answer not in options:
         raise InputError(f"{where}: the answer {answer!r} is not one of the options {options}")
@@ -64,7 +83,7 @@ def _parse(line: str, where: str, name: str) -> dict[str, Any]:
             "rationale": rationale}  # fmt: skip
 
 
-_QASC_OPTION = re.compile(r"\([A-Z]\) \S")
+_LETTERED = re.compile(r"\(([A-Z])\)\s*(\S.*)")  # "(A) text": QASC, AQuA (whose texts may start after 2 spaces)
 
 
 def _csqa_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -162,7 +181,8 @@ def flan_cot_specs() -> list[Any]:
     from slmstack.evaluation.tasks import TaskSpec
 
     specs = [TaskSpec(name=name, kind="multiple_choice", loader="flan_cot", text=TEXT, choices="options",
-                      gold="gold", gold_text="rationale", about=f"FLAN v2 CoT {name}, the held-out split")
+                      gold="gold", gold_text="rationale", about=f"FLAN v2 CoT {name}, the held-out split",
+                      metrics=["acc"] if name in YES_NO else ["acc", "acc_norm"])
              for name in FLAN_COT]  # fmt: skip
     specs.append(TaskSpec(name="commonsenseqa_clean", kind="multiple_choice", loader="commonsenseqa_clean",
                           text=TEXT, choices="options", gold="gold",

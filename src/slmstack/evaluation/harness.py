@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "check_results_paths",
+    "options_text",
     "evaluate",
     "markdown_table",
     "mean_stderr",
@@ -55,9 +56,9 @@ def mean_stderr(values: list[float]) -> float:
     return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
-def _render(template: str, doc: Doc, task: str) -> str:
+def _render(template: str, doc: Doc, task: str, extra: dict[str, Any] | None = None) -> str:
     try:
-        return compile_template(template).render(**doc.data)
+        return compile_template(template).render(**{**(extra or {}), **doc.data})
     except UndefinedError as exc:
         raise InputError(f"{doc.where}: task {task!r} needs a field the record lacks ({exc.message})") from None
     except (TemplateError, TypeError, ValueError, ArithmeticError) as exc:  # an operation the record's values reject
@@ -66,8 +67,18 @@ def _render(template: str, doc: Doc, task: str) -> str:
 
 
 def task_context(spec: TaskSpec, doc: Doc) -> str:
-    """The task's description (lm-eval's prompt prefix), then its text, both rendered on the record."""
-    return _render(spec.description, doc, spec.name) + _render(spec.text, doc, spec.name)
+    """The task's description (lm-eval's prompt prefix), then its text, both rendered on the record.
+
+    A multiple-choice task's templates may also name ``options_text``: the choices, one ``- choice`` a line (unless
+    the record has a field of that name), so that every stage of a stack can see the options.
+    """
+    extra = {"options_text": options_text(_choices(spec, doc))} if spec.kind == "multiple_choice" else None
+    return _render(spec.description, doc, spec.name, extra) + _render(spec.text, doc, spec.name, extra)
+
+
+def options_text(choices: list[str]) -> str:
+    """The options as a prompt lists them: ``- choice`` one a line."""
+    return "\n".join(f"- {c}" for c in choices)
 
 
 def _field(doc: Doc, name: str, task: str) -> Any:

@@ -40,6 +40,28 @@ def test_each_layout_parses_to_options_gold_and_rationale(tmp_path: Path) -> Non
     assert read_flan_cot("ecqa", tmp_path)[0]["options"] == ["kitchen", "moon"]
 
 
+def test_the_corpus_only_sets_parse_too(tmp_path: Path) -> None:
+    _tsv(tmp_path, "aqua", ["What is 2 + 2?\\nOptions:\\n(A)  3\\n(B) 4\t(B)\t2 + 2 = 4"])  # AQuA: no "- ", 2 spaces
+    line = 'Which is odd?\\nOptions:\\n- Sentence A: "He drinks apple."\\n- Sentence B: "He drinks milk."\\n'
+    _tsv(tmp_path, "sensemaking", [line + "\tSentence A\tAn apple is not drunk."])
+    aqua, sense = read_flan_cot("aqua", tmp_path)[0], read_flan_cot("sensemaking", tmp_path)[0]
+    assert (aqua["options"], aqua["answer"]) == (["3", "4"], "4")
+    assert sense["answer"] == 'Sentence A: "He drinks apple."' and sense["gold"] == 0
+
+
+def test_yes_no_sets_report_acc_only_and_every_mc_template_can_list_the_options(tmp_path: Path) -> None:
+    from slmstack.evaluation.harness import task_context
+    from slmstack.evaluation.tasks import Doc, TaskSpec
+
+    # acc_norm divides by the answer's characters: "yes" 3, "no" 2, so it would favour an answer
+    assert get_task("strategyqa").metrics == ["acc"] and get_task("creak").metrics == ["acc"]
+    assert get_task("ecqa").metrics == ["acc", "acc_norm"]
+    spec = TaskSpec(name="t", kind="multiple_choice", text="Q: {{question}}\nOptions:\n{{options_text}}\nA:",
+                    choices="options")  # fmt: skip
+    doc = Doc("x", {"question": "Where?", "options": ["kitchen", "moon"], "gold": 0})
+    assert task_context(spec, doc) == "Q: Where?\nOptions:\n- kitchen\n- moon\nA:"
+
+
 def test_a_bad_line_and_a_missing_file_are_named(tmp_path: Path) -> None:
     _tsv(tmp_path, "strategyqa", ["Is ice cold?\tyes\tIce is cold.", "only two\tfields"])
     with pytest.raises(InputError, match=r"strategyqa_train.tsv:2: a strategyqa line needs three"):
