@@ -205,7 +205,7 @@ def _gold_answer(spec: TaskSpec, doc: Any) -> str:
     return str(choices[int(doc.data[spec.gold])])
 
 
-def attribute(stack: Any, tasks: list[str], data_dir: str | Path | None = None, limit: int | None = None,
+def attribute(stack: Any, tasks: list[str | TaskSpec], data_dir: str | Path | None = None, limit: int | None = None,
               subset: str | None = None, stages: list[str] | None = None, interventions: list[str] | None = None,
               seed: int = 0, bootstrap: int = 2000, batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
     """Score every (upstream stage, intervention) of ``stack`` on each task against the stack as it is.
@@ -225,7 +225,7 @@ def attribute(stack: Any, tasks: list[str], data_dir: str | Path | None = None, 
     Returns:
         ``{"stack", "tasks": {task: {"n", "metric", "stack_score", "rows": [...], "contains_gold": {...}}}}``.
     """
-    specs = [get_task(t) for t in tasks]
+    specs = [t if isinstance(t, TaskSpec) else get_task(t) for t in tasks]
     interventions = interventions or default_interventions(specs)
     chosen = check_request(stack.config, specs, stages, interventions)
     upstream = stack.config.stages[:-1]

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,11 @@ __all__ = ["AttributeSettings", "StudyConfig", "StudyTrain", "load_study_config"
 class StudyTrain:
     """LoRA training shared by every arm: the same targets, learning rate, seeds and token budget."""
 
-    token_budget: int = field(default=150_000, metadata={"help": "training tokens per arm (non-padding)"})
+    token_budget: int = field(default=150_000, metadata={"help": "protocol 1: training tokens per arm (non-padding)"})
+    epochs: int = field(
+        default=2, metadata={"help": "protocol 2: passes over each adapter's examples (every answer adapter sees "
+                                     "epochs x train_questions answer examples)"}
+    )  # fmt: skip
     rank: int = field(default=16, metadata={"help": "an arm's total rank: one adapter r, or two of r/2"})
     alpha_per_rank: int = 2
     dropout: float = 0.05
@@ -33,7 +38,7 @@ class StudyTrain:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where native), fp32, bf16"})
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, ("token_budget", "alpha_per_rank", "batch_size"), "train.")
+        require_at_least_one(self, ("token_budget", "epochs", "alpha_per_rank", "batch_size"), "train.")
         if self.rank < 2 or self.rank % 2:
             raise ConfigError(
                 f"train.rank must be an even number >= 2 (two-stage arms get rank/2 each), got {self.rank}"
@@ -47,10 +52,13 @@ class StudyTrain:
 
 @dataclass(kw_only=True)
 class AttributeSettings:
-    """``slmstack attribute`` on S2 (its first seed) at the end of the study."""
+    """``slmstack attribute`` on one stacked arm (its first seed) at the end of the study."""
 
     task: str = "ecqa"
     limit: int = 200
+    arm: str | None = field(
+        default=None, metadata={"help": "the stacked arm to attribute (default: protocol 1 S2, 2 the primary's arm)"}
+    )
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("limit",), "attribute.")
@@ -60,14 +68,27 @@ class AttributeSettings:
 class StudyConfig:
     """Arms x seeds, trained on FLAN CoT questions with their gold rationales, evaluated on held-out and OOD tasks."""
 
+    protocol: int = field(default=2, metadata={"help": "1: the first study as it ran (see docs/study.md for its "
+                                                         "flaws); 2: the fair protocol"})  # fmt: skip
     model: str = "default"
+    device: str = field(default="auto", metadata={"help": "auto (a GPU where there is one), cpu or cuda"})
     data_dir: str = field(metadata={"help": "folder with flan_cot/ and the evaluation tasks' files"})
     train_sets: list[str] = field(default_factory=lambda: ["ecqa", "qasc", "strategyqa", "creak"])
     train_questions: int = field(default=1600, metadata={"help": "questions drawn from the training pools, evenly"})
-    arms: list[str] = field(default_factory=lambda: ["A0", "A1", "A2", "A3", "S2"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    extra_seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "then, for the best arms"})
-    best: int = field(default=2, metadata={"help": "how many arms get the extra seeds"})
+    arms: list[str] = field(default_factory=lambda: ["A1", "A2", "R1", "S2", "RS2"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "every arm runs every seed"})
+    extra_seeds: list[int] = field(default_factory=list, metadata={"help": "protocol 1: then, for the best arms"})
+    best: int = field(default=0, metadata={"help": "protocol 1: how many arms get the extra seeds"})
+    primary: list[str] | None = field(
+        default=None, metadata={"help": "protocol 2: the contrast named before the run, [arm, against]"}
+    )
+    secondary: list[list[str]] = field(default_factory=list, metadata={"help": "protocol 2: Holm-corrected"})
+    k: int = field(default=3, metadata={"help": "passages a retrieve stage passes on"})
+    corpus_sets: list[str] = field(
+        default_factory=lambda: ["ecqa", "qasc", "strategyqa", "creak", "sensemaking", "aqua"],
+        metadata={"help": "the FLAN CoT sets whose training rationales are the retrieval corpus"},
+    )
+    recall_tokens: int = field(default=32, metadata={"help": "the recall stage's knowledge sentence, in tokens"})
     generated_mix: float = field(
         default=0.5,
         metadata={
@@ -91,7 +112,7 @@ class StudyConfig:
     source: Path | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from slmstack.evaluation.flan_cot import FLAN_COT
+        from slmstack.evaluation.flan_cot import CORPUS_ONLY, FLAN_COT
         from slmstack.registry import did_you_mean
         from slmstack.study.arms import ARMS
 
@@ -99,6 +120,11 @@ class StudyConfig:
             if arm not in ARMS:
                 raise ConfigError(
                     f"arms: unknown arm {arm!r}.{did_you_mean(arm, list(ARMS))} Known: {', '.join(ARMS)}"
+                )
+        for name in self.corpus_sets:
+            if name not in FLAN_COT + CORPUS_ONLY:
+                raise ConfigError(
+                    f"corpus_sets: {name!r} is not a FLAN CoT set; use {', '.join(FLAN_COT + CORPUS_ONLY)}"
                 )
         for name in self.train_sets:
             if name not in FLAN_COT:
@@ -109,14 +135,47 @@ class StudyConfig:
             raise ConfigError("seeds and extra_seeds must be >= 0")
         if any(n < 0 for n in self.eval.values()):
             raise ConfigError("eval: each task's item count must be >= 0 (0: all)")
-        require_at_least_one(self, ("train_questions", "reason_tokens", "batch_size"))
+        require_at_least_one(self, ("train_questions", "reason_tokens", "batch_size", "k", "recall_tokens"))
+        if self.protocol not in (1, 2):
+            raise ConfigError(f"protocol must be 1 (the first study) or 2 (the fair protocol), got {self.protocol}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
         check_range(self, "generated_mix", 0, 1)
         check_range(self, "best", 0)
-        require_unique(self, ("arms", "seeds", "extra_seeds", "train_sets"))
+        require_unique(self, ("arms", "seeds", "extra_seeds", "train_sets", "corpus_sets"))
         both = sorted(set(self.seeds) & set(self.extra_seeds))
         if both:
             raise ConfigError(f"seed {both[0]} is in both seeds and extra_seeds; give each seed once")
+        if self.protocol == 2:
+            self._check_protocol_2()
         self._check_tasks()
+        if self.attribute.arm is not None and self.attribute.arm not in self.arms:
+            raise ConfigError(f"attribute.arm {self.attribute.arm!r} is not one of the arms ({', '.join(self.arms)})")
+
+    @property
+    def attributed_arm(self) -> str | None:
+        """The arm whose stages are attributed at the end, if it is a stack in this study."""
+        from slmstack.study.arms import ARMS
+
+        arm = self.attribute.arm or ("S2" if self.protocol == 1 else (self.primary or [None])[0])
+        return arm if arm in self.arms and len(ARMS[arm].stages) > 1 else None
+
+    def _check_protocol_2(self) -> None:
+        """Fixed seeds for every arm (nothing chosen on test results), and contrasts named before the run."""
+        if self.extra_seeds or self.best:
+            raise ConfigError("protocol 2 runs every arm on every seed in seeds: extra_seeds and best (seeds chosen "
+                              "on test results) belong to protocol 1; remove them")  # fmt: skip
+        if self.primary is None and (len(self.arms) > 1 or self.secondary):
+            raise ConfigError("protocol 2 tests one contrast named before the run: add primary: [arm, against] "
+                              "(e.g. [RS2, R1])")  # fmt: skip
+        named = [("primary", self.primary)] if self.primary is not None else []
+        named += [(f"secondary[{i}]", p) for i, p in enumerate(self.secondary)]
+        for label, pair in named:
+            if len(pair) != 2 or pair[0] == pair[1] or any(arm not in self.arms for arm in pair):
+                raise ConfigError(f"{label}: give two different arms of this study, [arm, against]; got {pair}")
+        pairs = [tuple(p) for _, p in named]
+        if len(set(pairs)) != len(pairs):
+            raise ConfigError("secondary: a contrast is named twice (or repeats the primary)")
 
     def _check_tasks(self) -> None:
         """Every evaluation task, and the attribution's, must exist and be multiple choice (items are 0/1)."""

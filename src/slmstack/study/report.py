@@ -28,8 +28,8 @@ def _mean_se(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
-def summarise(results: list[dict[str, Any]], seed: int, bootstrap: int = 2000) -> dict[str, Any]:
-    """Scores (mean and s.e. over seeds), paired tests on the first seed, and the cost per item."""
+def summarise(results: list[dict[str, Any]], seed: int, bootstrap: int = 2000, paired: bool = True) -> dict[str, Any]:
+    """Scores (mean and s.e. over seeds), paired tests on the first seed (protocol 1: ``paired``), cost per item."""
     arms = _by_arm(results)
     tasks = list(next(iter(arms.values()))[0]["tasks"])
     scores = {}
@@ -47,7 +47,7 @@ def summarise(results: list[dict[str, Any]], seed: int, bootstrap: int = 2000) -
         if any(r["cell"]["seed"] == seed for r in runs)
     }
     tests = []
-    for ref in (r for r in REFERENCES if r in first):
+    for ref in (r for r in REFERENCES if r in first and paired):
         for arm in (a for a in first if a != ref):
             for task in [*tasks, "all"]:
                 pick = tasks if task == "all" else [task]
@@ -79,6 +79,30 @@ def summarise(results: list[dict[str, Any]], seed: int, bootstrap: int = 2000) -
             "trainable_parameters": sum(a["trainable_parameters"] for a in r["train"].values()),
         }
     return {"tasks": tasks, "scores": scores, "paired_tests": tests, "cost": cost}
+
+
+def contrasts(results: list[dict[str, Any]], cfg: Any, bootstrap: int = 2000) -> list[dict[str, Any]]:
+    """Protocol 2's contrasts on per-item scores averaged over seeds: the primary as named, the rest Holm-corrected.
+
+    A contrast is tested only when both arms have run every seed (a part-way report leaves it out).
+    """
+    from slmstack.study.stats import contrast, holm, seed_mean_items
+
+    arms = _by_arm(results)
+    tasks = list(cfg.eval)
+    complete = {a for a, runs in arms.items() if sorted(r["cell"]["seed"] for r in runs) == sorted(cfg.seeds)}
+    rows = []
+    for i, (arm, against) in enumerate([cfg.primary or [None, None], *cfg.secondary]):
+        if arm in complete and against in complete:
+            a, b = seed_mean_items(arms[against], tasks), seed_mean_items(arms[arm], tasks)
+            per_task = {t: contrast(seed_mean_items(arms[against], [t]), seed_mean_items(arms[arm], [t]),
+                                    bootstrap, cfg.seeds[0])["delta"] for t in tasks}  # fmt: skip
+            rows.append({"arm": arm, "against": against, "primary": i == 0, **contrast(a, b, bootstrap, cfg.seeds[0]),
+                         "per_task": per_task})  # fmt: skip
+    secondary = [r for r in rows if not r["primary"]]
+    for r, adjusted in zip(secondary, holm([r["p"] for r in secondary]), strict=True):
+        r["p_holm"] = adjusted
+    return rows
 
 
 def protocol_time(results: list[dict[str, Any]], attribution: dict[str, Any] | None = None) -> dict[str, float]:
@@ -114,13 +138,14 @@ def markdown(summary: dict[str, Any], best: list[str], attribution: dict[str, An
     for arm, s in summary["scores"].items():
         cells = " | ".join(_cell(s["tasks"][t]) for t in tasks)
         lines.append(f"| {arm}{' (best)' if arm in best else ''} | {len(s['seeds'])} | {cells} | {_cell(s['mean'])} |")
-    lines += [
-        "",
-        "Paired against A1, A2 and A3 (first seed; Δ = arm - reference, bootstrap 95 % CI, McNemar exact p):",
-        "",
-        "| arm | vs | task | Δ | 95 % CI | p |",
-        "|---|---|---|---:|---|---:|",
-    ]
+    if summary["paired_tests"]:  # protocol 1: every arm against A1, A2 and A3 on the first seed, uncorrected
+        lines += [
+            "",
+            "Paired against A1, A2 and A3 (first seed; Δ = arm - reference, bootstrap 95 % CI, McNemar exact p):",
+            "",
+            "| arm | vs | task | Δ | 95 % CI | p |",
+            "|---|---|---|---:|---|---:|",
+        ]
     for t in summary["paired_tests"]:
         lo, hi = t["ci95"]
         lines.append(
@@ -139,6 +164,8 @@ def markdown(summary: dict[str, Any], best: list[str], attribution: dict[str, An
             f"| {arm} | {c['generated_tokens_per_item']:.1f} | {c['seconds_per_item']:.3f} | "
             f"{c['train_tokens']:,} | {c['trainable_parameters']:,} |"
         )
+    if summary.get("contrasts") is not None:
+        lines += _contrast_lines(summary["contrasts"])
     t = summary["time"]  # set by write_report, which knows the attribution
     lines += ["", f"Time of the protocol: {t['total_hours']:.2f} h (training {t['train_hours']:.2f} h, evaluation "
               f"{t['eval_hours']:.2f} h, attribution {t['attribution_hours']:.2f} h)."]  # fmt: skip
@@ -147,6 +174,21 @@ def markdown(summary: dict[str, Any], best: list[str], attribution: dict[str, An
 
         lines += ["", attribution_markdown(attribution).replace("# Stage attribution", "## Stage attribution")]
     return "\n".join(lines) + "\n"
+
+
+def _contrast_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "Contrasts named before the run (per-item scores averaged over seeds; Δ = arm - against; bootstrap "
+             "95 % CI; two-sided paired randomization p; the secondary contrasts Holm-corrected):", "",
+             "| contrast | arm | against | Δ | 95 % CI | p | p (Holm) | n |",
+             "|---|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lo, hi = r["ci95"]
+        holm = "—" if r["primary"] else f"{r['p_holm']:.3g}"
+        lines.append(f"| {'primary' if r['primary'] else 'secondary'} | {r['arm']} | {r['against']} | "
+                     f"{r['delta']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['p']:.3g} | {holm} | {r['n']} |")  # fmt: skip
+    if not rows:
+        lines.append("| (no contrast yet: an arm of each has seeds still to run) | | | | | | | |")
+    return lines
 
 
 def plot(summary: dict[str, Any], png: Path) -> None:
@@ -189,7 +231,9 @@ def write_report(
 
     ``pending``: the cells of the plan not run yet (a report written part-way, ``slmstack study --report``).
     """
-    summary = summarise(results, cfg.seeds[0])
+    summary = summarise(results, cfg.seeds[0], paired=cfg.protocol == 1)
+    if cfg.protocol == 2:
+        summary["contrasts"] = contrasts(results, cfg)
     summary["time"] = protocol_time(results, attribution)
     summary["best"], summary["pending"] = best, pending or []
     cells = [

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from slmstack.errors import ConfigError, InputError
 from slmstack.grid import CellGrid, check_scores
 from slmstack.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
-from slmstack.study.arms import ARMS, ROLE_ANSWER, ROLE_REASON, AdapterPlan, stages_for
+from slmstack.study.arms import ARMS, AdapterPlan, stages_for
 from slmstack.study.config import StudyConfig
+from slmstack.study.data import first_sentence, mixed, render_example, stage_prompt, task_spec, truncate_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -68,64 +69,118 @@ class Study(CellGrid):
 
     # ---- data
     def pool(self) -> list[dict[str, Any]]:
-        """The training questions: an even, seeded draw from each set's training split, with their contexts."""
+        """The training questions: an even, seeded draw from each set's training split, with their contexts.
+
+        Each row also holds its ``knowledge`` sentence (the rationale's first) and, when an arm retrieves, its
+        top-k ``facts`` from the study's index with the row's own rationale excluded.
+        """
         if self._pool is None:
             from slmstack.evaluation.flan_cot import flan_cot_split
             from slmstack.evaluation.harness import task_context
-            from slmstack.evaluation.tasks import Doc, get_task
+            from slmstack.evaluation.tasks import Doc
 
             per_set = self.cfg.train_questions // len(self.cfg.train_sets)
             pool = []
             for name in self.cfg.train_sets:
                 train, _ = flan_cot_split(name, self.data_dir)
                 chosen = random.Random(f"study/{name}").sample(train, min(per_set, len(train)))
-                spec = get_task(name)
-                pool += [{**r, "set": name, "context": task_context(spec, Doc(r["id"], r))} for r in chosen]
+                spec = task_spec(name, self.cfg.protocol)
+                pool += [{**r, "set": name, "context": task_context(spec, Doc(r["id"], r)),
+                          "knowledge": first_sentence(r["rationale"])} for r in chosen]  # fmt: skip
             random.Random("study/pool").shuffle(pool)
+            if self._retrieves:
+                self._add_facts(pool)
             self._pool = pool
         return self._pool
 
-    def examples(self, cell: StudyCell, plan: AdapterPlan) -> list[tuple[str, str, str]]:
-        """(role, prompt, completion) training examples for one adapter, rendered as its stages render them."""
+    def check_data(self) -> None:
+        """Read every training and corpus set once, so that missing or malformed data is named before any work."""
+        from slmstack.evaluation.flan_cot import FLAN_COT, flan_cot_split, read_flan_cot
+
+        for name in dict.fromkeys(self.cfg.train_sets + (self.cfg.corpus_sets if self._retrieves else [])):
+            if name in FLAN_COT:
+                flan_cot_split(name, self.data_dir)
+            else:
+                read_flan_cot(name, self.data_dir)
+
+    @property
+    def _retrieves(self) -> bool:
+        return any(ARMS[a].retrieves for a in self.cfg.arms)
+
+    def _add_facts(self, pool: list[dict[str, Any]]) -> None:
+        from slmstack.retrieval import format_passages, load_retriever
+        from slmstack.study.retrieval import own_ids
+
+        found = load_retriever(self.ensure_index()).search([r["context"] for r in pool], self.cfg.k,
+                                                           [own_ids(r) for r in pool])  # fmt: skip
+        for row, passages in zip(pool, found, strict=True):
+            row["facts"] = format_passages(passages)
+
+    def ensure_index(self) -> Path:
+        """The study's passage index (built once): the training rationales of the six FLAN CoT sets."""
+        from slmstack.retrieval import build_index
+        from slmstack.study.retrieval import build_corpus
+
+        folder = self.out / "retrieval"
+        if not (folder / "index" / "index.json").is_file():
+
+            def write(tmp: Path) -> None:
+                corpus = build_corpus(self.data_dir, tmp / "corpus.jsonl", tuple(self.cfg.corpus_sets))
+                build_index(corpus, tmp / "index", show_progress=False)
+
+            atomic_dir(folder, write)
+        return folder / "index"
+
+    def examples(self, cell: StudyCell, plan: AdapterPlan, tokenizer: Any) -> list[tuple[str, str, str]]:
+        """(role, prompt, completion) training examples for one adapter, rendered as its stages render them.
+
+        Protocol 2 cuts every text one stage reads from another to the length that stage writes at test time.
+        """
         pool = self.pool()
+        cut = self.cfg.protocol == 2
+
+        def short(text: str, n: int) -> str:
+            return truncate_tokens(text, tokenizer, n) if cut else text
+
         out: list[tuple[str, str, str]] = []
         for kind in plan.data:
-            if kind == "answer":
-                out += [(ROLE_ANSWER, r["context"], r["answer"]) for r in pool]
-            elif kind == "reason":
-                out += [(ROLE_REASON, r["context"], r["rationale"]) for r in pool]
-            else:  # answer|gold or answer|mix: the answer stage, given a rationale
-                rationales = [r["rationale"] for r in pool]
-                if kind == "answer|mix":
-                    rationales = self._mix(cell, rationales)
-                out += [
-                    (ROLE_ANSWER, f"Reasoning: {why}\n{r['context']}", r["answer"])
-                    for r, why in zip(pool, rationales, strict=True)
-                ]
+            if kind in ("reason", "answer|gold", "answer|mix"):
+                texts = [short(r["rationale"], self.cfg.reason_tokens) for r in pool]
+            elif kind in ("recall", "answer|recall"):
+                texts = [short(r["knowledge"], self.cfg.recall_tokens) for r in pool]
+            else:
+                texts = [None] * len(pool)
+            if kind in ("answer|mix", "answer|recall"):
+                texts = self._mix(cell, "reason" if kind == "answer|mix" else "recall", texts)
+            out += [render_example(kind, r, t) for r, t in zip(pool, texts, strict=True)]
         random.Random(f"study/{cell.id}/{'+'.join(plan.data)}").shuffle(out)
         return out
 
-    def _mix(self, cell: StudyCell, gold: list[str]) -> list[str]:
-        """Gold rationales, a ``generated_mix`` share replaced by what the arm's trained reason stage writes."""
+    def _mix(self, cell: StudyCell, stage_name: str, gold: list[str]) -> list[str]:
+        """Gold texts, a ``generated_mix`` share replaced by what the arm's trained ``stage_name`` stage writes."""
         from slmstack.stack.config import StackConfig
         from slmstack.stack.runtime import Stack
 
         pool = self.pool()
-        chosen = sorted(
-            random.Random(f"study/{cell.id}/mix").sample(range(len(pool)), round(self.cfg.generated_mix * len(pool)))
-        )
+        chosen = mixed(gold, self.cfg.generated_mix, f"study/{cell.id}/mix")
         if not chosen:
             return gold
-        reason = stages_for(True, self.cfg.reason_tokens)[0]
-        reason.adapter = str(self.adapter_dir(cell, "reason"))
-        stack = Stack(
-            StackConfig(name="reason", model=self.cfg.model, stages=[reason], batch_size=self.cfg.batch_size)
-        )
-        written = stack.run_batch([pool[i]["context"] for i in chosen])
-        mixed = list(gold)
+        stage = next(s for s in self._stages(cell) if s.name == stage_name)
+        # the stage as it runs in the arm, its earlier stages' text given: the same prompt as at test time, and
+        # the row's own rationale still excluded from its passages
+        stage = replace(stage, template="{input}", adapter=str(self.adapter_dir(cell, stage_name)))
+        prompts = [stage_prompt(self._stages(cell), stage_name, pool[i]) for i in chosen]
+        stack = Stack(StackConfig(name=stage_name, model=self.cfg.model, device=self.cfg.device, stages=[stage],
+                                  batch_size=self.cfg.batch_size))  # fmt: skip
+        written = stack.run_batch(prompts)
+        out = list(gold)
         for i, result in zip(chosen, written, strict=True):
-            mixed[i] = result.answer
-        return mixed
+            out[i] = result.answer
+        return out
+
+    def _stages(self, cell: StudyCell) -> list[Any]:
+        index = self.out / "retrieval" / "index"
+        return stages_for(ARMS[cell.arm], self.cfg.reason_tokens, self.cfg.recall_tokens, index, self.cfg.k)
 
     # ---- adapters
     def adapter_dir(self, cell: StudyCell, name: str) -> Path:
@@ -161,19 +216,17 @@ class Study(CellGrid):
         from slmstack.training.trainer import train_lora_steps
 
         t = self.cfg.train
+        lm = load_model(self.cfg.model, device=self.cfg.device, dtype="float32")
         start = time.perf_counter()
-        examples = self.examples(cell, plan)  # S2's answer stage: generated by its reason stage here
+        examples = self.examples(cell, plan, lm.tokenizer)  # S2's, RS2's answer stage: written by its stage here
         data_seconds = time.perf_counter() - start
-        lm = load_model(self.cfg.model, device="cpu", dtype="float32")
         chat = bool(getattr(lm.tokenizer, "chat_template", None))
         tokenized = [
             tokenize_example(lm.tokenizer, role, prompt, completion, t.max_length, chat)
             for role, prompt, completion in examples
         ]
         rank = max(1, round(t.rank * plan.share))
-        budget = t.token_budget * plan.share
-        mean_len = sum(len(e.input_ids) for e in tokenized) / len(tokenized)
-        steps = max(1, math.ceil(budget / (t.batch_size * mean_len)))
+        steps = train_steps(tokenized, t, plan.share, self.cfg.protocol)
         torch.manual_seed(cell.seed)
         lora = LoraConfig(
             r=rank,
@@ -227,13 +280,14 @@ class Study(CellGrid):
         from slmstack.stack.config import StackConfig
 
         arm = ARMS[cell.arm]
-        stages = stages_for(arm.two_stage, self.cfg.reason_tokens)
+        if arm.retrieves:
+            self.ensure_index()
+        stages = self._stages(cell)
         for stage in stages:
             if stage.name in arm.stage_adapter:
                 stage.adapter = str(adapters[arm.stage_adapter[stage.name]])
-        return StackConfig(
-            name=f"study-{cell.id}", model=self.cfg.model, stages=stages, batch_size=self.cfg.batch_size
-        )
+        return StackConfig(name=f"study-{cell.id}", model=self.cfg.model, device=self.cfg.device, stages=stages,
+                           batch_size=self.cfg.batch_size)  # fmt: skip
 
     def write_stack(self, cell: StudyCell) -> Path:
         """``stacks/<cell>.yaml``: the arm's trained stack, for ``slmstack run/eval/attribute --stack``."""
@@ -254,7 +308,7 @@ class Study(CellGrid):
         """Train what the arm needs, then score its stack on every evaluation task (each item kept)."""
         from slmstack.evaluation.harness import MAIN_METRIC, multiple_choice_items
         from slmstack.evaluation.targets import StackTarget
-        from slmstack.evaluation.tasks import get_task, load_docs, select_subset
+        from slmstack.evaluation.tasks import load_docs, select_subset
         from slmstack.stack.runtime import Stack
 
         path = self.cell_path(cell)
@@ -268,7 +322,7 @@ class Study(CellGrid):
         stack = Stack(self.stack_config(cell, adapters))
         tasks = {}
         for name, n in self.cfg.eval.items():
-            spec = get_task(name)
+            spec = task_spec(name, self.cfg.protocol)
             docs = select_subset(load_docs(spec, self.data_dir), None, n or None)
             target = StackTarget(stack)
             t0 = time.perf_counter()
@@ -293,8 +347,9 @@ class Study(CellGrid):
         return result
 
     def prerequisites(self, todo: list[StudyCell]) -> list[list[tuple[str, tuple]]]:
-        """On Ray: every cell's adapters first (each cell's in one task, since S2's answer needs its reason)."""
-        return [[("ensure_adapters", (cell,)) for cell in todo if ARMS[cell.arm].adapters]]
+        """On Ray: the passage index, then every cell's adapters (each cell's in one task: a stage after another)."""
+        index = [[("ensure_index", ())]] if any(ARMS[c.arm].retrieves for c in todo) else []
+        return index + [[("ensure_adapters", (cell,)) for cell in todo if ARMS[cell.arm].adapters]]
 
 
 def prepare_study(cfg: StudyConfig, out: Path, check_data: bool = True) -> Study:
@@ -306,10 +361,24 @@ def prepare_study(cfg: StudyConfig, out: Path, check_data: bool = True) -> Study
             raise ConfigError(f"{out} holds a different study; use another --out")
     study = Study(cfg, out)
     if check_data:
-        study.pool()  # the data is checked before any model loads
-    claim_dir(out, "study", "study output (--out)")
+        study.check_data()  # before any model loads, and before anything is written
+        claim_dir(out, "study", "study output (--out)")
+        study.pool()  # builds the passage index where an arm retrieves
     atomic_write_json(out / STUDY, settings)
     return study
+
+
+def train_steps(tokenized: list[Any], t: Any, share: float, protocol: int) -> int:
+    """Optimizer steps for one adapter.
+
+    Protocol 2: ``epochs`` passes over its examples, so that every answer adapter sees the same number of answer
+    examples whatever else it learns. Protocol 1 (as the first study ran): a token budget over whole examples,
+    prompt tokens included, so arms whose prompts carry a rationale got fewer steps.
+    """
+    if protocol == 2:
+        return max(1, math.ceil(len(tokenized) * t.epochs / t.batch_size))
+    mean_len = sum(len(e.input_ids) for e in tokenized) / len(tokenized)
+    return max(1, math.ceil(t.token_budget * share / (t.batch_size * mean_len)))
 
 
 def _mean_score(result: dict[str, Any]) -> float:
@@ -340,14 +409,14 @@ def run_study(cfg: StudyConfig, out: str | Path, executor: str = "local", report
         results = list(done.values())
     else:
         first = study.run(executor)
-        best, pending = _best(first, cfg.best), []
+        best, pending = (_best(first, cfg.best) if cfg.protocol == 1 else []), []
         extra = [StudyCell(arm, seed) for arm in best for seed in cfg.extra_seeds if seed not in cfg.seeds]
         results = first + (study.run(executor, extra) if extra else [])
     for result in results:
         cell = StudyCell(result["cell"]["arm"], result["cell"]["seed"])
         if ARMS[cell.arm].adapters:
             study.write_stack(cell)
-    attribution = _attribute(study, compute=not report_only) if "S2" in cfg.arms else None
+    attribution = _attribute(study, compute=not report_only) if cfg.attributed_arm else None
     return write_report(study.out, cfg, results, best, attribution, pending)
 
 
@@ -366,11 +435,11 @@ def _attribute(study: Study, compute: bool = True) -> dict[str, Any] | None:
         return read_json(folder / "attribution.json", "attribution report", expect=dict)
     if not compute:
         return None
-    cell = StudyCell("S2", study.cfg.seeds[0])
-    stack = Stack(study.stack_config(cell, study.ensure_adapters(cell)))
     a = study.cfg.attribute
+    cell = StudyCell(study.cfg.attributed_arm, study.cfg.seeds[0])
+    stack = Stack(study.stack_config(cell, study.ensure_adapters(cell)))
     start = time.perf_counter()
-    report = attribute(stack, [a.task], study.data_dir, limit=a.limit)
+    report = attribute(stack, [task_spec(a.task, study.cfg.protocol)], study.data_dir, limit=a.limit)
     report["seconds"] = round(time.perf_counter() - start, 1)
     folder.mkdir(parents=True, exist_ok=True)
     plot(report, folder / "attribution.png")

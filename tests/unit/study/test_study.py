@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slmstack.cli import main
 from slmstack.study.config import load_study_config
@@ -31,6 +32,7 @@ def _data(root: Path) -> Path:
 
 def _config(tmp_path: Path, model: Path) -> Path:
     body = {
+        "protocol": 1,
         "model": str(model),
         "data_dir": str(_data(tmp_path / "data")),
         "train_sets": ["qasc", "strategyqa"],
@@ -125,3 +127,90 @@ def test_a_config_error_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
         load_study_config(config, ["arms=[A1,S22]"])
     with pytest.raises(ConfigError, match="train.rank must be an even number"):
         load_study_config(config, ["train.rank=3"])
+
+
+def _config_v2(tmp_path: Path, model: Path) -> Path:
+    body = {
+        "model": str(model),
+        "data_dir": str(_data(tmp_path / "data")),
+        "train_sets": ["qasc", "strategyqa"],
+        "corpus_sets": ["qasc", "strategyqa"],
+        "train_questions": 8,
+        "arms": ["A1", "R1", "RS2"],
+        "seeds": [0, 1],
+        "primary": ["RS2", "R1"],
+        "secondary": [["R1", "A1"], ["RS2", "A1"]],
+        "k": 2,
+        "reason_tokens": 6,
+        "recall_tokens": 5,
+        "batch_size": 4,
+        "eval": {"qasc": 4, "strategyqa": 4},
+        "attribute": {"task": "qasc", "limit": 4, "arm": "RS2"},
+        "train": {"epochs": 1, "rank": 4, "batch_size": 2, "max_length": 96, "precision": "fp32"},
+    }
+    return write_yaml(tmp_path / "study_v2.yaml", body)
+
+
+def test_a_protocol_2_study_with_retrieval_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    from slmstack.study import run as run_module
+
+    config, out = _config_v2(tmp_path, tiny_model_dir), tmp_path / "out"
+    real, prompts = run_module.Study.run_cell, []
+    real_examples = run_module.Study.examples
+
+    def dying(self, cell):
+        if cell.arm == "RS2" and cell.seed == 1 and not self.cell_path(cell).is_file():
+            raise KeyboardInterrupt
+        return real(self, cell)
+
+    def recording(self, cell, plan, tokenizer):
+        examples = real_examples(self, cell, plan, tokenizer)
+        prompts.extend((cell.arm, plan.data, p) for _, p, _ in examples)
+        return examples
+
+    monkeypatch.setattr(run_module.Study, "run_cell", dying)
+    monkeypatch.setattr(run_module.Study, "examples", recording)
+    # Execute: killed at the last cell, then resumed
+    assert main(["study", "--config", str(config), "--out", str(out)]) == 130
+    assert len(list((out / "cells").glob("*.json"))) == 5
+    monkeypatch.setattr(run_module.Study, "run_cell", real)
+    assert main(["study", "--config", str(config), "--out", str(out)]) == 0
+    # Assert: every arm ran every seed (no selection), and the contrasts were tested as named
+    summary = json.loads((out / "results.json").read_text())
+    assert sorted(p.name for p in (out / "cells").glob("*.json")) == sorted(
+        f"{a}__s{s}.json" for a in ("A1", "R1", "RS2") for s in (0, 1)
+    )  # fmt: skip
+    primary, *secondary = summary["contrasts"]
+    assert (primary["arm"], primary["against"], primary["primary"], primary["n"]) == ("RS2", "R1", True, 8)
+    assert [(c["arm"], c["against"]) for c in secondary] == [("R1", "A1"), ("RS2", "A1")]
+    assert all(c["p_holm"] >= c["p"] for c in secondary) and "p_holm" not in primary
+    assert summary["paired_tests"] == []  # protocol 1's uncorrected first-seed tests are gone
+    assert "Contrasts named before the run" in (out / "results.md").read_text()
+    # every stage saw the options, in training (every example of every adapter) as in the stacks
+    assert prompts and all("Options:\n- " in p for _, _, p in prompts)
+    assert all("Passages:\n" in p for arm, data, p in prompts if data in (("answer|passages",), ("recall",)))
+    # every answer adapter saw the same number of answer examples, whatever else it learned
+    records = {p.parent.name: json.loads(p.read_text()) for p in (out / "adapters").glob("*/train.json")}
+    answers = {n: r["examples"] for n, r in records.items() if n.split("-")[1] in ("main", "answer")}
+    assert len(set(answers.values())) == 1 and len(answers) == 6, answers
+    # the trained stacks read the study's index; RS2's attribution covers both upstream stages
+    stages = yaml.safe_load((out / "stacks" / "RS2__s0.yaml").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["facts", "recall", "answer"] and stages[0]["kind"] == "retrieve"
+    rows = json.loads((out / "attribution" / "attribution.json").read_text())["tasks"]["qasc"]["rows"]
+    assert {(r["stage"], r["intervention"]) for r in rows} >= {("facts", "skip"), ("recall", "base")}
+    assert ("facts", "base") not in {(r["stage"], r["intervention"]) for r in rows}
+
+
+def test_a_pool_items_own_rationale_is_never_among_its_passages(tiny_model_dir, tmp_path) -> None:
+    from slmstack.study.config import load_study_config
+    from slmstack.study.run import prepare_study
+
+    study = prepare_study(load_study_config(_config_v2(tmp_path, tiny_model_dir)), tmp_path / "out")
+    pool = study.pool()
+    assert pool and all(r["facts"] for r in pool)
+    assert all(f"- {r['rationale']}" not in r["facts"].split("\n") for r in pool)
+    # and without the exclusion, the own rationale is the best passage for most items (so the rule matters)
+    from slmstack.retrieval import load_retriever
+
+    found = load_retriever(study.ensure_index()).search([r["context"] for r in pool], 1)
+    assert sum(p[0].id == r["id"] for p, r in zip(found, pool, strict=True) if p) >= len(pool) // 2
