@@ -12,9 +12,20 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from slmstack.study.arms import ANSWER_TEMPLATES, RECALL_TEMPLATE, ROLE_ANSWER, ROLE_REASON, ROLE_RECALL
+from slmstack.io import atomic_dir
+from slmstack.study.arms import (
+    ANSWER_TEMPLATES,
+    ARMS,
+    RECALL_TEMPLATE,
+    ROLE_ANSWER,
+    ROLE_REASON,
+    ROLE_RECALL,
+    AdapterPlan,
+    stages_for,
+)
 
 __all__ = ["first_sentence", "mixed", "render_example", "stage_prompt", "task_spec", "truncate_tokens", "with_options"]
 
@@ -82,3 +93,127 @@ def stage_prompt(stages: list[Any], name: str, row: dict[str, Any]) -> str:
 def mixed(texts: list[str], share: float, seed: str) -> list[int]:
     """The seeded indices (a ``share`` of them) whose text a trained stage rewrites."""
     return sorted(random.Random(seed).sample(range(len(texts)), round(share * len(texts))))
+
+
+class StudyData:
+    """The study's training data, as a part of :class:`slmstack.study.run.Study` (which holds ``cfg`` and ``out``)."""
+
+    cfg: Any
+    out: Path
+    data_dir: Path
+    _pool: list[dict[str, Any]] | None
+
+    # ---- data
+    def pool(self) -> list[dict[str, Any]]:
+        """The training questions: an even, seeded draw from each set's training split, with their contexts.
+
+        Each row also holds its ``knowledge`` sentence (the rationale's first) and, when an arm retrieves, its
+        top-k ``facts`` from the study's index with the row's own rationale excluded.
+        """
+        if self._pool is None:
+            from slmstack.evaluation.flan_cot import flan_cot_split
+            from slmstack.evaluation.harness import task_context
+            from slmstack.evaluation.tasks import Doc
+
+            per_set = self.cfg.train_questions // len(self.cfg.train_sets)
+            pool = []
+            for name in self.cfg.train_sets:
+                train, _ = flan_cot_split(name, self.data_dir)
+                chosen = random.Random(f"study/{name}").sample(train, min(per_set, len(train)))
+                spec = task_spec(name, self.cfg.protocol)
+                pool += [{**r, "set": name, "context": task_context(spec, Doc(r["id"], r)),
+                          "knowledge": first_sentence(r["rationale"])} for r in chosen]  # fmt: skip
+            random.Random("study/pool").shuffle(pool)
+            if self._retrieves:
+                self._add_facts(pool)
+            self._pool = pool
+        return self._pool
+
+    def check_data(self) -> None:
+        """Read every training and corpus set once, so that missing or malformed data is named before any work."""
+        from slmstack.evaluation.flan_cot import FLAN_COT, flan_cot_split, read_flan_cot
+
+        for name in dict.fromkeys(self.cfg.train_sets + (self.cfg.corpus_sets if self._retrieves else [])):
+            if name in FLAN_COT:
+                flan_cot_split(name, self.data_dir)
+            else:
+                read_flan_cot(name, self.data_dir)
+
+    @property
+    def _retrieves(self) -> bool:
+        return any(ARMS[a].retrieves for a in self.cfg.arms)
+
+    def _add_facts(self, pool: list[dict[str, Any]]) -> None:
+        from slmstack.retrieval import format_passages, load_retriever
+        from slmstack.study.retrieval import own_ids
+
+        found = load_retriever(self.ensure_index()).search([r["context"] for r in pool], self.cfg.k,
+                                                           [own_ids(r) for r in pool])  # fmt: skip
+        for row, passages in zip(pool, found, strict=True):
+            row["facts"] = format_passages(passages)
+
+    def ensure_index(self) -> Path:
+        """The study's passage index (built once): the training rationales of the six FLAN CoT sets."""
+        from slmstack.retrieval import build_index
+        from slmstack.study.retrieval import build_corpus
+
+        folder = self.out / "retrieval"
+        if not (folder / "index" / "index.json").is_file():
+
+            def write(tmp: Path) -> None:
+                corpus = build_corpus(self.data_dir, tmp / "corpus.jsonl", tuple(self.cfg.corpus_sets))
+                build_index(corpus, tmp / "index", show_progress=False)
+
+            atomic_dir(folder, write)
+        return folder / "index"
+
+    def examples(self, cell: Any, plan: AdapterPlan, tokenizer: Any) -> list[tuple[str, str, str]]:
+        """(role, prompt, completion) training examples for one adapter, rendered as its stages render them.
+
+        Protocol 2 cuts every text one stage reads from another to the length that stage writes at test time.
+        """
+        pool = self.pool()
+        cut = self.cfg.protocol == 2
+
+        def short(text: str, n: int) -> str:
+            return truncate_tokens(text, tokenizer, n) if cut else text
+
+        out: list[tuple[str, str, str]] = []
+        for kind in plan.data:
+            if kind in ("reason", "answer|gold", "answer|mix"):
+                texts = [short(r["rationale"], self.cfg.reason_tokens) for r in pool]
+            elif kind in ("recall", "answer|recall"):
+                texts = [short(r["knowledge"], self.cfg.recall_tokens) for r in pool]
+            else:
+                texts = [None] * len(pool)
+            if kind in ("answer|mix", "answer|recall"):
+                texts = self._mix(cell, "reason" if kind == "answer|mix" else "recall", texts)
+            out += [render_example(kind, r, t) for r, t in zip(pool, texts, strict=True)]
+        random.Random(f"study/{cell.id}/{'+'.join(plan.data)}").shuffle(out)
+        return out
+
+    def _mix(self, cell: Any, stage_name: str, gold: list[str]) -> list[str]:
+        """Gold texts, a ``generated_mix`` share replaced by what the arm's trained ``stage_name`` stage writes."""
+        from slmstack.stack.config import StackConfig
+        from slmstack.stack.runtime import Stack
+
+        pool = self.pool()
+        chosen = mixed(gold, self.cfg.generated_mix, f"study/{cell.id}/mix")
+        if not chosen:
+            return gold
+        stage = next(s for s in self._stages(cell) if s.name == stage_name)
+        # the stage as it runs in the arm, its earlier stages' text given: the same prompt as at test time, and
+        # the row's own rationale still excluded from its passages
+        stage = replace(stage, template="{input}", adapter=str(self.adapter_dir(cell, stage_name)))
+        prompts = [stage_prompt(self._stages(cell), stage_name, pool[i]) for i in chosen]
+        stack = Stack(StackConfig(name=stage_name, model=self.cfg.model, device=self.cfg.device, stages=[stage],
+                                  batch_size=self.cfg.batch_size))  # fmt: skip
+        written = stack.run_batch(prompts)
+        out = list(gold)
+        for i, result in zip(chosen, written, strict=True):
+            out[i] = result.answer
+        return out
+
+    def _stages(self, cell: Any) -> list[Any]:
+        index = self.out / "retrieval" / "index"
+        return stages_for(ARMS[cell.arm], self.cfg.reason_tokens, self.cfg.recall_tokens, index, self.cfg.k)

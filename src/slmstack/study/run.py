@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,9 @@ from slmstack.errors import ConfigError, InputError
 from slmstack.grid import CellGrid, check_scores
 from slmstack.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
-from slmstack.study.arms import ARMS, AdapterPlan, stages_for
+from slmstack.study.arms import ARMS, AdapterPlan
 from slmstack.study.config import StudyConfig
-from slmstack.study.data import first_sentence, mixed, render_example, stage_prompt, task_spec, truncate_tokens
+from slmstack.study.data import StudyData, task_spec
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class StudyCell:
         return f"{self.arm}__s{self.seed}"
 
 
-class Study(CellGrid):
+class Study(StudyData, CellGrid):
     """The cells of a :class:`StudyConfig`, with the adapters they need."""
 
     kind = "study"
@@ -66,121 +65,6 @@ class Study(CellGrid):
         self.data_dir = cfg.resolve(cfg.data_dir)
         self.cells = [StudyCell(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
         self._pool: list[dict[str, Any]] | None = None
-
-    # ---- data
-    def pool(self) -> list[dict[str, Any]]:
-        """The training questions: an even, seeded draw from each set's training split, with their contexts.
-
-        Each row also holds its ``knowledge`` sentence (the rationale's first) and, when an arm retrieves, its
-        top-k ``facts`` from the study's index with the row's own rationale excluded.
-        """
-        if self._pool is None:
-            from slmstack.evaluation.flan_cot import flan_cot_split
-            from slmstack.evaluation.harness import task_context
-            from slmstack.evaluation.tasks import Doc
-
-            per_set = self.cfg.train_questions // len(self.cfg.train_sets)
-            pool = []
-            for name in self.cfg.train_sets:
-                train, _ = flan_cot_split(name, self.data_dir)
-                chosen = random.Random(f"study/{name}").sample(train, min(per_set, len(train)))
-                spec = task_spec(name, self.cfg.protocol)
-                pool += [{**r, "set": name, "context": task_context(spec, Doc(r["id"], r)),
-                          "knowledge": first_sentence(r["rationale"])} for r in chosen]  # fmt: skip
-            random.Random("study/pool").shuffle(pool)
-            if self._retrieves:
-                self._add_facts(pool)
-            self._pool = pool
-        return self._pool
-
-    def check_data(self) -> None:
-        """Read every training and corpus set once, so that missing or malformed data is named before any work."""
-        from slmstack.evaluation.flan_cot import FLAN_COT, flan_cot_split, read_flan_cot
-
-        for name in dict.fromkeys(self.cfg.train_sets + (self.cfg.corpus_sets if self._retrieves else [])):
-            if name in FLAN_COT:
-                flan_cot_split(name, self.data_dir)
-            else:
-                read_flan_cot(name, self.data_dir)
-
-    @property
-    def _retrieves(self) -> bool:
-        return any(ARMS[a].retrieves for a in self.cfg.arms)
-
-    def _add_facts(self, pool: list[dict[str, Any]]) -> None:
-        from slmstack.retrieval import format_passages, load_retriever
-        from slmstack.study.retrieval import own_ids
-
-        found = load_retriever(self.ensure_index()).search([r["context"] for r in pool], self.cfg.k,
-                                                           [own_ids(r) for r in pool])  # fmt: skip
-        for row, passages in zip(pool, found, strict=True):
-            row["facts"] = format_passages(passages)
-
-    def ensure_index(self) -> Path:
-        """The study's passage index (built once): the training rationales of the six FLAN CoT sets."""
-        from slmstack.retrieval import build_index
-        from slmstack.study.retrieval import build_corpus
-
-        folder = self.out / "retrieval"
-        if not (folder / "index" / "index.json").is_file():
-
-            def write(tmp: Path) -> None:
-                corpus = build_corpus(self.data_dir, tmp / "corpus.jsonl", tuple(self.cfg.corpus_sets))
-                build_index(corpus, tmp / "index", show_progress=False)
-
-            atomic_dir(folder, write)
-        return folder / "index"
-
-    def examples(self, cell: StudyCell, plan: AdapterPlan, tokenizer: Any) -> list[tuple[str, str, str]]:
-        """(role, prompt, completion) training examples for one adapter, rendered as its stages render them.
-
-        Protocol 2 cuts every text one stage reads from another to the length that stage writes at test time.
-        """
-        pool = self.pool()
-        cut = self.cfg.protocol == 2
-
-        def short(text: str, n: int) -> str:
-            return truncate_tokens(text, tokenizer, n) if cut else text
-
-        out: list[tuple[str, str, str]] = []
-        for kind in plan.data:
-            if kind in ("reason", "answer|gold", "answer|mix"):
-                texts = [short(r["rationale"], self.cfg.reason_tokens) for r in pool]
-            elif kind in ("recall", "answer|recall"):
-                texts = [short(r["knowledge"], self.cfg.recall_tokens) for r in pool]
-            else:
-                texts = [None] * len(pool)
-            if kind in ("answer|mix", "answer|recall"):
-                texts = self._mix(cell, "reason" if kind == "answer|mix" else "recall", texts)
-            out += [render_example(kind, r, t) for r, t in zip(pool, texts, strict=True)]
-        random.Random(f"study/{cell.id}/{'+'.join(plan.data)}").shuffle(out)
-        return out
-
-    def _mix(self, cell: StudyCell, stage_name: str, gold: list[str]) -> list[str]:
-        """Gold texts, a ``generated_mix`` share replaced by what the arm's trained ``stage_name`` stage writes."""
-        from slmstack.stack.config import StackConfig
-        from slmstack.stack.runtime import Stack
-
-        pool = self.pool()
-        chosen = mixed(gold, self.cfg.generated_mix, f"study/{cell.id}/mix")
-        if not chosen:
-            return gold
-        stage = next(s for s in self._stages(cell) if s.name == stage_name)
-        # the stage as it runs in the arm, its earlier stages' text given: the same prompt as at test time, and
-        # the row's own rationale still excluded from its passages
-        stage = replace(stage, template="{input}", adapter=str(self.adapter_dir(cell, stage_name)))
-        prompts = [stage_prompt(self._stages(cell), stage_name, pool[i]) for i in chosen]
-        stack = Stack(StackConfig(name=stage_name, model=self.cfg.model, device=self.cfg.device, stages=[stage],
-                                  batch_size=self.cfg.batch_size))  # fmt: skip
-        written = stack.run_batch(prompts)
-        out = list(gold)
-        for i, result in zip(chosen, written, strict=True):
-            out[i] = result.answer
-        return out
-
-    def _stages(self, cell: StudyCell) -> list[Any]:
-        index = self.out / "retrieval" / "index"
-        return stages_for(ARMS[cell.arm], self.cfg.reason_tokens, self.cfg.recall_tokens, index, self.cfg.k)
 
     # ---- adapters
     def adapter_dir(self, cell: StudyCell, name: str) -> Path:
