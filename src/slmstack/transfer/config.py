@@ -13,6 +13,7 @@ Example (``recipes/transfer_smoke.yaml``)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -106,6 +107,7 @@ class TransferConfig:
     model: str = field(default="default", metadata={"help": "a causal or encoder-decoder model reference"})
     engine: str = field(default="auto", metadata={"help": "generation: auto (slmstack's engine where it runs the "
                                                           "model), native or hf"})  # fmt: skip
+    device: str = field(default="auto", metadata={"help": "auto (a GPU where there is one), cpu or cuda"})
     collection: CollectionConfig
     tasks: list[str] | None = field(default=None, metadata={"help": "use only these tasks (default: all)"})
     splits: list[SplitConfig]
@@ -132,6 +134,8 @@ class TransferConfig:
             raise ConfigError("splits: give at least one held-out split")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
         if len({s.name for s in self.splits}) != len(self.splits):
             raise ConfigError("splits: names must be unique")
         if not self.seeds or not self.instructions:

@@ -123,12 +123,11 @@ class Grid(CellGrid):
 
         t = self.cfg.train
         if t.method == "full":
-            model = TransferModel(
-                str(checkpoint) if checkpoint else self.cfg.model, t.max_length, engine=self.cfg.engine
-            )
+            model = TransferModel(str(checkpoint) if checkpoint else self.cfg.model, t.max_length,
+                                  device=self.cfg.device, engine=self.cfg.engine)  # fmt: skip
             model.prepare("full", t.rank, t.alpha)
         else:
-            model = TransferModel(self.cfg.model, t.max_length, engine=self.cfg.engine)
+            model = TransferModel(self.cfg.model, t.max_length, device=self.cfg.device, engine=self.cfg.engine)
             model.prepare("lora", t.rank, t.alpha, adapter=checkpoint)
         return model
 

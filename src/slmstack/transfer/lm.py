@@ -42,8 +42,11 @@ def is_seq2seq(ref: str) -> bool:
 class TransferModel:
     """A causal or seq2seq model with its tokenizer, optionally with a LoRA adapter being trained."""
 
-    def __init__(self, ref: str, max_length: int = 256, device: str = "cpu", engine: str = "auto") -> None:
+    def __init__(self, ref: str, max_length: int = 256, device: str = "auto", engine: str = "auto") -> None:
+        from slmstack.models import pick_device
+
         self.ref, self.max_length, self.engine = ref, max_length, engine
+        device = str(pick_device(device))
         self.seq2seq = is_seq2seq(ref)
         if self.seq2seq:
             from transformers import AutoModelForSeq2SeqLM, AutoTokenizer

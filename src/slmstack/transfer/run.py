@@ -26,7 +26,8 @@ STUDY = "study.json"
 def prepare_grid(cfg: TransferConfig, out: Path) -> Grid:
     """The grid of ``cfg`` in ``out``; ``out`` must be empty or hold the same study (then it resumes)."""
     out = check_dir_ours(Path(out), "transfer", "transfer output (--out)", legacy=LEGACY["transfer"])
-    settings = {k: v for k, v in dataclass_to_dict(cfg).items() if k != "engine"}  # how it generates: not the study
+    # how and where it generates are not the study: a study resumes on another engine or device
+    settings = {k: v for k, v in dataclass_to_dict(cfg).items() if k not in ("engine", "device")}
     if (out / STUDY).is_file():
         if read_json(out / STUDY, "transfer study record", expect=dict) != settings:
             raise ConfigError(f"{out} holds a different transfer study; use another --out")

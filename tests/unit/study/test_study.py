@@ -168,8 +168,17 @@ def test_a_protocol_2_study_with_retrieval_runs_end_to_end_and_resumes(tiny_mode
         prompts.extend((cell.arm, plan.data, p) for _, p, _ in examples)
         return examples
 
+    import slmstack.models
+
+    devices, real_load = set(), slmstack.models.load_model
+
+    def spying(ref, device="auto", dtype="auto"):
+        devices.add(device)
+        return real_load(ref, device=device, dtype=dtype)
+
     monkeypatch.setattr(run_module.Study, "run_cell", dying)
     monkeypatch.setattr(run_module.Study, "examples", recording)
+    monkeypatch.setattr(slmstack.models, "load_model", spying)
     # Execute: killed at the last cell, then resumed
     assert main(["study", "--config", str(config), "--out", str(out)]) == 130
     assert len(list((out / "cells").glob("*.json"))) == 5
@@ -186,6 +195,7 @@ def test_a_protocol_2_study_with_retrieval_runs_end_to_end_and_resumes(tiny_mode
     assert all(c["p_holm"] >= c["p"] for c in secondary) and "p_holm" not in primary
     assert summary["paired_tests"] == []  # protocol 1's uncorrected first-seed tests are gone
     assert "Contrasts named before the run" in (out / "results.md").read_text()
+    assert devices == {"auto"}  # the config's device (a GPU where there is one) reaches every model load
     # every stage saw the options, in training (every example of every adapter) as in the stacks
     assert prompts and all("Options:\n- " in p for _, _, p in prompts)
     assert all("Passages:\n" in p for arm, data, p in prompts if data in (("answer|passages",), ("recall",)))
