@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from slmstack.stack.runtime import StackResult
+from slmstack.stack.runtime import StackResult, StageTrace
 
 __all__ = ["format_cards", "print_cards"]
 
@@ -13,12 +13,19 @@ def format_cards(result: StackResult) -> str:
     """Plain-text stage cards: one block per stage, then the answer."""
     lines = [f"INPUT: {result.input}", ""]
     for i, t in enumerate(result.trace, start=1):
-        adapter = f" adapter={t.adapter}" if t.adapter else ""
-        lines.append(f"[{i}/{len(result.trace)}] {t.stage}  ({t.tokens_in} in, {t.tokens_out} out, "
-                     f"{t.seconds:.2f}s{adapter})")  # fmt: skip
-        lines += [_field("prompt", t.prompt), _field("output", t.output), ""]
+        lines.append(f"[{i}/{len(result.trace)}] {t.stage}  ({_meta(t, ', ')})")
+        lines += [_field("query" if t.kind == "retrieve" else "prompt", t.prompt), _field("output", t.output), ""]
     lines.append(f"ANSWER: {result.answer}")
     return "\n".join(lines)
+
+
+def _meta(t: StageTrace, sep: str) -> str:
+    """What a card says of its stage: tokens and time, or, for a retrieve stage, the passages it found."""
+    if t.kind == "retrieve":
+        found = sum(1 for line in t.output.split("\n") if line.strip())
+        return f"retrieve: {found} passage{'' if found == 1 else 's'}{sep}no model{sep}{t.seconds:.2f}s"
+    adapter = f"{sep}adapter {t.adapter}" if t.adapter else ""
+    return f"{t.tokens_in} in{sep}{t.tokens_out} out{sep}{t.seconds:.2f}s{adapter}"
 
 
 def _field(label: str, text: str) -> str:
@@ -39,8 +46,7 @@ def print_cards(result: StackResult, plain: bool = False) -> None:
     console = Console()
     console.print(Panel(Text(result.input), title="input", border_style="cyan"))
     for i, t in enumerate(result.trace, start=1):
-        adapter = f" · adapter {t.adapter}" if t.adapter else ""
         body = Text(t.prompt, style="dim") + Text("\n\n") + Text(t.output)
-        subtitle = f"{t.tokens_in} in · {t.tokens_out} out · {t.seconds:.2f}s{adapter}"
+        subtitle = _meta(t, " · ")
         console.print(Panel(body, title=f"{i}. {t.stage}", subtitle=subtitle, border_style="blue"))
     console.print(Panel(Text(result.answer), title="answer", border_style="green"))

@@ -76,6 +76,15 @@ def test_run_json_shows_the_retrieve_stage(tiny_model_dir, index, tmp_path, caps
     assert trace[0]["output"].startswith("- a dog is a mammal that barks")
 
 
+def test_the_terminal_card_of_a_retrieve_stage_says_what_it_did(tiny_model_dir, index, tmp_path) -> None:
+    from slmstack.stack.render import format_cards
+
+    text = format_cards(Stack.from_config(_stack_yaml(tmp_path, tiny_model_dir, index))("what barks?"))
+    # one passage shares a word with the query (the others score 0 and are left out)
+    assert "[1/2] facts  (retrieve: 1 passage, no model, " in text and "  query: what barks?" in text
+    assert "[2/2] answer  (" in text and " in, " in text
+
+
 def test_stage_exclude_ids_are_never_passed_on(tiny_model_dir, index, tmp_path) -> None:
     config = load_stack_config(_stack_yaml(tmp_path, tiny_model_dir, index), ["stages.0.exclude=[dog]"])
     result = Stack(config)("what barks?")
