@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from slmstack.errors import ConfigError, InputError
-from slmstack.evaluation.harness import MAIN_METRIC, multiple_choice_items, task_context
+from slmstack.evaluation.harness import MAIN_METRIC, _choices, multiple_choice_items, options_text, task_context
 from slmstack.evaluation.targets import StackTarget
 from slmstack.evaluation.tasks import TaskSpec, get_task, load_docs, select_subset
 from slmstack.io import save_figure
@@ -108,7 +108,7 @@ class _FixedUpstream(StackTarget):
         super().__init__(stack)
         self._upstream = values
 
-    def _upstream_outputs(self, questions: list[str]) -> None:
+    def _upstream_outputs(self, questions: list[str], fields: list[dict[str, str]] | None = None) -> None:
         missing = [q for q in questions if q not in self._upstream]
         if missing:
             raise RuntimeError(f"{len(missing)} contexts have no upstream outputs")
@@ -153,7 +153,7 @@ def _intervene(stack: Any, stage: StageConfig, kind: str, base_values: list[dict
     cfg = stack.config
     upstream = cfg.stages[:-1]
     index = [s.name for s in upstream].index(stage.name)
-    keep = {INPUT_FIELD} | {s.name for s in upstream[:index]}
+    keep = {INPUT_FIELD, *cfg.inputs} | {s.name for s in upstream[:index]}
     values = [{k: v for k, v in vals.items() if k in keep} for vals in base_values]
     variant = _variant(stack, stage, kind)
     if kind == "skip":
@@ -241,7 +241,8 @@ def attribute(stack: Any, tasks: list[str | TaskSpec], data_dir: str | Path | No
         docs = select_subset(load_docs(spec, data_dir), subset, limit, spec.tiny_size)
         metric = next(m for m in MAIN_METRIC if m in spec.metrics)
         contexts = [task_context(spec, d) for d in docs]
-        values = [{INPUT_FIELD: c} for c in contexts]
+        values = [stack.input_values(c, {"options": options_text(_choices(spec, d))})
+                  for c, d in zip(contexts, docs, strict=True)]  # fmt: skip
         _run_stages(stack, upstream, values)  # the stack's own upstream outputs: generated once, reused below
         reference = _score(stack, spec, docs, contexts, values, metric, batch_size)
         rows = []

@@ -134,7 +134,8 @@ def multiple_choice_items(spec: TaskSpec, docs: list[Doc], target: EvalTarget, s
             lengths.append([float(len(cont))] * n)
             golds.append(_gold_index(spec, d, n))
     else:
-        prepared, delim = target.prepare([task_context(spec, d) for d in docs], spec.target_delimiter)
+        fields = [{"options": options_text(_choices(spec, d))} for d in docs]  # for stacks whose stages list them
+        prepared, delim = target.prepare([task_context(spec, d) for d in docs], spec.target_delimiter, fields)
         for d, ctx in zip(docs, prepared, strict=True):
             choices = _choices(spec, d)
             spans.append((len(pairs), len(pairs) + len(choices)))

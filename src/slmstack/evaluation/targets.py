@@ -40,8 +40,12 @@ class EvalTarget(Protocol):
         """The scorer for log-likelihood requests."""
         ...
 
-    def prepare(self, contexts: list[str], delimiter: str) -> tuple[list[str], str]:
-        """Map task contexts (and the choice delimiter) to what the scoring model sees."""
+    def prepare(self, contexts: list[str], delimiter: str,
+                fields: list[dict[str, str]] | None = None) -> tuple[list[str], str]:  # fmt: skip
+        """Map task contexts (and the choice delimiter) to what the scoring model sees.
+
+        ``fields``: per context, more values a stack's stages may name (a multiple-choice item's ``options``).
+        """
         ...
 
     def generate(self, contexts: list[str], until: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -88,8 +92,9 @@ class ModelTarget:
         return Scorer(self.model, self.loaded.tokenizer, adapter=self.adapter_name, batch_size=batch_size,
                       engine=self.backend.engine)  # fmt: skip
 
-    def prepare(self, contexts: list[str], delimiter: str) -> tuple[list[str], str]:
-        """Plain text, as lm-eval's hf model sees it."""
+    def prepare(self, contexts: list[str], delimiter: str,
+                fields: list[dict[str, str]] | None = None) -> tuple[list[str], str]:  # fmt: skip
+        """Plain text, as lm-eval's hf model sees it (``fields`` are for stacks)."""
         return contexts, delimiter
 
     def generate(self, contexts: list[str], until: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -129,23 +134,28 @@ class StackTarget:
         return Scorer(self.stack.model, self.stack.tokenizer, adapter=adapter if peft else None, batch_size=batch_size,
                       engine=engine)  # fmt: skip
 
-    def _upstream_outputs(self, questions: list[str]) -> None:
+    def _upstream_outputs(self, questions: list[str], fields: list[dict[str, str]] | None = None) -> None:
         todo = sorted({q for q in questions if q not in self._upstream})
         if not todo:
             return
+        given = dict(zip(questions, fields, strict=True)) if fields else {}
+        declared = {q: {k: v for k, v in self.stack.input_values(q, given.get(q)).items() if k != "input"}
+                    for q in todo}  # fmt: skip
         upstream = [s.name for s in self.stack.config.stages[:-1]]
         if upstream:
             rows = max(self.stack.config.batch_size, ENGINE_ROWS) if self.stack.on_engine else None
-            for q, result in zip(todo, self.stack.run_batch(todo, batch_size=rows, stages=upstream), strict=True):
-                self._upstream[q] = result.outputs
+            results = self.stack.run_batch(todo, batch_size=rows, stages=upstream, fields=[declared[q] for q in todo])
+            for q, result in zip(todo, results, strict=True):
+                self._upstream[q] = {**declared[q], **result.outputs}
                 self.upstream_tokens += sum(t.tokens_in + t.tokens_out for t in result.trace)
                 self.upstream_generated += sum(t.tokens_out for t in result.trace)
         else:
-            self._upstream.update({q: {} for q in todo})
+            self._upstream.update(declared)
 
-    def prepare(self, contexts: list[str], delimiter: str) -> tuple[list[str], str]:
+    def prepare(self, contexts: list[str], delimiter: str,
+                fields: list[dict[str, str]] | None = None) -> tuple[list[str], str]:  # fmt: skip
         """The final stage's chat-templated input; the choice follows the assistant header directly."""
-        self._upstream_outputs(contexts)
+        self._upstream_outputs(contexts, fields)
         full = [self.stack.model_input(self.final, {"input": q, **self._upstream[q]}) for q in contexts]
         return full, delimiter.lstrip() if self.stack.uses_chat_template else delimiter
 

@@ -168,6 +168,10 @@ class StackConfig:
                                            "stage only, or to every stage"}
     )  # fmt: skip
     stages: list[StageConfig] = field(default_factory=list)
+    inputs: list[str] = field(
+        default_factory=list, metadata={"help": "more fields each input carries besides {input} (e.g. options); "
+                                                "templates name them, and an input without one gets ''"}
+    )  # fmt: skip
     backend: BackendConfig | None = field(default=None, metadata={"help": "remote engine; none: run in process"})
     source: Path | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -186,7 +190,11 @@ class StackConfig:
                               "(transformers' generate); use engine: auto, or a dtype such as float32")  # fmt: skip
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
-        _check_templates(self.stages)
+        for name in self.inputs:
+            if not name.isidentifier() or name == INPUT_FIELD or name in {s.name for s in self.stages}:
+                raise ConfigError(f"inputs: {name!r} must be a Python identifier other than 'input' and the stages' "
+                                  "names")  # fmt: skip
+        _check_templates(self.stages, self.inputs)
         if self.stages[-1].kind == "retrieve":
             raise ConfigError(f"stages: the last stage ({self.stages[-1].name}) writes the answer, so it cannot be a "
                               "retrieve stage; add a stage that reads its passages")  # fmt: skip
@@ -234,7 +242,7 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in parsed if name is not None]
 
 
-def _check_templates(stages: list[StageConfig]) -> None:
+def _check_templates(stages: list[StageConfig], inputs: list[str]) -> None:
     seen: list[str] = []
     all_names = [s.name for s in stages]
     for i, stage in enumerate(stages):
@@ -245,14 +253,14 @@ def _check_templates(stages: list[StageConfig]) -> None:
         except ValueError as exc:
             raise ConfigError(f"stages[{i}].template ({stage.name}): {exc}") from None
         for ref in names:
-            if ref == INPUT_FIELD or ref in seen:
+            if ref == INPUT_FIELD or ref in seen or ref in inputs:
                 continue
             if ref in all_names:
                 problem = f"refers to {{{ref}}}, a later stage; a stage can use only earlier stages' outputs"
             elif ref == "":
                 problem = "has an empty {} field; name it {input} or an earlier stage"
             else:
-                allowed = ", ".join("{" + n + "}" for n in [INPUT_FIELD, *seen])
+                allowed = ", ".join("{" + n + "}" for n in [INPUT_FIELD, *inputs, *seen])
                 problem = f"refers to unknown field {{{ref}}}; allowed here: {allowed}"
             raise ConfigError(f"stages[{i}].template ({stage.name}) {problem}")
         seen.append(stage.name)

@@ -166,7 +166,11 @@ class Stack:
         return self.backend.count_tokens(text)
 
     def run_batch(
-        self, texts: Sequence[str], batch_size: int | None = None, stages: Sequence[str] | None = None
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        stages: Sequence[str] | None = None,
+        fields: Sequence[dict[str, str]] | None = None,
     ) -> list[StackResult]:
         """Run every text through the stack, ``batch_size`` inputs at a time through each stage.
 
@@ -174,6 +178,7 @@ class Stack:
             texts: user inputs; each must be a non-empty string.
             batch_size: inputs per batch (default: the config's ``batch_size``).
             stages: run only these stages' prefix of the stack (e.g. all but the last, for scoring).
+            fields: per input, the values of the stack's declared ``inputs`` (a missing one is ``""``).
 
         Raises:
             InputError: an empty or non-string input, named by its index.
@@ -181,25 +186,29 @@ class Stack:
         _check_inputs(texts)
         size = batch_size or self.config.batch_size
         chosen = [s for s in self.config.stages if stages is None or s.name in stages]
+        values = [self.input_values(t, fields[i] if fields else None) for i, t in enumerate(texts)]
         results: list[StackResult] = []
         bar = tqdm(total=len(texts), desc="stack", unit="input", disable=not self.show_progress)
         if isinstance(self.backend, LocalBackend):
             self.backend.reserve_rows(size)  # batch_size rows a step on the engine too
         if self.on_engine:  # continuous: each input moves on as soon as its stage ends
             results = [StackResult(input=t, answer="") for t in texts]
-            chains = [Chain(self, chosen, {INPUT_FIELD: t}, r) for t, r in zip(texts, results, strict=True)]
+            chains = [Chain(self, chosen, v, r) for v, r in zip(values, results, strict=True)]
             run_chains(chains, on_finished=lambda chain: bar.update(1))
             bar.close()
             return results
         for start in range(0, len(texts), size):
-            results.extend(self._run_chunk(list(texts[start : start + size]), chosen))
+            results.extend(self._run_chunk(values[start : start + size], chosen))
             bar.update(min(size, len(texts) - start))
         bar.close()
         return results
 
-    def _run_chunk(self, texts: list[str], stages: list[StageConfig]) -> list[StackResult]:
-        values = [{INPUT_FIELD: t} for t in texts]
-        results = [StackResult(input=t, answer="") for t in texts]
+    def input_values(self, text: str, fields: dict[str, str] | None = None) -> dict[str, str]:
+        """The template values an input starts with: ``input`` and each declared field (``""`` where not given)."""
+        return {INPUT_FIELD: text, **{name: str((fields or {}).get(name, "")) for name in self.config.inputs}}
+
+    def _run_chunk(self, values: list[dict[str, str]], stages: list[StageConfig]) -> list[StackResult]:
+        results = [StackResult(input=v[INPUT_FIELD], answer="") for v in values]
         for stage in stages:
             self.run_stage(stage, values, results)
         return results

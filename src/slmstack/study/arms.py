@@ -36,30 +36,42 @@ from pathlib import Path
 from slmstack.stack.config import GenerationSettings, StageConfig
 
 __all__ = ["ANSWER_TEMPLATES", "ARMS", "ROLE_ANSWER", "ROLE_REASON", "ROLE_RECALL", "AdapterPlan", "Arm",
-           "stages_for"]  # fmt: skip
+           "stages_for", "upstream_templates"]  # fmt: skip
 
 ROLE_REASON = "You explain, in a few sentences, the reasoning that answers a question."
 ROLE_ANSWER = "You answer a question with one of its options."
 ROLE_RECALL = "You state, in one sentence, the fact from the passages that answers the question."
-RECALL_TEMPLATE = "Passages:\n{facts}\n{input}"
+# protocol 2: the stages that write text (and the retrieve stage's query) see the options; the answer stage, which
+# is scored by the log-likelihood of each option, does not: listed options collapse that score at 135M (zero-shot
+# ARC-Easy 0.427 -> 0.253, measured; docs/study.md)
+OPTIONS_BEFORE = "Options:\n{options}\n"
+QUERY_TEMPLATE = "{input}\n{options}"
 # the answer stage's template, by the stage before it (none: the question alone)
 ANSWER_TEMPLATES = {None: "{input}", "reason": "Reasoning: {reason}\n{input}", "facts": "Passages:\n{facts}\n{input}",
                     "recall": "Knowledge: {recall}\n{input}"}  # fmt: skip
 
 
+def upstream_templates(options: bool) -> dict[str, str]:
+    """The templates of the stages before the answer: with the options listed (protocol 2) or not."""
+    lead = OPTIONS_BEFORE if options else ""
+    return {"facts": QUERY_TEMPLATE if options else "{input}", "reason": lead + "{input}",
+            "recall": "Passages:\n{facts}\n" + lead + "{input}"}  # fmt: skip
+
+
 def stages_for(arm: Arm, reason_tokens: int, recall_tokens: int = 32, index: Path | None = None,
-               k: int = 3) -> list[StageConfig]:  # fmt: skip
+               k: int = 3, options: bool = False) -> list[StageConfig]:  # fmt: skip
     """The arm's stages, from its kinds: ``facts`` (retrieve), ``reason``, ``recall``, then ``answer``."""
     stages: list[StageConfig] = []
+    templates = upstream_templates(options)
     for kind in arm.stages[:-1]:
         if kind == "facts":
-            stages.append(StageConfig(name="facts", kind="retrieve", index=str(index), k=k, template="{input}"))
+            stages.append(StageConfig(name="facts", kind="retrieve", index=str(index), k=k, template=templates[kind]))
         elif kind == "reason":
             settings = GenerationSettings(max_new_tokens=reason_tokens)
-            stages.append(StageConfig(name="reason", role=ROLE_REASON, template="{input}", generation=settings))
+            stages.append(StageConfig(name="reason", role=ROLE_REASON, template=templates[kind], generation=settings))
         else:  # recall: one sentence
             settings = GenerationSettings(max_new_tokens=recall_tokens, stop=["\n"])
-            stages.append(StageConfig(name="recall", role=ROLE_RECALL, template=RECALL_TEMPLATE, generation=settings))
+            stages.append(StageConfig(name="recall", role=ROLE_RECALL, template=templates[kind], generation=settings))
     last = arm.stages[-2] if len(arm.stages) > 1 else None
     stages.append(StageConfig(name="answer", role=ROLE_ANSWER, template=ANSWER_TEMPLATES[last],
                               generation=GenerationSettings(max_new_tokens=16)))  # fmt: skip

@@ -1,10 +1,13 @@
 """The study's data: task prompts per protocol, the training pool, and each kind of training example.
 
-Protocol 2's prompts show the options (``Options:`` then one ``- option`` a line, before ``Answer:``) to every stage:
-the human rationales were written with the options in view, and a stage that never sees them must name the answer
-from an open vocabulary. Texts that a stage reads at test time from another stage are cut, in training, to the
-length that stage writes at test time (``reason_tokens``, ``recall_tokens``), so that the answer stage trains on
-what it will read.
+Protocol 2 shows the options (``Options:`` then one ``- option`` a line) to every stage that writes text and to the
+retrieve stage's query: the human rationales were written with the options in view, and a stage that never sees
+them must name the answer from an open vocabulary. The answer stage, which is scored by each option's
+log-likelihood, reads the question as lm-eval's tasks write it, without the list: listing the options collapses
+that score for a 135M model (zero-shot ARC-Easy 0.427 to 0.253, and a protocol-2 A1 that saw them at ECQA 0.259
+against 0.420; docs/study.md). The options reach the stages as the stack's declared input field ``options``. Texts
+that a stage reads at test time from another stage are cut, in training, to the length that stage writes at test
+time (``reason_tokens``, ``recall_tokens``), so that the answer stage trains on what it will read.
 """
 
 from __future__ import annotations
@@ -19,34 +22,15 @@ from slmstack.io import atomic_dir
 from slmstack.study.arms import (
     ANSWER_TEMPLATES,
     ARMS,
-    RECALL_TEMPLATE,
     ROLE_ANSWER,
     ROLE_REASON,
     ROLE_RECALL,
     AdapterPlan,
     stages_for,
+    upstream_templates,
 )
 
-__all__ = ["first_sentence", "mixed", "render_example", "stage_prompt", "task_spec", "truncate_tokens", "with_options"]
-
-OPTIONS = "Options:\n{{options_text}}\n"
-
-
-def with_options(spec: Any) -> Any:
-    """The task with its options listed before ``Answer:`` (or at the end of its text)."""
-    text = spec.text
-    at = text.rfind("Answer:")
-    text = text[:at] + OPTIONS + text[at:] if at >= 0 else f"{text}\n{OPTIONS.rstrip()}"
-    return replace(spec, text=text)
-
-
-def task_spec(name: str, protocol: int) -> Any:
-    """A study task as the protocol prompts it: protocol 2 shows the options, protocol 1 does not."""
-    from slmstack.evaluation.tasks import get_task
-
-    spec = get_task(name)
-    return with_options(spec) if protocol == 2 and spec.kind == "multiple_choice" else spec
-
+__all__ = ["StudyData", "first_sentence", "mixed", "render_example", "stage_prompt", "truncate_tokens"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -62,21 +46,34 @@ def truncate_tokens(text: str, tokenizer: Any, n: int) -> str:
     return text if len(ids) <= n else tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
 
 
-def render_example(kind: str, row: dict[str, Any], upstream: str | None = None) -> tuple[str, str, str]:
+def _values(row: dict[str, Any]) -> dict[str, str]:
+    return {"input": row["context"], "facts": row.get("facts", ""), "options": row["options_text"]}
+
+
+def render_example(kind: str, row: dict[str, Any], upstream: str | None = None,
+                   options: bool = False) -> tuple[str, str, str]:  # fmt: skip
     """One ``(role, prompt, completion)`` example of ``kind`` for a pool row, rendered as its stage renders it.
 
     ``upstream`` is the text the stage reads from the stage before it (a rationale, a knowledge sentence); the
-    passages come from the row's ``facts``.
+    passages come from the row's ``facts``; ``options``: the writing stages list the options (protocol 2).
     """
-    values = {"input": row["context"], "facts": row.get("facts", "")}
+    values, templates = _values(row), upstream_templates(options)
     if kind == "answer":
         return ROLE_ANSWER, ANSWER_TEMPLATES[None].format(**values), row["answer"]
     if kind == "reason":
-        return ROLE_REASON, row["context"], upstream if upstream is not None else row["rationale"]
+        return (
+            ROLE_REASON,
+            templates["reason"].format(**values),
+            upstream if upstream is not None else row["rationale"],
+        )
     if kind == "answer|passages":
         return ROLE_ANSWER, ANSWER_TEMPLATES["facts"].format(**values), row["answer"]
     if kind == "recall":
-        return ROLE_RECALL, RECALL_TEMPLATE.format(**values), upstream if upstream is not None else row["knowledge"]
+        return (
+            ROLE_RECALL,
+            templates["recall"].format(**values),
+            upstream if upstream is not None else row["knowledge"],
+        )
     if kind in ("answer|gold", "answer|mix"):
         return ROLE_ANSWER, ANSWER_TEMPLATES["reason"].format(**values, reason=upstream), row["answer"]
     if kind == "answer|recall":
@@ -85,9 +82,9 @@ def render_example(kind: str, row: dict[str, Any], upstream: str | None = None) 
 
 
 def stage_prompt(stages: list[Any], name: str, row: dict[str, Any]) -> str:
-    """The prompt stage ``name`` gets for a pool row: its template on the row's question and passages."""
+    """The prompt stage ``name`` gets for a pool row: its template on the row's question, passages and options."""
     stage = next(s for s in stages if s.name == name)
-    return stage.template.format(input=row["context"], facts=row.get("facts", ""))
+    return stage.template.format(**_values(row))
 
 
 def mixed(texts: list[str], share: float, seed: str) -> list[int]:
@@ -112,16 +109,17 @@ class StudyData:
         """
         if self._pool is None:
             from slmstack.evaluation.flan_cot import flan_cot_split
-            from slmstack.evaluation.harness import task_context
-            from slmstack.evaluation.tasks import Doc
+            from slmstack.evaluation.harness import options_text, task_context
+            from slmstack.evaluation.tasks import Doc, get_task
 
             per_set = self.cfg.train_questions // len(self.cfg.train_sets)
             pool = []
             for name in self.cfg.train_sets:
                 train, _ = flan_cot_split(name, self.data_dir)
                 chosen = random.Random(f"study/{name}").sample(train, min(per_set, len(train)))
-                spec = task_spec(name, self.cfg.protocol)
+                spec = get_task(name)
                 pool += [{**r, "set": name, "context": task_context(spec, Doc(r["id"], r)),
+                          "options_text": options_text(r["options"]),
                           "knowledge": first_sentence(r["rationale"])} for r in chosen]  # fmt: skip
             random.Random("study/pool").shuffle(pool)
             if self._retrieves:
@@ -147,7 +145,8 @@ class StudyData:
         from slmstack.retrieval import format_passages, load_retriever
         from slmstack.study.retrieval import own_ids
 
-        found = load_retriever(self.ensure_index()).search([r["context"] for r in pool], self.cfg.k,
+        query = upstream_templates(self.cfg.protocol == 2)["facts"]  # as the arm's retrieve stage renders it
+        found = load_retriever(self.ensure_index()).search([query.format(**_values(r)) for r in pool], self.cfg.k,
                                                            [own_ids(r) for r in pool])  # fmt: skip
         for row, passages in zip(pool, found, strict=True):
             row["facts"] = format_passages(passages)
@@ -188,7 +187,8 @@ class StudyData:
                 texts = [None] * len(pool)
             if kind in ("answer|mix", "answer|recall"):
                 texts = self._mix(cell, "reason" if kind == "answer|mix" else "recall", texts)
-            out += [render_example(kind, r, t) for r, t in zip(pool, texts, strict=True)]
+            options = self.cfg.protocol == 2
+            out += [render_example(kind, r, t, options) for r, t in zip(pool, texts, strict=True)]
         random.Random(f"study/{cell.id}/{'+'.join(plan.data)}").shuffle(out)
         return out
 
@@ -216,4 +216,5 @@ class StudyData:
 
     def _stages(self, cell: Any) -> list[Any]:
         index = self.out / "retrieval" / "index"
-        return stages_for(ARMS[cell.arm], self.cfg.reason_tokens, self.cfg.recall_tokens, index, self.cfg.k)
+        return stages_for(ARMS[cell.arm], self.cfg.reason_tokens, self.cfg.recall_tokens, index, self.cfg.k,
+                          options=self.cfg.protocol == 2)  # fmt: skip

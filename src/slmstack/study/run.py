@@ -23,7 +23,7 @@ from slmstack.io import atomic_dir, atomic_write_json, atomic_write_text, read_j
 from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
 from slmstack.study.arms import ARMS, AdapterPlan
 from slmstack.study.config import StudyConfig
-from slmstack.study.data import StudyData, task_spec
+from slmstack.study.data import StudyData
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,9 @@ class Study(StudyData, CellGrid):
         for stage in stages:
             if stage.name in arm.stage_adapter:
                 stage.adapter = str(adapters[arm.stage_adapter[stage.name]])
+        inputs = ["options"] if self.cfg.protocol == 2 else []  # what the writing stages list
         return StackConfig(name=f"study-{cell.id}", model=self.cfg.model, device=self.cfg.device, stages=stages,
-                           batch_size=self.cfg.batch_size)  # fmt: skip
+                           batch_size=self.cfg.batch_size, inputs=inputs)  # fmt: skip
 
     def write_stack(self, cell: StudyCell) -> Path:
         """``stacks/<cell>.yaml``: the arm's trained stack, for ``slmstack run/eval/attribute --stack``."""
@@ -192,7 +193,7 @@ class Study(StudyData, CellGrid):
         """Train what the arm needs, then score its stack on every evaluation task (each item kept)."""
         from slmstack.evaluation.harness import MAIN_METRIC, multiple_choice_items
         from slmstack.evaluation.targets import StackTarget
-        from slmstack.evaluation.tasks import load_docs, select_subset
+        from slmstack.evaluation.tasks import get_task, load_docs, select_subset
         from slmstack.stack.runtime import Stack
 
         path = self.cell_path(cell)
@@ -206,7 +207,7 @@ class Study(StudyData, CellGrid):
         stack = Stack(self.stack_config(cell, adapters))
         tasks = {}
         for name, n in self.cfg.eval.items():
-            spec = task_spec(name, self.cfg.protocol)
+            spec = get_task(name)
             docs = select_subset(load_docs(spec, self.data_dir), None, n or None)
             target = StackTarget(stack)
             t0 = time.perf_counter()
@@ -323,7 +324,7 @@ def _attribute(study: Study, compute: bool = True) -> dict[str, Any] | None:
     cell = StudyCell(study.cfg.attributed_arm, study.cfg.seeds[0])
     stack = Stack(study.stack_config(cell, study.ensure_adapters(cell)))
     start = time.perf_counter()
-    report = attribute(stack, [task_spec(a.task, study.cfg.protocol)], study.data_dir, limit=a.limit)
+    report = attribute(stack, [a.task], study.data_dir, limit=a.limit)
     report["seconds"] = round(time.perf_counter() - start, 1)
     folder.mkdir(parents=True, exist_ok=True)
     plot(report, folder / "attribution.png")

@@ -38,7 +38,7 @@ class FakeTarget:
     def scorer(self, batch_size):
         return self._scorer
 
-    def prepare(self, contexts, delimiter):
+    def prepare(self, contexts, delimiter, fields=None):
         return contexts, delimiter
 
     def generate(self, contexts, until, max_new_tokens, batch_size):

@@ -140,7 +140,7 @@ class _Recorder:
     def scorer(self, batch_size):
         return self
 
-    def prepare(self, contexts, delimiter):
+    def prepare(self, contexts, delimiter, fields=None):
         return contexts, delimiter
 
     def loglikelihood(self, pairs):
