@@ -100,8 +100,6 @@ def load_retriever(path: str | Path) -> Any:
     Raises:
         InputError: the folder is missing, is not an index slmstack wrote, or a file in it is damaged.
     """
-    from slmstack.retrieval import bm25  # noqa: F401  (registers the built-in kind)
-
     path = Path(path)
     fix = "Build it with: slmstack index --corpus FILE --out DIR"
     if not path.is_dir():

@@ -24,10 +24,12 @@ __all__ = ["AttributeSettings", "StudyConfig", "StudyTrain", "load_study_config"
 class StudyTrain:
     """LoRA training shared by every arm: the same targets, learning rate, seeds and token budget."""
 
-    token_budget: int = field(default=150_000, metadata={"help": "protocol 1: training tokens per arm (non-padding)"})
-    epochs: int = field(
-        default=2, metadata={"help": "protocol 2: passes over each adapter's examples (every answer adapter sees "
-                                     "epochs x train_questions answer examples)"}
+    token_budget: int | None = field(
+        default=None, metadata={"help": "protocol 1: training tokens per arm, prompts included (default 150,000)"}
+    )
+    epochs: int | None = field(
+        default=None, metadata={"help": "protocol 2: passes over each adapter's examples (default 1; every answer "
+                                        "adapter sees epochs x train_questions answer examples)"}
     )  # fmt: skip
     rank: int = field(default=16, metadata={"help": "an arm's total rank: one adapter r, or two of r/2"})
     alpha_per_rank: int = 2
@@ -38,7 +40,10 @@ class StudyTrain:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where native), fp32, bf16"})
 
     def __post_init__(self) -> None:
-        require_at_least_one(self, ("token_budget", "epochs", "alpha_per_rank", "batch_size"), "train.")
+        for name in ("token_budget", "epochs"):
+            if getattr(self, name) is not None:
+                require_at_least_one(self, (name,), "train.")
+        require_at_least_one(self, ("alpha_per_rank", "batch_size"), "train.")
         if self.rank < 2 or self.rank % 2:
             raise ConfigError(
                 f"train.rank must be an even number >= 2 (two-stage arms get rank/2 each), got {self.rank}"
@@ -146,6 +151,7 @@ class StudyConfig:
         both = sorted(set(self.seeds) & set(self.extra_seeds))
         if both:
             raise ConfigError(f"seed {both[0]} is in both seeds and extra_seeds; give each seed once")
+        self._check_protocol_fields()
         if self.protocol == 2:
             self._check_protocol_2()
         self._check_tasks()
@@ -159,6 +165,20 @@ class StudyConfig:
 
         arm = self.attribute.arm or ("S2" if self.protocol == 1 else (self.primary or [None])[0])
         return arm if arm in self.arms and len(ARMS[arm].stages) > 1 else None
+
+    def _check_protocol_fields(self) -> None:
+        """A field of the other protocol cannot mean anything here: refused, never ignored; the rest get defaults."""
+        t = self.train
+        other = {1: [("train.epochs", t.epochs), ("primary", self.primary), ("secondary", self.secondary or None)],
+                 2: [("train.token_budget", t.token_budget)]}[self.protocol]  # fmt: skip
+        given = [name for name, value in other if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} belongs to protocol {3 - self.protocol}, and this study runs protocol "
+                              f"{self.protocol}; remove it")  # fmt: skip
+        if self.protocol == 1:
+            t.token_budget = 150_000 if t.token_budget is None else t.token_budget
+        else:
+            t.epochs = 1 if t.epochs is None else t.epochs
 
     def _check_protocol_2(self) -> None:
         """Fixed seeds for every arm (nothing chosen on test results), and contrasts named before the run."""

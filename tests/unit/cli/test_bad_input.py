@@ -227,6 +227,21 @@ ROWS: list[tuple[str, str, str]] = [
         "primary: give two different",
     ),
     ("study", "--config {study} --out {tmp}/s --set protocol=3", "protocol must be 1"),
+    (
+        "study",
+        "--config {study} --out {tmp}/s --set train.token_budget=1000",
+        "train.token_budget belongs to protocol 1",
+    ),
+    (
+        "study",
+        "--config {study} --out {tmp}/s --set protocol=1 --set train.epochs=2",
+        "train.epochs belongs to protocol 2",
+    ),
+    (
+        "study",
+        "--config {study} --out {tmp}/s --set protocol=1 --set primary=[A1,A2]",
+        "primary belongs to protocol 2",
+    ),
     ("study", "--config {study} --out {tmp}/s --set attribute.arm=S2", "attribute.arm 'S2' is not one of the arms"),
     ("study", "--config {study} --out {tmp}/s --set corpus_sets=[gsm8k]", "corpus_sets: 'gsm8k' is not a FLAN CoT"),
     ("study", "--config {study} --out {tmp}/s --set device=gpu", "device 'gpu' is not valid"),
