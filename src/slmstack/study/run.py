@@ -45,6 +45,20 @@ class StudyCell:
         return f"{self.arm}__s{self.seed}"
 
 
+def cell_order(cfg: StudyConfig) -> list[StudyCell]:
+    """The order the cells run in.
+
+    Protocol 2 runs seed by seed, the primary contrast's arms first, then the secondary contrasts' arms, then the rest
+    in the recipe's order: a study stopped part-way has whole seeds, and its primary contrast as early as possible.
+    Protocol 1 runs arm by arm, as it always did.
+    """
+    if cfg.protocol == 1:
+        return [StudyCell(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
+    named = [arm for pair in [cfg.primary or [], *cfg.secondary] for arm in pair]
+    arms = sorted(cfg.arms, key=lambda a: (named.index(a) if a in named else len(named), cfg.arms.index(a)))
+    return [StudyCell(arm, seed) for seed in cfg.seeds for arm in arms]
+
+
 class Study(StudyData, CellGrid):
     """The cells of a :class:`StudyConfig`, with the adapters they need."""
 
@@ -63,7 +77,7 @@ class Study(StudyData, CellGrid):
     def __init__(self, cfg: StudyConfig, out: Path) -> None:
         self.cfg, self.out = cfg, Path(out)
         self.data_dir = cfg.resolve(cfg.data_dir)
-        self.cells = [StudyCell(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
+        self.cells = cell_order(cfg)
         self._pool: list[dict[str, Any]] | None = None
 
     # ---- adapters

@@ -158,8 +158,11 @@ def test_a_protocol_2_study_with_retrieval_runs_end_to_end_and_resumes(tiny_mode
     real, prompts = run_module.Study.run_cell, []
     real_examples = run_module.Study.examples
 
+    order = []
+
     def dying(self, cell):
-        if cell.arm == "RS2" and cell.seed == 1 and not self.cell_path(cell).is_file():
+        order.append(cell.id)
+        if cell.arm == "A1" and cell.seed == 1 and not self.cell_path(cell).is_file():
             raise KeyboardInterrupt
         return real(self, cell)
 
@@ -182,6 +185,8 @@ def test_a_protocol_2_study_with_retrieval_runs_end_to_end_and_resumes(tiny_mode
     # Execute: killed at the last cell, then resumed
     assert main(["study", "--config", str(config), "--out", str(out)]) == 130
     assert len(list((out / "cells").glob("*.json"))) == 5
+    # seed by seed, the primary contrast's arms first: a study stopped part-way has whole seeds
+    assert order == ["RS2__s0", "R1__s0", "A1__s0", "RS2__s1", "R1__s1", "A1__s1"]
     monkeypatch.setattr(run_module.Study, "run_cell", real)
     assert main(["study", "--config", str(config), "--out", str(out)]) == 0
     # Assert: every arm ran every seed (no selection), and the contrasts were tested as named
