@@ -118,9 +118,9 @@ def _teacher_forced(engine, dense, ids: list[int]) -> dict:
 def child_hf(tokens: int, repeats: int, threads: int) -> dict:
     import torch
 
+    from slmstack.engine.hf import generate_batch
     from slmstack.models import load_model
     from slmstack.stack.config import GenerationSettings
-    from slmstack.stack.generation import generate_batch
 
     torch.set_num_threads(threads)
     lm = load_model("default", device="cpu")

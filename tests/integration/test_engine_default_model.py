@@ -27,9 +27,10 @@ def model_cache(tmp_path_factory) -> Path:
 
 def test_engine_greedy_text_equals_transformers_on_the_default_model(model_cache, monkeypatch) -> None:
     from slmstack.engine import Engine
+    from slmstack.engine.hf import generate_batch
+    from slmstack.engine.text import format_prompt
     from slmstack.models import load_model
     from slmstack.stack.config import GenerationSettings
-    from slmstack.stack.generation import format_prompt, generate_batch
 
     monkeypatch.setenv("SLMSTACK_CACHE", str(model_cache))
     lm = load_model("default", device="cpu", dtype="float32")
@@ -48,9 +49,9 @@ def test_engine_greedy_text_equals_transformers_on_the_default_model(model_cache
 def test_int4_weights_hold_the_default_models_q4_1_blocks_exactly(model_cache, monkeypatch) -> None:
     from slmstack.engine import Engine
     from slmstack.engine.layers import int4_grid
+    from slmstack.engine.text import format_prompt
     from slmstack.models import load_model
     from slmstack.stack.config import GenerationSettings
-    from slmstack.stack.generation import format_prompt
 
     monkeypatch.setenv("SLMSTACK_CACHE", str(model_cache))
     lm = load_model("default", device="cpu", dtype="float32")

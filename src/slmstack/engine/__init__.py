@@ -12,9 +12,25 @@ tensors, a model runner that knows no requests, decode steps captured as CUDA gr
 - :mod:`.sampling`: greedy, temperature / top-k / top-p with a seed, repetition penalty;
 - :mod:`.scheduler`: requests joining and leaving between steps, chunked prefill;
 - :mod:`.scoring`: lm-eval's log-likelihood requests on the decoder, each context once;
-- :mod:`.engine`: :class:`Engine`, the loop that ties them together.
+- :mod:`.engine`: :class:`Engine`, the loop that ties them together;
+- :mod:`.text`: what every way of generating shares: settings, results, text streams, stop strings;
+- :mod:`.hf`: the transformers fallback (``generate`` on a left-padded batch, fused LoRA).
+
+Nothing here imports :mod:`slmstack.stack`: stacks use the engine, never the other way round. Names are imported
+lazily, so ``import slmstack.engine.text`` does not build the engine's modules.
 """
 
-from slmstack.engine.engine import Engine, EngineRequest, engine_supports
+from __future__ import annotations
 
-__all__ = ["Engine", "EngineRequest", "engine_supports"]
+from slmstack._lazy import lazy_getattr
+
+_EXPORTS = {
+    "Engine": "slmstack.engine.engine",
+    "EngineRequest": "slmstack.engine.engine",
+    "EngineUnsupported": "slmstack.engine.engine",
+    "engine_supports": "slmstack.engine.engine",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr("slmstack.engine", _EXPORTS)

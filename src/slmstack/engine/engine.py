@@ -29,16 +29,9 @@ from slmstack.engine.model import Decoder, StepInput
 from slmstack.engine.prefix import PrefixCache
 from slmstack.engine.sampling import SamplingParams, choose_tokens
 from slmstack.engine.scheduler import Request, Scheduler, State, StepPlan
+from slmstack.engine.text import Generated, GenerationCancelled, TextStream, eos_token_ids, finish_row, tail_text
 from slmstack.engine.weights import engine_support, read_weights
 from slmstack.errors import ConfigError, InputError
-from slmstack.stack.generation import (
-    Generated,
-    GenerationCancelled,
-    TextStream,
-    eos_token_ids,
-    finish_row,
-    tail_text,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +221,7 @@ class Engine:
         Raises:
             InputError: an empty prompt, or one that leaves no room for ``max_new_tokens``.
         """
-        from slmstack.stack.config import GenerationSettings
+        from slmstack.engine.text import GenerationSettings
 
         settings = settings or GenerationSettings()
         if not prompt:

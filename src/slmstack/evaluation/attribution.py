@@ -26,13 +26,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from slmstack.engine.text import BASE_ADAPTER
 from slmstack.errors import ConfigError, InputError
 from slmstack.evaluation.harness import MAIN_METRIC, _choices, multiple_choice_items, options_text, task_context
 from slmstack.evaluation.targets import StackTarget
 from slmstack.evaluation.tasks import TaskSpec, get_task, load_docs, select_subset
 from slmstack.io import save_figure
 from slmstack.stack.config import INPUT_FIELD, StageConfig
-from slmstack.stack.generation import BASE_ADAPTER
 
 __all__ = ["INTERVENTIONS", "attribute", "check_request", "default_interventions", "derangement", "mcnemar_exact_p",
            "paired_bootstrap_ci", "render_without"]  # fmt: skip

@@ -14,13 +14,13 @@ from typing import Any, Protocol
 
 import torch
 
+from slmstack.engine.text import BASE_ADAPTER
 from slmstack.errors import ConfigError
 from slmstack.evaluation.scorer import Scorer
 from slmstack.models import LoadedModel, load_model
 from slmstack.stack.adapters import attach_adapters
 from slmstack.stack.backends import LocalBackend, Row
 from slmstack.stack.config import GenerationSettings
-from slmstack.stack.generation import BASE_ADAPTER
 from slmstack.stack.runtime import Stack
 
 __all__ = ["ENGINE_ROWS", "EvalTarget", "ModelTarget", "StackTarget", "parameter_counts"]

@@ -26,12 +26,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from slmstack.engine.text import GenerationCancelled
 from slmstack.serving.batcher import MicroBatcher
 from slmstack.serving.continuous import ContinuousBatcher
 from slmstack.serving.requests import ApiError, CompletionRequest, parse_chat, parse_completion
 from slmstack.serving.settings import ServeSettings
 from slmstack.stack.backends import BackendError, LocalBackend
-from slmstack.stack.generation import GenerationCancelled
 from slmstack.stack.runtime import Stack, StackResult
 
 logger = logging.getLogger(__name__)

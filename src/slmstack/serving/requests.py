@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from slmstack.stack.config import MIN_TEMPERATURE
+from slmstack.engine.text import MIN_TEMPERATURE
 
 __all__ = ["ApiError", "CompletionRequest", "parse_chat", "parse_completion"]
 

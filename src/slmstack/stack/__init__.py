@@ -10,7 +10,7 @@ from __future__ import annotations
 from slmstack._lazy import lazy_getattr
 
 _EXPORTS = {
-    "GenerationSettings": "slmstack.stack.config",
+    "GenerationSettings": "slmstack.engine.text",
     "Stack": "slmstack.stack.runtime",
     "StackConfig": "slmstack.stack.config",
     "StackResult": "slmstack.stack.runtime",

@@ -17,19 +17,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from slmstack.errors import ConfigError, SlmstackError
-from slmstack.fp16_weights import FP16_WEIGHTS, use_float16_weights
-from slmstack.registry import Registry
-from slmstack.stack.config import ENGINE_WEIGHTS, ENGINES, BackendConfig
-from slmstack.stack.generation import (
+from slmstack.engine.hf import generate_batch
+from slmstack.engine.text import (
     BASE_ADAPTER,
     Generated,
     GenerationCancelled,
     encode_prompts,
     format_prompt,
-    generate_batch,
     prompt_token_limit,
 )
+from slmstack.errors import ConfigError, SlmstackError
+from slmstack.fp16_weights import FP16_WEIGHTS, use_float16_weights
+from slmstack.registry import Registry
+from slmstack.stack.config import ENGINE_WEIGHTS, ENGINES, BackendConfig
 
 logger = logging.getLogger(__name__)
 

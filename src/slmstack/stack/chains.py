@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from slmstack.engine.text import BASE_ADAPTER
 from slmstack.stack.config import StageConfig
-from slmstack.stack.generation import BASE_ADAPTER
 
 __all__ = ["Chain", "run_chains", "start_chain"]
 
@@ -59,7 +59,7 @@ def start_chain(chain: Chain) -> Chain:
 
 
 def _submit(chain: Chain) -> None:
-    from slmstack.stack.generation import GenerationCancelled
+    from slmstack.engine.text import GenerationCancelled
 
     stack, stage = chain.stack, chain.stages[chain.index]
     if chain.cancelled:

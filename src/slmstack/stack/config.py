@@ -17,6 +17,7 @@ from typing import Literal
 import yaml
 
 from slmstack.config import apply_overrides, build_dataclass, check_range, dataclass_to_dict, load_yaml
+from slmstack.engine.text import GenerationSettings
 from slmstack.errors import ConfigError
 from slmstack.io import atomic_write_text
 
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 INPUT_FIELD = "input"
-MIN_TEMPERATURE = 1e-4  # below it logits / temperature overflows; greedy decoding is what is meant
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float16-weights", "bfloat16-weights", "int8-weights",
           "int4-weights")  # fmt: skip
 # dtypes that are weight formats of the engine (``slmstack.engine.layers.Linear``); compute stays float32
@@ -39,33 +39,6 @@ ENGINE_WEIGHTS = {"float16-weights": "float16-weights", "bfloat16-weights": "bfl
                   "int8-weights": "int8-weights", "int4-weights": "int4-weights"}  # fmt: skip
 DEFAULT_K = 3  # passages a retrieve stage passes on
 ENGINES = ("auto", "native", "compiled", "hf")  # compiled: native, decode steps through torch.compile (CPU)
-
-
-@dataclass(kw_only=True)
-class GenerationSettings:
-    """How one stage decodes. Greedy (``do_sample: false``) is deterministic; sampling uses ``seed``."""
-
-    max_new_tokens: int = field(default=64, metadata={"help": "upper bound on generated tokens"})
-    do_sample: bool = field(default=False, metadata={"help": "false = greedy decoding"})
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int = field(default=0, metadata={"help": "torch seed set before sampling"})
-    stop: list[str] = field(default_factory=list, metadata={"help": "strings that end generation"})
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= MIN_TEMPERATURE:
-            raise ConfigError(f"temperature must be >= {MIN_TEMPERATURE}, got {self.temperature}; "
-                              "use do_sample: false for greedy")  # fmt: skip
-        check_range(self, "top_p", 0, 1, low_open=True)
-        check_range(self, "top_k", 0)
-        check_range(self, "repetition_penalty", 0, low_open=True)
-        check_range(self, "seed", 0, 2**63 - 1)
-        if any(not s for s in self.stop):
-            raise ConfigError("stop: every stop string must be non-empty")
 
 
 @dataclass(kw_only=True)

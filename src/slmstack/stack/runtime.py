@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from slmstack.engine.text import BASE_ADAPTER, GenerationCancelled
 from slmstack.errors import InputError
 from slmstack.models import LoadedModel, load_model
 from slmstack.retrieval.base import load_stage_retrievers
@@ -24,7 +25,6 @@ from slmstack.stack.adapters import attach_adapters
 from slmstack.stack.backends import LocalBackend, Row, make_backend
 from slmstack.stack.chains import Chain, run_chains
 from slmstack.stack.config import INPUT_FIELD, StackConfig, StageConfig, load_stack_config
-from slmstack.stack.generation import BASE_ADAPTER, GenerationCancelled
 
 logger = logging.getLogger(__name__)
 

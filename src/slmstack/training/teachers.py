@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from slmstack.engine.text import BASE_ADAPTER
 from slmstack.errors import SlmstackError
 from slmstack.models import LoadedModel
 from slmstack.stack.backends import LocalBackend, Row
 from slmstack.stack.config import GenerationSettings
-from slmstack.stack.generation import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from slmstack.engine.text import cut_left, format_prompt
 from slmstack.errors import InputError
 from slmstack.io import iter_jsonl
-from slmstack.stack.generation import cut_left, format_prompt
 
 __all__ = ["IGNORE_INDEX", "Seq2SeqExample", "StageRecord", "TokenizedExample", "collate", "load_stage_records",
            "make_batches", "tokenize_example", "tokenize_seq2seq"]  # fmt: skip
@@ -93,7 +93,7 @@ def tokenize_example(
     """Tokenise one pair exactly as inference will see it (chat template, role as system message).
 
     Too long: the target keeps up to ``max_length - 1`` tokens, and the prompt is cut from the left, keeping
-    its first token (see :func:`slmstack.stack.generation.cut_left`), as inference cuts it.
+    its first token (see :func:`slmstack.engine.text.cut_left`), as inference cuts it.
     """
     text = format_prompt(tokenizer, role, prompt, chat)
     prompt_ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]

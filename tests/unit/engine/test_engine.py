@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from slmstack.engine import Engine
+from slmstack.engine.hf import generate_batch
 from slmstack.engine.scheduler import Request, Scheduler
 from slmstack.errors import InputError
 from slmstack.stack.config import GenerationSettings
-from slmstack.stack.generation import generate_batch
 from tests.conftest import build_tiny_llama, build_tokenizer
 from tests.unit.engine.test_lora import _peft_model
 
@@ -76,7 +76,7 @@ def test_a_request_that_joins_mid_decode_gets_its_own_text() -> None:
 
 
 def test_a_cancelled_request_ends_and_frees_its_slot_for_the_next() -> None:
-    from slmstack.stack.generation import GenerationCancelled
+    from slmstack.engine.text import GenerationCancelled
 
     model, tok = build_tiny_llama(), build_tokenizer()
     settings = GenerationSettings(max_new_tokens=40)

@@ -225,17 +225,17 @@ def test_stacks_on_one_base_share_the_model_and_each_forward_pass(tiny_model_dir
 
 
 def test_one_adapter_batches_take_the_single_adapter_path_with_equal_text(stack: Stack, monkeypatch) -> None:
-    from slmstack.stack import fused_lora
-    from slmstack.stack.generation import generate_batch
+    from slmstack.engine import hf
+    from slmstack.engine.hf import generate_batch
 
     routed = []  # per LoRA layer call: was the batch routed row by row (adapter_names) or not
-    original = fused_lora._forward
+    original = hf._forward
 
     def spy(self, x, *args, **kwargs):
         routed.append("adapter_names" in kwargs)
         return original(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(fused_lora, "_forward", spy)
+    monkeypatch.setattr(hf, "_forward", spy)
     # Prepare: the same rows alone under one adapter, and mixed with a base row (routed by adapter name)
     texts = [stack.model_input(stack.config.stages[0], {"input": q}) for q in QUESTIONS]
     settings = stack.config.stages[0].generation

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from slmstack.engine.hf import generate_batch
+from slmstack.engine.text import Generated, finish_row, format_prompt, prompt_token_limit
 from slmstack.errors import InputError
 from slmstack.models import load_model
 from slmstack.stack.config import GenerationSettings
-from slmstack.stack.generation import Generated, finish_row, format_prompt, generate_batch, prompt_token_limit
 from tests.conftest import build_tokenizer
 
 
@@ -49,7 +50,7 @@ def test_generate_batch_respects_max_new_tokens_and_base_rows(tiny_model_dir: Pa
 
 
 def test_row_streamer_holds_back_stop_strings_whitespace_and_stops_at_eos(tiny_model_dir: Path) -> None:
-    from slmstack.stack.generation import RowStreamer
+    from slmstack.engine.hf import RowStreamer
 
     tok = load_model(tiny_model_dir, device="cpu").tokenizer
     a = tok("hello world STOP more", add_special_tokens=False)["input_ids"]

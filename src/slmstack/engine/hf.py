@@ -1,102 +1,42 @@
-"""Batched generation on one shared model, with a LoRA adapter chosen per row.
+"""The transformers fallback: a left-padded batch through ``model.generate``, one LoRA adapter per row.
 
-Rows are left-padded into one batch. On a peft model, ``adapter_names`` routes each row through
-its own adapter (``"__base__"`` = no adapter) in a single forward pass, so different stages, or
-different stacks, can share a batch.
+Used where the engine cannot run a model (another architecture, a non-LoRA adapter) and as the reference the
+engine is tested against. Rows are left-padded into one batch; on a peft model ``adapter_names`` routes each row
+through its own adapter (``"__base__"`` = no adapter) in one forward pass.
+
+At inference, peft's LoRA ``Linear.forward`` computes ``result + lora_B(lora_A(dropout(x))) * scaling``: two small
+matmuls, then a scaled copy and a sum, each a full pass over the layer's output. :func:`fused_lora` swaps in one
+in-place ``addmm`` instead, ``result += (x @ Aᵀ) @ (s·Bᵀ)`` with ``Aᵀ`` and ``s·Bᵀ`` packed once per adapter, on every
+plain LoRA ``Linear`` for the duration of a ``with`` block; layers peft handles differently (DoRA and other variants,
+merged weights, bitsandbytes) keep peft's own forward. The packed factors are cached per layer and adapter and
+rebuilt when the adapter's weights changed. With ``s`` a power of two (``lora_alpha / r`` is 2 by default) the
+product is the one peft computes, bit for bit; otherwise it differs by rounding only.
 """
 
 from __future__ import annotations
 
-import logging
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from slmstack.errors import InputError, SlmstackError
-from slmstack.stack.config import GenerationSettings
-from slmstack.stack.fused_lora import fused_lora
+from slmstack.engine.text import (
+    BASE_ADAPTER,
+    Generated,
+    GenerationCancelled,
+    GenerationSettings,
+    TextStream,
+    encode_prompts,
+    eos_token_ids,
+    finish_row,
+    prompt_token_limit,
+    tail_text,
+)
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "BASE_ADAPTER",
-    "GenerationCancelled",
-    "Generated",
-    "RowStreamer",
-    "TextStream",
-    "cut_left",
-    "encode_prompts",
-    "eos_token_ids",
-    "finish_row",
-    "format_prompt",
-    "generate_batch",
-    "prompt_token_limit",
-    "tail_text",
-]
-
-BASE_ADAPTER = "__base__"
-
-
-class GenerationCancelled(SlmstackError):
-    """Generation was stopped from outside (the server is shutting down, or the caller cancelled)."""
-
-
-@dataclass
-class Generated:
-    """One row's result: the text, how many tokens went in and came out, and whether input was cut."""
-
-    text: str
-    tokens_in: int
-    tokens_out: int
-    truncated: bool = False
-
-
-class TextStream:
-    """One row's text as its tokens arrive: ``on_text(delta)`` for each new piece that can no longer change.
-
-    Text that may still change is held back: an incomplete UTF-8 character, trailing whitespace (the final
-    answer is stripped), a tail that could grow into a stop string, and everything from a stop string on. So
-    the streamed pieces always add up to a prefix of the final answer, and :meth:`flush` sends the rest.
-    """
-
-    def __init__(self, tokenizer: Any, stop: list[str], on_text: Any) -> None:
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def add(self, token: int) -> None:
-        """A new (non-EOS) token of the row."""
-        self.ids.append(token)
-        self._emit(self._safe_text())
-
-    def end(self) -> None:
-        """The row ended on EOS: the held-back tail is final now."""
-        self._emit(self._safe_text(ended=True))
-
-    def flush(self, final: str) -> None:
-        """Send whatever of ``final`` (the row's finished answer) has not been streamed yet."""
-        self._emit(final)
-
-    def _safe_text(self, ended: bool = False) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character
-            return ""
-        for s in self.stop:
-            if s in text:
-                text = text[: text.index(s)]
-        if not ended:  # a tail that may yet grow into a stop string
-            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[: len(text) - hold]
-        return text.rstrip()
-
-    def _emit(self, text: str) -> None:
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            delta, self.sent = text[len(self.sent) :], text
-            self.on_text(delta)
+__all__ = ["RowStreamer", "fused_lora", "generate_batch"]
 
 
 class RowStreamer:
@@ -136,75 +76,6 @@ class RowStreamer:
         self.rows[row].flush(final)
 
 
-def format_prompt(tokenizer: Any, role: str, message: str, chat_template: bool = True) -> str:
-    """The exact text the model sees: the chat template (system = role) when there is one, else plain text."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": role}] if role else []
-        messages.append({"role": "user", "content": message})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"{role}\n\n{message}\n" if role else message
-
-
-def prompt_token_limit(model: Any, max_new_tokens: int, max_input_tokens: int | None = None) -> int:
-    """Longest prompt that fits: ``max_input_tokens`` if set, else the context window minus the new tokens."""
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
-    limit = context - max_new_tokens
-    if max_input_tokens is not None:
-        limit = min(limit, max_input_tokens)
-    if limit < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for input in a {context}-token context")
-    return limit
-
-
-def tail_text(tokenizer: Any, ids: list[int], chars: int) -> str:
-    """The decoded text of the last tokens of ``ids``, at least ``chars`` characters of it when there are that many.
-
-    Decodes the last ``chars`` tokens, and twice as many while that gives fewer than ``chars`` characters (tokens
-    that decode to nothing, such as special tokens, would otherwise hide a stop string).
-    """
-    window = chars
-    while True:
-        text = tokenizer.decode(ids[-window:], skip_special_tokens=True)
-        if len(text) >= chars or window >= len(ids):
-            return text
-        window *= 2
-
-
-def cut_left(ids: list[int], limit: int) -> list[int]:
-    """The last ``limit`` tokens of ``ids``, but with its first token kept in front (when ``limit`` >= 2).
-
-    The first token of a prompt (BOS, or the chat template's first marker) stays: a sequence that starts at an
-    arbitrary token can start at one whose embedding is zero (a padding row), and position 0 attends only to
-    itself, so its hidden state stays zero through every layer; RMSNorm's gradient at zero is 1/sqrt(eps)
-    (about 316) per norm, and after a few dozen norms the gradient overflows to NaN.
-    """
-    if len(ids) <= limit:
-        return list(ids)
-    return ids[:1] + ids[len(ids) - limit + 1 :] if limit >= 2 else ids[-limit:]
-
-
-def encode_prompts(
-    tokenizer: Any, texts: list[str], limit: int, on_overflow: str, chat: bool
-) -> tuple[list, list[bool]]:
-    """Token ids of each text, cut to ``limit`` tokens as ``on_overflow`` says, and whether each was cut."""
-    # A chat template already holds the special tokens; don't let the tokenizer add a second BOS.
-    encoded = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
-    rows, truncated = [], []
-    for i, ids in enumerate(encoded):
-        if len(ids) > limit:
-            if on_overflow == "error":
-                raise InputError(
-                    f"input {i} is {len(ids)} tokens, over the {limit}-token limit. Shorten it, raise "
-                    "max_input_tokens, or set on_overflow: truncate."
-                )
-            logger.warning("input %d is %d tokens; keeping its first and last %d (on_overflow: truncate)", i, len(ids),
-                           limit - 1)  # fmt: skip
-            ids = cut_left(ids, limit)
-        rows.append(ids)
-        truncated.append(len(encoded[i]) > limit)
-    return rows, truncated
-
-
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
@@ -213,14 +84,6 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[
         input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[i, width - len(ids) :] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends a row: the generation config's EOS ids and the tokenizer's."""
-    ids = model.generation_config.eos_token_id
-    ids = list(ids) if isinstance(ids, list | tuple) else [ids]
-    ids.append(tokenizer.eos_token_id)
-    return sorted({i for i in ids if i is not None})
 
 
 def _generation_config(settings: GenerationSettings, pad_id: int, eos_ids: list[int]) -> Any:
@@ -349,13 +212,72 @@ def _only_adapter(model: Any, name: str | None) -> Iterator[None]:
             model.set_adapter(previous, inference_mode=True)
 
 
-def finish_row(tokenizer: Any, ids: list[int], n_in: int, cut: bool, eos_ids: list[int], stop: list[str]) -> Generated:
-    """A row's result from its new token ids: the text up to EOS and the first stop string, stripped."""
-    end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
-    kept = ids if end is None else ids[:end]
-    n_out = len(kept) + (0 if end is None else 1)  # the EOS token was generated too
-    text = tokenizer.decode(kept, skip_special_tokens=True)
-    for s in stop:
-        if s and s in text:
-            text = text[: text.index(s)]
-    return Generated(text.strip(), n_in, n_out, cut)
+_CACHE = "_slmstack_fused"  # per-layer dict: adapter -> (weights' identity, Aᵀ, s·Bᵀ)
+
+
+def _packed(layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    key = (a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[name])
+    cache = layer.__dict__.setdefault(_CACHE, {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = (key, a.detach().t().contiguous(), (b.detach().t() * layer.scaling[name]).contiguous())
+        cache[name] = hit
+    return hit[1], hit[2]
+
+
+def _add_lora(layer: Any, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += lora(x)`` in place; ``x`` is (N, in) and ``out`` (N, out). Packed on entry to :func:`fused_lora`."""
+    _, a_t, b_t = layer.__dict__[_CACHE][name]
+    if a_t.dtype == out.dtype:
+        out.addmm_(x.to(a_t.dtype) @ a_t, b_t)
+    else:  # e.g. fp32 adapters on a bf16 base, as peft keeps them: compute in the adapter's dtype
+        out.add_(((x.to(a_t.dtype) @ a_t) @ b_t).to(out.dtype))
+
+
+def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    adapter_names = kwargs.get("adapter_names")
+    names = self.active_adapters if adapter_names is None else list(dict.fromkeys(adapter_names))
+    if self.merged or any(n in self.lora_variant for n in names) or torch.is_grad_enabled():
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own path
+    kwargs.pop("adapter_names", None)
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters:
+        return result
+    flat_x, flat = x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1])
+    for name in names:
+        if name not in self.lora_A:
+            continue  # "__base__", or an adapter that does not touch this layer
+        rows = None if adapter_names is None else [i for i, n in enumerate(adapter_names) if n == name]
+        if rows is None or len(rows) == len(adapter_names):
+            _add_lora(self, name, flat_x, flat)
+        else:  # a sub-batch: gather its rows, add, scatter back
+            sub = result[rows]
+            _add_lora(self, name, x[rows].reshape(-1, x.shape[-1]), sub.view(-1, sub.shape[-1]))
+            result[rows] = sub
+    return result
+
+
+def _plain_lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora.layer import Linear
+
+    return [m for m in model.modules() if type(m) is Linear]
+
+
+@contextmanager
+def fused_lora(model: nn.Module) -> Iterator[None]:
+    """Use the fused LoRA forward on every plain LoRA ``Linear`` of ``model`` inside the block."""
+    if not hasattr(model, "peft_config"):
+        yield
+        return
+    layers = _plain_lora_layers(model)
+    for layer in layers:
+        layer.forward = types.MethodType(_forward, layer)
+        for name in layer.lora_A:  # pack every adapter now, before activations are allocated: packing
+            _packed(layer, name)  # between them at the first forward fragments the heap (+40 % peak RSS)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slmstack.engine.hf import _plain_lora_layers, fused_lora
 from slmstack.stack.adapters import attach_adapters
-from slmstack.stack.fused_lora import _plain_lora_layers, fused_lora
 from tests.conftest import save_random_adapter
 
 
