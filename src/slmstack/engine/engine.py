@@ -97,6 +97,11 @@ class EngineRequest:
         self.engine._wake_up()
 
     @property
+    def admitted(self) -> float | None:
+        """When the request first joined a step (None while it waits)."""
+        return self.request.admitted
+
+    @property
     def finish_reason(self) -> str | None:
         """``stop`` (EOS or a stop string), ``length``, ``cancelled``, or None while running."""
         return self.request.finish_reason

@@ -125,12 +125,11 @@ def _score(stack: Any, spec: TaskSpec, docs: list[Any], contexts: list[str], val
 def _run_stages(stack: Any, stages: list[StageConfig], values: list[dict[str, str]],
                 adapter: str | None = None) -> None:  # fmt: skip
     """Generate ``stages`` in order for every item, writing their outputs into ``values``."""
-    from slmstack.stack.runtime import StackResult, StageCall, run_stage_calls
+    from slmstack.stack.chains import Chain, run_chains
+    from slmstack.stack.trace import StackResult
 
-    for stage in stages:
-        results = [StackResult(v[INPUT_FIELD], "") for v in values]
-        run_stage_calls([StageCall(stack, stage, v, r, adapter=adapter) for v, r in zip(values, results,
-                                                                                         strict=True)])  # fmt: skip
+    if stages:
+        run_chains([Chain(stack, list(stages), v, StackResult(v[INPUT_FIELD], ""), adapter=adapter) for v in values])
 
 
 def _variant(stack: Any, stage: StageConfig, kind: str) -> Any:

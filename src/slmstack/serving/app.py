@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,8 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from slmstack.engine.text import GenerationCancelled
-from slmstack.serving.batcher import MicroBatcher
-from slmstack.serving.continuous import ContinuousBatcher
+from slmstack.serving.batcher import Batcher
 from slmstack.serving.requests import ApiError, CompletionRequest, parse_chat, parse_completion
 from slmstack.serving.settings import ServeSettings
 from slmstack.stack.backends import BackendError, LocalBackend
@@ -94,8 +92,7 @@ def _usage(result: StackResult) -> dict[str, int]:
 def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
     """The FastAPI app serving ``stacks`` (model name -> loaded stack)."""
     metrics = _Metrics.create()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmstack-generate")
-    batchers: dict[str, MicroBatcher] = {}
+    batchers: dict[str, Batcher] = {}
     stopping = threading.Event()  # set on SIGTERM/SIGINT: generation in flight stops, its clients get a 503
 
     def on_batch(size: int, waits: list[float]) -> None:
@@ -106,23 +103,18 @@ def build_app(stacks: dict[str, Stack], settings: ServeSettings) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        by_backend: dict[int, Any] = {}  # one batcher per backend: stacks on one base share batches
+        by_backend: dict[int, Batcher] = {}  # one batcher per backend: stacks on one base share its steps
         for name, stack in stacks.items():
             if id(stack.backend) not in by_backend:
                 if isinstance(stack.backend, LocalBackend) and stack.backend._engine is None:
-                    stack.backend.max_batch = settings.max_batch_size  # rows per engine step
-                if stack.on_engine:  # continuous batching on the engine
-                    batcher: Any = ContinuousBatcher(stack.backend.engine, on_batch, stop=stopping)
-                else:  # transformers or a remote backend: micro-batches, stage by stage
-                    batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, executor, on_batch,
-                                           cancel=stopping)  # fmt: skip
+                    stack.backend.max_batch = settings.max_batch_size  # rows per step
+                batcher = Batcher(stack.backend, on_batch, stop=stopping, max_wait_ms=settings.max_wait_ms)
                 batcher.start()
                 by_backend[id(stack.backend)] = batcher
             batchers[name] = by_backend[id(stack.backend)]
         yield
         for b in by_backend.values():
             await b.stop()
-        executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="slmstack", version="1", lifespan=lifespan)
     app.state.batchers = batchers

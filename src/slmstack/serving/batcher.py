@@ -1,12 +1,11 @@
-"""Micro-batching: concurrent requests share each stage's batched forward passes.
+"""The server's one batcher: every request is a stack chain on its backend from the moment it arrives.
 
-One batcher serves every stack on one backend (for in-process stacks: one loaded base model), so rows of
-different stacks on the same base share a forward pass, each under its own adapter. Requests wait at most
-``max_wait_ms`` for company, up to ``max_batch_size`` per batch. Generation runs in one worker thread,
-off the event loop, so ``/health`` answers while a batch decodes. Each finished stage, and for streaming
-requests each piece of the final stage's text, reaches the request as soon as it exists. A request
-whose client went away is dropped: before its batch starts, or at the next stage boundary (its slot in
-the remaining stages is freed).
+One :class:`Batcher` serves every stack on one backend (stacks on one base model share it). The backend steps in a
+thread of its own whenever any request is in flight: on the engine each step is continuous batching, on
+transformers or a remote server a micro-batch that waits up to ``max_wait_ms`` for company. A request joins at
+the next step, moves to its next stage as soon as a stage ends (:mod:`slmstack.stack.chains`), and leaves when its
+last stage ends; a client that goes away frees its row at the next step. Finished stages and, when streaming, the
+final stage's text reach the request as they happen. The per-request override rule lives here, once.
 """
 
 from __future__ import annotations
@@ -16,137 +15,114 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from slmstack.stack.runtime import Stack, StackResult, StageCall, run_stage_calls
+from slmstack.stack.chains import Chain, start_chain
+from slmstack.stack.trace import StackResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MicroBatcher", "Pending"]
+__all__ = ["Batcher", "Pending", "stage_overrides"]
 
 
 @dataclass
 class Pending:
-    """One request waiting for (or being served by) a batch."""
+    """One request in flight: await ``future`` for its :class:`StackResult`."""
 
-    stack: Stack
+    stack: Any
     text: str
-    max_tokens: int | None
     future: asyncio.Future
-    stream: bool = False
-    overrides: dict[str, Any] = field(default_factory=dict)  # the request's sampling fields
     # a StageTrace per finished stage and, when streaming, str pieces of the final stage's text; then None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued_at: float = field(default_factory=time.perf_counter)
     result_seen: bool = False  # a stage has finished (the queue wait is recorded once)
 
 
-class MicroBatcher:
-    """Collects requests for the stacks on one backend and runs them through their stages in batches."""
+def stage_overrides(stack: Any, index: int, overrides: dict[str, Any], max_tokens: int | None) -> dict[str, Any]:
+    """The decoding fields a request changes at stage ``index``.
 
-    def __init__(self, max_batch_size: int, max_wait_ms: float, executor: ThreadPoolExecutor,
-                 on_batch: Callable[[int, list[float]], None] | None = None,
-                 cancel: threading.Event | None = None) -> None:  # fmt: skip
-        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
-        self.executor, self.on_batch = executor, on_batch
-        self.cancel = cancel or threading.Event()  # set: generation in flight stops at its next token
-        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
-        self.task: asyncio.Task | None = None
-        self.batches = 0
+    Its sampling fields reach the final stage, or every stage with ``request_sampling: all``; ``max_tokens`` reaches
+    the final stage only.
+    """
+    last = index == len(stack.config.stages) - 1
+    extra = dict(overrides) if last or stack.config.request_sampling == "all" else {}
+    if last and max_tokens is not None:
+        extra["max_new_tokens"] = max_tokens
+    return extra
+
+
+class Batcher:
+    """Runs every request for the stacks on one backend as a chain, stepping the backend in its own thread.
+
+    Args:
+        backend: the stacks' :class:`slmstack.stack.backends.Backend`.
+        on_batch: ``on_batch(rows, waits)``: each step's rows, and each request's queue wait (once, at its first
+            stage), for the server's metrics.
+        stop: set when the server stops; requests in flight end as cancelled.
+        max_wait_ms: how long a micro-batch waits for company (the engine does not wait).
+    """
+
+    def __init__(self, backend: Any, on_batch: Callable[[int, list[float]], None] | None = None,
+                 stop: threading.Event | None = None, max_wait_ms: float = 0.0) -> None:  # fmt: skip
+        self.backend, self.on_batch = backend, on_batch
+        self.stop_event = stop or threading.Event()
+        self.max_wait = max_wait_ms / 1000
+        self.thread: threading.Thread | None = None
+        backend.runner.on_step = self._on_step
+
+    @property
+    def batches(self) -> int:
+        """Steps so far."""
+        return self.backend.runner.steps
 
     def start(self) -> None:
-        """Start collecting (inside the running event loop)."""
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        """Start stepping (a daemon thread that sleeps while no request is in flight)."""
+        self.thread = threading.Thread(target=self.backend.serve_forever, args=(self.stop_event, self.max_wait),
+                                       daemon=True, name="slmstack-generate")  # fmt: skip
+        self.thread.start()
 
     async def stop(self) -> None:
-        """Stop collecting."""
-        if self.task:
-            self.task.cancel()
+        """Stop stepping; requests in flight end as cancelled."""
+        self.stop_event.set()
+        if self.thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 5)
 
-    async def submit(self, stack: Stack, text: str, max_tokens: int | None, stream: bool = False,
+    def _on_step(self, rows: int) -> None:
+        if self.on_batch is not None:
+            self.on_batch(rows, [])
+
+    async def submit(self, stack: Any, text: str, max_tokens: int | None, stream: bool = False,
                      overrides: dict[str, Any] | None = None) -> Pending:  # fmt: skip
-        """Queue one request; await ``pending.future`` for its :class:`StackResult`."""
-        pending = Pending(stack, text, max_tokens, asyncio.get_running_loop().create_future(), stream,
-                          dict(overrides or {}))  # fmt: skip
-        await self.queue.put(pending)
-        return pending
-
-    async def _loop(self) -> None:
-        while True:
-            batch, deadline = [await self.queue.get()], time.perf_counter() + self.max_wait
-            while len(batch) < self.max_batch_size:
-                timeout = deadline - time.perf_counter()
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout) if timeout > 0 else None
-                    batch.append(item or self.queue.get_nowait())
-                except (TimeoutError, asyncio.QueueEmpty):
-                    break
-            batch = [p for p in batch if not p.future.cancelled()]  # clients that left free their slot
-            if batch:
-                await self._run(batch)
-
-    async def _run(self, batch: list[Pending]) -> None:
+        """Start one request's chain; await ``pending.future`` for its :class:`StackResult`."""
         loop = asyncio.get_running_loop()
-        now = time.perf_counter()
-        if self.on_batch:
-            self.on_batch(len(batch), [now - p.queued_at for p in batch])
-        self.batches += 1
+        pending = Pending(stack, text, loop.create_future())
+        overrides = dict(overrides or {})
 
-        def report(row: int, event: Any) -> None:
-            loop.call_soon_threadsafe(batch[row].events.put_nowait, event)
+        def report(event: Any) -> None:
+            loop.call_soon_threadsafe(pending.events.put_nowait, event)
 
-        try:
-            results = await loop.run_in_executor(self.executor, self._generate, batch, report)
-        except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure
-            logger.exception("batch of %d failed", len(batch))
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-                p.events.put_nowait(None)
-            return
-        for p, result in zip(batch, results, strict=True):
-            if not p.future.done():
-                p.future.set_result(result)
-            p.events.put_nowait(None)
+        def on_stage(trace: Any) -> None:
+            if not pending.result_seen and self.on_batch is not None and chain.handle is not None:
+                admitted = chain.handle.admitted or time.perf_counter()
+                self.on_batch(0, [max(0.0, admitted - pending.queued_at)])  # the queue wait, once per request
+            pending.result_seen = True
+            report(trace)
 
-    def _generate(self, batch: list[Pending], report: Callable[[int, Any], None]) -> list[StackResult]:
-        """Run the batch stage by stage (in the worker thread), reporting each finished stage and streamed text.
+        def on_end(chain: Chain) -> None:
+            def settle() -> None:
+                if not pending.future.done():
+                    if chain.error is not None:
+                        pending.future.set_exception(chain.error)
+                    else:
+                        pending.future.set_result(chain.result)
+                pending.events.put_nowait(None)
 
-        Stage ``i`` of every row runs together; rows of stacks with fewer stages have finished, and rows
-        whose client left are skipped.
-        """
-        from slmstack.stack.config import INPUT_FIELD
+            loop.call_soon_threadsafe(settle)
 
-        values = [{INPUT_FIELD: p.text} for p in batch]
-        results = [StackResult(input=p.text, answer="") for p in batch]
-        for depth in range(max(len(p.stack.config.stages) for p in batch)):
-            rows = [r for r, p in enumerate(batch) if depth < len(p.stack.config.stages) and not p.future.cancelled()]
-            calls, streamed = [], {}
-            for r in rows:
-                p = batch[r]
-                stages = p.stack.config.stages
-                last = depth == len(stages) - 1
-                overrides = dict(p.overrides) if last or p.stack.config.request_sampling == "all" else {}
-                if last and p.max_tokens is not None:
-                    overrides["max_new_tokens"] = p.max_tokens
-                calls.append(StageCall(p.stack, stages[depth], values[r], results[r], overrides))
-                if last and p.stream:
-                    streamed[len(calls) - 1] = r
-            if not calls:
-                break
-            run_stage_calls(calls, _forward(streamed, report) if streamed else None, cancel=self.cancel)
-            for r in rows:
-                report(r, results[r].trace[-1])
-        return results
-
-
-def _forward(streamed: dict[int, int], report: Callable[[int, Any], None]) -> Callable[[int, str], None]:
-    """Passes a streamed call's text on to its request (calls that do not stream are ignored)."""
-
-    def on_text(call: int, delta: str) -> None:
-        if call in streamed:
-            report(streamed[call], delta)
-
-    return on_text
+        chain = Chain(stack, list(stack.config.stages), stack.input_values(text), StackResult(input=text, answer=""),
+                      overrides=lambda index: stage_overrides(stack, index, overrides, max_tokens),
+                      on_stage=on_stage, on_text=report if stream else None, on_end=on_end)  # fmt: skip
+        pending.future.add_done_callback(lambda f: chain.cancel() if f.cancelled() else None)
+        await loop.run_in_executor(None, start_chain, chain)  # tokenizing the first prompt off the event loop
+        return pending

@@ -1,10 +1,14 @@
 """Where a stage's text is generated: in process on the shared base model, or on a remote OpenAI-compatible engine.
 
-A backend turns a batch of (role, prompt, adapter) rows into :class:`Generated` rows. ``local`` runs them on
-the loaded base with one LoRA adapter per row, on slmstack's engine or transformers' ``generate``. ``openai``
-sends each row to an OpenAI-compatible server (vLLM with ``--enable-lora``, llama.cpp's server, ...) under the
-model name the stack's ``backend.models`` maps the stage's adapter to, so the same stack, trace and server run
-while the generation happens on the remote engine. Each backend is a few lines behind the ``BACKENDS`` registry.
+Every backend offers one interface, the engine's: :meth:`Backend.submit` queues one (role, prompt, adapter) row and
+returns a handle whose ``on_done`` runs when the row ends; :meth:`Backend.run` steps until a condition holds, and
+:meth:`Backend.serve_forever` steps for a server. ``local`` runs rows on the loaded base with one LoRA adapter per
+row: on slmstack's engine (continuous batching), or through transformers' ``generate`` in micro-batches
+(:class:`slmstack.engine.microbatch.MicroBatchRunner`). ``openai`` sends each row to an OpenAI-compatible server
+(vLLM with ``--enable-lora``, llama.cpp's server, ...) under the model name the stack's ``backend.models`` maps the
+stage's adapter to, in micro-batches of concurrent requests. Stacks (:mod:`slmstack.stack.chains`), the server's
+batcher, evaluation and teachers all generate through this one interface. Each remote kind is a few lines behind
+the ``BACKENDS`` registry.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmstack.engine.hf import generate_batch
+from slmstack.engine.microbatch import MicroBatchRunner
 from slmstack.engine.text import (
     BASE_ADAPTER,
     Generated,
@@ -33,9 +38,10 @@ from slmstack.stack.config import ENGINE_WEIGHTS, ENGINES, BackendConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "BackendError", "LocalBackend", "OpenAIBackend", "Row", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "LocalBackend", "OpenAIBackend", "Row", "make_backend"]
 
 OnText = Callable[[int, str], None]
+OnDone = Callable[[Any], None]
 
 
 class BackendError(SlmstackError, RuntimeError):
@@ -51,7 +57,62 @@ class Row:
     adapter: str
 
 
-class LocalBackend:
+@dataclass(frozen=True)
+class _Key:
+    """Rows that may share a micro-batch: the same decoding settings and input rules."""
+
+    settings: Any
+    chat: bool
+    max_input_tokens: int | None
+    on_overflow: str
+
+
+class Backend:
+    """The one generation interface (the engine's): submit rows, step until done.
+
+    A subclass provides :meth:`submit` and the ``runner`` it steps (an :class:`slmstack.engine.Engine` or a
+    :class:`MicroBatchRunner`); :meth:`generate` is a batch of submits, run to the end.
+    """
+
+    max_batch = 16
+
+    @property
+    def runner(self) -> Any:
+        """What steps this backend's requests (``run``, ``serve_forever``, ``has_work``, ``steps``, ``on_step``)."""
+        raise NotImplementedError
+
+    def submit(self, row: Row, settings: Any, chat: bool, max_input_tokens: int | None, on_overflow: str,
+               on_text: Callable[[str], None] | None = None, on_done: OnDone | None = None) -> Any:  # fmt: skip
+        """Queue one row; the returned handle has ``done``, ``cancel()``, ``generated()`` and ``admitted``."""
+        raise NotImplementedError
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Step until no request is left, or until ``until()`` is true."""
+        self.runner.run(until)
+
+    def serve_forever(self, stop: Any, max_wait: float = 0.0) -> None:
+        """Step whenever there is work until ``stop`` is set (a micro-batch waits ``max_wait`` seconds for company)."""
+        runner = self.runner
+        if isinstance(runner, MicroBatchRunner):
+            runner.max_batch, runner.max_wait = self.max_batch, max_wait
+        runner.serve_forever(stop)
+
+    def generate(self, rows: list[Row], settings: Any, chat: bool, max_input_tokens: int | None,
+                 on_overflow: str, on_text: OnText | None = None, cancel: Any = None) -> list[Generated]:  # fmt: skip
+        """Generate every row and wait for all (``cancel``, a ``threading.Event``, stops them at the next step)."""
+        handles = [self.submit(r, settings, chat, max_input_tokens, on_overflow,
+                               on_text=None if on_text is None else (lambda d, i=i: on_text(i, d)))
+                   for i, r in enumerate(rows)]  # fmt: skip
+        self.run(until=lambda: all(h.done.is_set() for h in handles) or (cancel is not None and cancel.is_set()))
+        if not all(h.done.is_set() for h in handles):
+            for h in handles:
+                h.cancel()
+            self.run(until=lambda: all(h.done.is_set() for h in handles))
+            raise GenerationCancelled("generation was cancelled")
+        return [h.generated() for h in handles]
+
+
+class LocalBackend(Backend):
     """The loaded (peft-wrapped) base model: the one way slmstack generates in process.
 
     With ``engine`` ``auto`` (the default) rows run on slmstack's engine (:mod:`slmstack.engine`: continuous
@@ -71,6 +132,7 @@ class LocalBackend:
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.engine_mode, self.max_batch = engine, max_batch
         self._engine: Any = None
+        self._hf: MicroBatchRunner | None = None
         self._converted = False
         self._lora_version: tuple = ()
 
@@ -140,39 +202,51 @@ class LocalBackend:
         limit = prompt_token_limit(self.model, settings.max_new_tokens, max_input_tokens)
         return encode_prompts(self.tokenizer, texts, limit, on_overflow, chat)
 
-    def generate(self, rows: list[Row], settings: Any, chat: bool, max_input_tokens: int | None,
-                 on_overflow: str, on_text: OnText | None = None, cancel: Any = None) -> list[Generated]:  # fmt: skip
-        """Generate every row (``cancel``, a ``threading.Event``, stops it at the next token)."""
-        texts = [self.model_input(r.role, r.prompt, chat) for r in rows]
+    @property
+    def runner(self) -> Any:
+        """The engine, or the transformers micro-batcher where the engine does not run."""
         engine = self.engine
-        if engine is None:
-            if self.dtype in ENGINE_WEIGHTS and self.dtype != FP16_WEIGHTS:
-                raise ConfigError(f"dtype {self.dtype!r} needs the engine, which cannot run this model")
-            if self.dtype == FP16_WEIGHTS and not self._converted:
-                use_float16_weights(self.model)  # once every adapter is attached
-                self._converted = True
-            return generate_batch(
-                self.model, self.tokenizer, texts, settings, adapter_names=[r.adapter for r in rows],
-                max_input_tokens=max_input_tokens, on_overflow=on_overflow, chat=chat, on_text=on_text,
-                cancel=cancel,
-            )  # fmt: skip
-        ids, cut = self.encode(texts, settings, chat, max_input_tokens, on_overflow)
-        handles = [engine.submit(p, r.adapter, settings, truncated=c,
-                                 on_text=None if on_text is None else (lambda d, i=i: on_text(i, d)))
-                   for i, (p, r, c) in enumerate(zip(ids, rows, cut, strict=True))]  # fmt: skip
-        engine.run(until=lambda: all(h.done.is_set() for h in handles) or (cancel is not None and cancel.is_set()))
-        if not all(h.done.is_set() for h in handles):
-            for h in handles:
-                h.cancel()
-            engine.run(until=lambda: all(h.done.is_set() for h in handles))
-            raise GenerationCancelled("generation was cancelled")
-        return [h.generated() for h in handles]
+        if engine is not None:
+            return engine
+        if self._hf is None:
+            self._hf = MicroBatchRunner(self._hf_batch, self.max_batch)
+        self._hf.max_batch = self.max_batch
+        return self._hf
+
+    def submit(self, row: Row, settings: Any, chat: bool, max_input_tokens: int | None, on_overflow: str,
+               on_text: Callable[[str], None] | None = None, on_done: OnDone | None = None) -> Any:  # fmt: skip
+        """Queue one row on the engine, or for the next transformers micro-batch.
+
+        Raises:
+            InputError: the prompt is over the limit and ``on_overflow`` is ``error``.
+        """
+        text = self.model_input(row.role, row.prompt, chat)
+        ids, cut = self.encode([text], settings, chat, max_input_tokens, on_overflow)
+        runner = self.runner
+        if runner is self.engine:
+            return runner.submit(ids[0], row.adapter, settings, truncated=cut[0], on_text=on_text, on_done=on_done)
+        return runner.submit((text, row.adapter), _Key(settings, chat, max_input_tokens, on_overflow), on_text,
+                             on_done)  # fmt: skip
+
+    def _hf_batch(self, key: _Key, items: list[tuple[str, str]], on_text: OnText | None,
+                  cancel: Any) -> list[Generated]:  # fmt: skip
+        """One micro-batch through transformers' ``generate``, each row under its adapter."""
+        if self.dtype in ENGINE_WEIGHTS and self.dtype != FP16_WEIGHTS:
+            raise ConfigError(f"dtype {self.dtype!r} needs the engine, which cannot run this model")
+        if self.dtype == FP16_WEIGHTS and not self._converted:
+            use_float16_weights(self.model)  # once every adapter is attached
+            self._converted = True
+        return generate_batch(
+            self.model, self.tokenizer, [t for t, _ in items], key.settings, adapter_names=[a for _, a in items],
+            max_input_tokens=key.max_input_tokens, on_overflow=key.on_overflow, chat=key.chat, on_text=on_text,
+            cancel=cancel,
+        )  # fmt: skip
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """An OpenAI-compatible server: each row is one chat (or completion) request under its adapter's model name.
 
-    The server batches concurrent requests itself (vLLM's continuous batching), so rows are sent
+    The server batches concurrent requests itself (vLLM's continuous batching), so a micro-batch's rows are sent
     concurrently, ``max_concurrency`` at a time. With ``on_text`` the requests stream and each row's
     deltas are passed on as they arrive.
     """
@@ -184,6 +258,18 @@ class OpenAIBackend:
         key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(base_url=config.url.rstrip("/"), headers=headers, timeout=config.timeout_s)
+        self.max_batch = 4 * config.max_concurrency
+        self._runner = MicroBatchRunner(self._batch, self.max_batch)
+
+    @property
+    def runner(self) -> MicroBatchRunner:
+        """The micro-batcher that sends rows."""
+        return self._runner
+
+    def submit(self, row: Row, settings: Any, chat: bool, max_input_tokens: int | None, on_overflow: str,
+               on_text: Callable[[str], None] | None = None, on_done: OnDone | None = None) -> Any:  # fmt: skip
+        """Queue one row for the next micro-batch (the remote engine applies its own input limit)."""
+        return self._runner.submit(row, _Key(settings, chat, None, "truncate"), on_text, on_done)
 
     def model_input(self, role: str, prompt: str, chat: bool) -> str:
         """What is sent: the prompt (the server applies its own chat template), or role and prompt as plain text."""
@@ -197,12 +283,11 @@ class OpenAIBackend:
         """The remote model name a stage's adapter is served under."""
         return self.config.base_model if adapter == BASE_ADAPTER else self.config.models.get(adapter, adapter)
 
-    def generate(self, rows: list[Row], settings: Any, chat: bool, max_input_tokens: int | None,
-                 on_overflow: str, on_text: OnText | None = None, cancel: Any = None) -> list[Generated]:  # fmt: skip
-        """Send every row (concurrently) and wait for all (the remote engine applies its own input limit)."""
+    def _batch(self, key: _Key, rows: list[Row], on_text: OnText | None, cancel: Any) -> list[Generated]:
+        """Send a micro-batch's rows concurrently and wait for all."""
         workers = min(len(rows), self.config.max_concurrency)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slmstack-backend") as pool:
-            return list(pool.map(lambda i: self._one(i, rows[i], settings, on_text), range(len(rows))))
+            return list(pool.map(lambda i: self._one(i, rows[i], key.settings, on_text), range(len(rows))))
 
     def _request(self, row: Row, settings: Any, stream: bool) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.model_name(row.adapter), "max_tokens": settings.max_new_tokens,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from slmstack.stack.runtime import StackResult, StageTrace
+from slmstack.stack.trace import StackResult, StageTrace
 
 __all__ = ["format_cards", "print_cards"]
 

@@ -1,70 +1,33 @@
 """A stack of small-LM stages passing natural language to each other (FSLM, arXiv 2410.15570).
 
 Unlike the paper, which holds one model copy per stage, every stage here shares ONE loaded base
-model; a stage's specialisation is a named LoRA adapter on it. A batch of inputs goes through
-each stage together, and every stage's text is kept in the trace.
+model; a stage's specialisation is a named LoRA adapter on it. Each input runs as a chain of requests
+(:mod:`slmstack.stack.chains`, the one executor), and every stage's text is kept in the trace.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from slmstack.engine.text import BASE_ADAPTER, GenerationCancelled
+from slmstack.engine.text import BASE_ADAPTER
 from slmstack.errors import InputError
 from slmstack.models import LoadedModel, load_model
 from slmstack.retrieval.base import load_stage_retrievers
 from slmstack.stack.adapters import attach_adapters
-from slmstack.stack.backends import LocalBackend, Row, make_backend
+from slmstack.stack.backends import LocalBackend, make_backend
 from slmstack.stack.chains import Chain, run_chains
 from slmstack.stack.config import INPUT_FIELD, StackConfig, StageConfig, load_stack_config
+from slmstack.stack.trace import StackResult, StageTrace
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stack", "StackResult", "StageCall", "StageTrace", "retrieve_stage", "run_stage_calls"]
-
-
-@dataclass
-class StageTrace:
-    """What one stage saw and said for one input.
-
-    ``seconds`` is the wall time of the batched stage call that produced this row (shared by the batch).
-    """
-
-    stage: str
-    prompt: str
-    output: str
-    tokens_in: int
-    tokens_out: int
-    seconds: float
-    adapter: str | None = None
-    truncated: bool = False
-    kind: str = "generate"  # or "retrieve": the output is passages from an index, and no model ran
-
-
-@dataclass
-class StackResult:
-    """The final answer (the last stage's output) and the full trace."""
-
-    input: str
-    answer: str
-    trace: list[StageTrace] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready ``{"answer": ..., "trace": [...]}`` (plus the input)."""
-        return {"input": self.input, "answer": self.answer, "trace": [asdict(t) for t in self.trace]}
-
-    @property
-    def outputs(self) -> dict[str, str]:
-        """Stage name -> output text."""
-        return {t.stage: t.output for t in self.trace}
+__all__ = ["Stack", "StackResult", "StageTrace"]
 
 
 class Stack:
@@ -106,7 +69,7 @@ class Stack:
 
         Stacks on the same base share one loaded model and one peft wrapper holding every stack's adapters
         (named ``<stack>/<stage>``), so rows of different stacks can share a forward pass
-        (:func:`run_stage_calls`). Stacks with a remote ``backend`` load nothing.
+        (:mod:`slmstack.stack.chains`). Stacks with a remote ``backend`` load nothing.
         """
         stacks: list[Stack] = []
         shared: dict[tuple[str, str, str], Stack] = {}
@@ -187,124 +150,19 @@ class Stack:
         size = batch_size or self.config.batch_size
         chosen = [s for s in self.config.stages if stages is None or s.name in stages]
         values = [self.input_values(t, fields[i] if fields else None) for i, t in enumerate(texts)]
-        results: list[StackResult] = []
         bar = tqdm(total=len(texts), desc="stack", unit="input", disable=not self.show_progress)
         if isinstance(self.backend, LocalBackend):
             self.backend.reserve_rows(size)  # batch_size rows a step on the engine too
-        if self.on_engine:  # continuous: each input moves on as soon as its stage ends
-            results = [StackResult(input=t, answer="") for t in texts]
-            chains = [Chain(self, chosen, v, r) for v, r in zip(values, results, strict=True)]
-            run_chains(chains, on_finished=lambda chain: bar.update(1))
-            bar.close()
-            return results
-        for start in range(0, len(texts), size):
-            results.extend(self._run_chunk(values[start : start + size], chosen))
-            bar.update(min(size, len(texts) - start))
+        # each input is a chain that moves on as soon as its stage ends (micro-batches off the engine)
+        results = [StackResult(input=t, answer="") for t in texts]
+        chains = [Chain(self, chosen, v, r) for v, r in zip(values, results, strict=True)]
+        run_chains(chains, on_finished=lambda chain: bar.update(1))
         bar.close()
         return results
 
     def input_values(self, text: str, fields: dict[str, str] | None = None) -> dict[str, str]:
         """The template values an input starts with: ``input`` and each declared field (``""`` where not given)."""
         return {INPUT_FIELD: text, **{name: str((fields or {}).get(name, "")) for name in self.config.inputs}}
-
-    def _run_chunk(self, values: list[dict[str, str]], stages: list[StageConfig]) -> list[StackResult]:
-        results = [StackResult(input=v[INPUT_FIELD], answer="") for v in values]
-        for stage in stages:
-            self.run_stage(stage, values, results)
-        return results
-
-    def run_stage(self, stage: StageConfig, values: list[dict[str, str]], results: list[StackResult]) -> None:
-        """Run one stage on a batch whose earlier stages have run; appends to ``values`` and ``results``.
-
-        ``values`` holds each row's input and earlier outputs (the template fields).
-        """
-        run_stage_calls([StageCall(self, stage, v, r) for v, r in zip(values, results, strict=True)])
-
-
-@dataclass
-class StageCall:
-    """One row's next stage: its stack, the stage, the row's template values and its result so far.
-
-    ``overrides`` replaces fields of the stage's :class:`GenerationSettings` for this row (serving's per-request
-    ``max_tokens``, ``temperature``, ``top_p``, ``seed`` and ``stop``).
-    """
-
-    stack: Stack
-    stage: StageConfig
-    values: dict[str, str]
-    result: StackResult
-    overrides: dict[str, Any] = field(default_factory=dict)
-    adapter: str | None = None  # run under this adapter instead of the stage's own (``"__base__"``: none)
-
-
-def run_stage_calls(calls: list[StageCall], on_text: Callable[[int, str], None] | None = None,
-                    cancel: threading.Event | None = None) -> None:  # fmt: skip
-    """Run one stage for each call; calls may come from different stacks.
-
-    Calls on the same backend (for in-process stacks: the same loaded base) with the same decoding
-    settings run as one batch, each row under its own adapter. Appends each row's output to its
-    ``values`` and trace. ``on_text(call_index, delta)`` streams the text as it is decoded. Setting ``cancel``
-    stops generation at the next token with :class:`GenerationCancelled`.
-    """
-    searches: dict[tuple[int, str], list[int]] = {}  # retrieve stages run no model: one search per stack and stage
-    for i, call in enumerate(calls):
-        if call.stage.kind == "retrieve":
-            searches.setdefault((id(call.stack), call.stage.name), []).append(i)
-    for members in searches.values():
-        first = calls[members[0]]
-        for i, trace in zip(members, retrieve_stage(first.stack, first.stage, [calls[i].values for i in members]),
-                            strict=True):  # fmt: skip
-            calls[i].result.trace.append(trace)
-            calls[i].result.answer = trace.output
-    groups: list[tuple[Any, tuple, list[int]]] = []
-    for i, call in enumerate(calls):
-        if call.stage.kind == "retrieve":
-            continue
-        settings = replace(call.stage.generation, **call.overrides) if call.overrides else call.stage.generation
-        cfg = call.stack.config
-        key = (call.stack._chat, settings, cfg.max_input_tokens, cfg.on_overflow)
-        group = next((g for g in groups if g[0] is call.stack.backend and g[1] == key), None)
-        if group is None:
-            groups.append(group := (call.stack.backend, key, []))
-        group[2].append(i)
-    for backend, (chat, settings, max_input, overflow), members in groups:
-        rows = [Row(calls[i].stage.role, calls[i].stack.render(calls[i].stage, calls[i].values),
-                    calls[i].adapter or calls[i].stack.adapter_for(calls[i].stage.name)) for i in members]  # fmt: skip
-        stream = None if on_text is None else (lambda row, delta, m=members: on_text(m[row], delta))
-        start = time.perf_counter()
-        if cancel is not None and cancel.is_set():
-            raise GenerationCancelled("generation was cancelled")
-        outs = backend.generate(rows, settings, chat, max_input, overflow, stream, cancel)
-        seconds = time.perf_counter() - start
-        logger.debug("%d rows of %d stages in %.2fs", len(rows), len({calls[i].stage.name for i in members}), seconds)
-        for i, row, out in zip(members, rows, outs, strict=True):
-            call = calls[i]
-            call.values[call.stage.name] = out.text
-            adapter = None if row.adapter == BASE_ADAPTER else row.adapter
-            call.result.trace.append(StageTrace(call.stage.name, row.prompt, out.text, out.tokens_in, out.tokens_out,
-                                                round(seconds, 4), adapter, out.truncated))  # fmt: skip
-            call.result.answer = out.text
-
-
-def retrieve_stage(stack: Stack, stage: StageConfig, values: list[dict[str, str]]) -> list[StageTrace]:
-    """Run a ``retrieve`` stage for a batch of rows: one search, each row's passages as its output and trace.
-
-    The query is the stage's rendered template; the stage's ``exclude`` ids are never returned (per-query
-    exclusions, such as an item's own passage, go through the retriever's ``search`` directly).
-    """
-    from slmstack.retrieval import format_passages
-
-    start = time.perf_counter()
-    queries = [stack.render(stage, v) for v in values]
-    exclude = [set(stage.exclude or ()) for _ in values]
-    found = stack.retrievers[stage.name].search(queries, stage.k, exclude)
-    seconds = round(time.perf_counter() - start, 4)
-    traces = []
-    for query, row_values, passages in zip(queries, values, found, strict=True):
-        text = format_passages(passages)
-        row_values[stage.name] = text
-        traces.append(StageTrace(stage.name, query, text, 0, 0, seconds, None, False, "retrieve"))
-    return traces
 
 
 def _check_inputs(texts: Sequence[str]) -> None:

@@ -87,25 +87,24 @@ def test_each_intervention_changes_the_final_prompt_as_specified_and_upstream_ru
 
     stack, task = two_stage
     prompts: dict[str, list[str]] = {}
-    generated = {"calls": 0, "rows": 0}
-    real_score, real_generate = attribution._score, stack.backend.generate
+    adapters: list[str] = []  # the adapter of every generated row
+    real_score, real_submit = attribution._score, stack.backend.submit
 
     def recording_score(variant, spec, docs, contexts, values, metric, batch_size):
         target = attribution._FixedUpstream(variant, dict(zip(contexts, values, strict=True)))
         prompts[f"#{len(prompts)}"] = target.prepare(contexts, " ")[0]
         return real_score(variant, spec, docs, contexts, values, metric, batch_size)
 
-    def counting_generate(rows, *args):
-        generated["calls"] += 1
-        generated["rows"] += len(rows)
-        return real_generate(rows, *args)
+    def counting_submit(row, *args, **kwargs):
+        adapters.append(row.adapter)
+        return real_submit(row, *args, **kwargs)
 
     monkeypatch.setattr(attribution, "_score", recording_score)
-    monkeypatch.setattr(stack.backend, "generate", counting_generate)
+    monkeypatch.setattr(stack.backend, "submit", counting_submit)
     # Execute
     report = attribute(stack, [task], interventions=["skip", "placebo", "base", "oracle"], bootstrap=100)
     # Assert: the reason stage ran once for the stack, and once more only for "base" (no adapter)
-    assert generated == {"calls": 2, "rows": 2 * len(QUESTIONS)}
+    assert len(adapters) == 2 * len(QUESTIONS) and adapters.count("__base__") == len(QUESTIONS)
     reference, skip, placebo, base, oracle = prompts.values()
     stack_reasons = [p.split("Reasoning: ")[1].split("\n")[0] for p in reference]
     assert all("Reasoning:" not in p and "Q: " in p for p in skip)  # the line is gone, the question stays

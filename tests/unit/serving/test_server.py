@@ -180,15 +180,14 @@ def test_a_requests_sampling_fields_are_applied_to_the_final_stage(live, stacks)
     assert {ask(temperature=1.5, seed=s)[2] for s in range(4)} != {greedy[2]}  # sampling does change the text
     # stop strings and max_tokens reach the final stage too
     stack = stacks["tiny-stack"]
+    from slmstack.stack.chains import Chain, run_chains
     from slmstack.stack.config import INPUT_FIELD
-    from slmstack.stack.runtime import StackResult, StageCall, run_stage_calls
+    from slmstack.stack.trace import StackResult
 
-    values, result = {INPUT_FIELD: "red?"}, StackResult("red?", "")
-    for stage in stack.config.stages[:2]:
-        run_stage_calls([StageCall(stack, stage, values, result)])
-    final = StageCall(stack, stack.config.stages[2], values, result, {"max_new_tokens": 8, "do_sample": True,
-                                                                      "temperature": 1.5, "seed": 7})  # fmt: skip
-    run_stage_calls([final])
+    result = StackResult("red?", "")
+    last = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "seed": 7}
+    run_chains([Chain(stack, list(stack.config.stages), {INPUT_FIELD: "red?"}, result,
+                      overrides=lambda index: last if index == 2 else {})])  # fmt: skip
     assert result.answer == sampled[2]
 
 

@@ -195,8 +195,9 @@ def test_adapter_naming_another_base_loads_with_a_warning(tiny_model_dir: Path, 
 
 
 def test_stacks_on_one_base_share_the_model_and_each_forward_pass(tiny_model_dir, tiny_adapters, tmp_path) -> None:
+    from slmstack.stack.chains import Chain, run_chains
     from slmstack.stack.config import load_stack_config
-    from slmstack.stack.runtime import StackResult, StageCall, run_stage_calls
+    from slmstack.stack.trace import StackResult
 
     # Prepare: two stacks on the same base with different adapters, loaded together and each alone
     other = {**stack_dict(tiny_model_dir, {"first": tiny_adapters["third"]}), "name": "other"}
@@ -204,20 +205,16 @@ def test_stacks_on_one_base_share_the_model_and_each_forward_pass(tiny_model_dir
              write_yaml(tmp_path / "b.yaml", other)]  # fmt: skip
     a, b = Stack.sharing_bases([load_stack_config(p) for p in paths])
     alone = [Stack.from_config(p) for p in paths]
-    calls_made = []
-    generate = a.backend.generate
-    a.backend.generate = lambda rows, *args: calls_made.append(len(rows)) or generate(rows, *args)
-    # Execute: rows of both stacks, stage by stage
+    steps = []
+    a.backend.runner.on_step = steps.append  # rows of each step (an engine step, or a transformers micro-batch)
+    # Execute: rows of both stacks, each a chain
     rows = [(s, q) for q in QUESTIONS[:2] for s in (a, b)]
-    values = [{"input": q} for _, q in rows]
     results = [StackResult(q, "") for _, q in rows]
-    for depth in range(3):
-        triples = zip(rows, values, results, strict=True)
-        run_stage_calls([StageCall(s, s.config.stages[depth], v, r) for (s, _), v, r in triples])
-    # Assert: one base, every adapter on one wrapper; one forward batch per stage; same text as each stack alone
+    run_chains([Chain(s, list(s.config.stages), {"input": q}, r) for (s, q), r in zip(rows, results, strict=True)])
+    # Assert: one base, every adapter on one wrapper; shared steps; the same text as each stack alone
     assert a.model is b.model and a.backend is b.backend
     assert set(a.model.peft_config) == {"tiny/first", "tiny/third", "other/first"}
-    assert calls_made == [4, 4, 4]
+    assert max(steps) == 4  # the four rows of both stacks shared a step
     for (stack, q), result in zip(rows, results, strict=True):
         own = alone[0 if stack is a else 1](q)
         assert [t.output for t in result.trace] == [t.output for t in own.trace]
