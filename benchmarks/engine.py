@@ -101,7 +101,7 @@ def _teacher_forced(engine, dense, ids: list[int]) -> dict:
         e.cache.ensure(len(full))
         request = Request(full)
         request.slot = 0
-        step = e._inputs(StepPlan([], [Row(request, 0, full, True)]))
+        step = e.runner.step_input(StepPlan([], [Row(request, 0, full, True)]))
         step.sample = torch.arange(len(ids) - 1, len(full))
         return e.decoder.forward(step)
 
@@ -243,7 +243,7 @@ def child_attention(rows: int, threads: int, repeats: int) -> dict:
     """One layer's decode attention, ``rows`` rows of 192 keys on the default shape, by where the rows' slots lie.
 
     In place (row i in slot i); a quarter of the first slots idle, the rows' queries laid out by slot (what the
-    engine does up to :data:`~slmstack.engine.engine.VIEW_SLOTS` x the rows), or the rows' keys and values copied
+    engine does up to :data:`~slmstack.engine.runner.VIEW_SLOTS` x the rows), or the rows' keys and values copied
     out of the cache (what it does beyond). Median µs per call.
     """
     import torch

@@ -235,7 +235,7 @@ def stack_probe(model, tok, questions: int, workdir: Path) -> dict:
             "tokens_per_s": round(generated / wall, 1),
             "engine": stack.on_engine,
             "steps": engine.steps if engine is not None else None,  # warm-up included
-            "graph_replays": engine.graphs.replays if engine is not None and engine.graphs else None,
+            "graph_replays": engine.runner.graphs.replays if engine is not None and engine.runner.graphs else None,
         }
     out["stack_over_base"] = round(out["stack"]["tokens_per_s"] / out["base"]["tokens_per_s"], 3)
     return out
@@ -251,7 +251,7 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
     from peft import LoraConfig, get_peft_model
 
     from slmstack.engine import Engine
-    from slmstack.engine.kernels import kernel_available, torch_forms
+    from slmstack.engine.kernels import kernel_available
     from slmstack.stack.config import GenerationSettings
 
     prompt = tok("Write a long story about a lighthouse keeper and a storm.")["input_ids"]
@@ -271,7 +271,7 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
             engine.step()
         sync(model)
         step_ms = (time.perf_counter() - start) * 10
-        graphs = engine.graphs
+        graphs = engine.runner.graphs
         bucket = next(b for b in graphs.buckets if b >= rows)
         graph, _host, buffers, _logits, _best = graphs.graphs[bucket]
         start = time.perf_counter()
@@ -302,8 +302,8 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
     model, _ = probe_model(device, layers)
     out["batch_1"] = breakdown(Engine(model, tok, max_batch=1, graphs=mode), 1, [None])
     if kernel_available(torch.device(device), "rope"):  # RoPE and the cache write in torch's kernels instead
-        with torch_forms("rope"):
-            out["batch_1_torch_rope"] = breakdown(Engine(model, tok, max_batch=1, graphs=mode), 1, [None])
+        out["batch_1_torch_rope"] = breakdown(Engine(model, tok, max_batch=1, graphs=mode,
+                                                     no_triton=frozenset({"rope"})), 1, [None])  # fmt: skip
     out["batch_16_base"] = breakdown(Engine(model, tok, max_batch=16, graphs=mode), 16, [None])
     names = [f"a{i}" for i in range(4)]
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -315,8 +315,8 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
     out["mixed_over_base_step"] = round(out["batch_16_base"]["step_ms"] / out["batch_16_mixed_lora"]["step_ms"], 3)
     out["lora_kernel"] = kernel_available(torch.device(device), "lora")
     if out["lora_kernel"]:  # the same mix in the masked form (three products and a mask per projection)
-        with torch_forms("lora"):
-            out["batch_16_mixed_masked"] = breakdown(Engine(peft, tok, max_batch=16, graphs=mode), 16, names)
+        out["batch_16_mixed_masked"] = breakdown(Engine(peft, tok, max_batch=16, graphs=mode,
+                                                        no_triton=frozenset({"lora"})), 16, names)  # fmt: skip
         out["masked_over_base_step"] = round(
             out["batch_16_base"]["step_ms"] / out["batch_16_mixed_masked"]["step_ms"], 3
         )
@@ -326,9 +326,9 @@ def profile_probe(device: str, layers: int | None, tok, compile_too: bool) -> di
         model, _ = probe_model(device, layers)
         engine = Engine(model, tok, max_batch=1, graphs=mode)
         eager_forward = Decoder.forward.__wrapped__  # torch.compile traces no_grad, not inference_mode
-        compiled = torch.compile(engine.graphs._forward)
+        compiled = torch.compile(engine.runner.graphs._forward)
         Decoder.forward = torch.no_grad()(eager_forward)
-        engine.graphs._forward = compiled
+        engine.runner.graphs._forward = compiled
         try:
             start = time.perf_counter()
             out["batch_1_compiled"] = breakdown(engine, 1, [None])

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from slmstack.errors import ConfigError
+from slmstack.formats import FP16_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FP16_WEIGHTS", "Float16WeightLinear", "check_available", "use_float16_weights"]
+__all__ = ["Float16WeightLinear", "check_available", "use_float16_weights"]
 
-FP16_WEIGHTS = "float16-weights"
 _SKIP = {"lora_A", "lora_B"}  # peft's adapter factors: small, and read directly by the fused LoRA path
 
 

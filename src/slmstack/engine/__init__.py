@@ -27,8 +27,8 @@ from slmstack._lazy import lazy_getattr
 _EXPORTS = {
     "Engine": "slmstack.engine.engine",
     "EngineRequest": "slmstack.engine.engine",
-    "EngineUnsupported": "slmstack.engine.engine",
-    "engine_supports": "slmstack.engine.engine",
+    "EngineUnsupported": "slmstack.engine.weights",
+    "engine_supports": "slmstack.engine.weights",
 }
 
 __all__ = sorted(_EXPORTS)

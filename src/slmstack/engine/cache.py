@@ -29,21 +29,6 @@ class KVCache:
         self.length = 0
         self.kv: list[Tensor] = []  # per layer, (S, KV, 2, T, hd)
 
-    @property
-    def k(self) -> list[Tensor]:
-        """Each layer's keys, (S, KV, T, hd) views."""
-        return [t[:, :, 0] for t in self.kv]
-
-    @property
-    def v(self) -> list[Tensor]:
-        """Each layer's values, (S, KV, T, hd) views."""
-        return [t[:, :, 1] for t in self.kv]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held."""
-        return sum(t.numel() * t.element_size() for t in self.kv)
-
     def copy(self, src: int, dst: list[int], length: int) -> None:
         """Positions ``0..length-1`` of slot ``src`` into each slot of ``dst``, every layer."""
         index = torch.tensor(dst, device=self.device)

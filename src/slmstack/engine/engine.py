@@ -14,7 +14,6 @@ engine safely).
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -22,103 +21,19 @@ from typing import Any
 
 import torch
 
-from slmstack.engine.cache import KVCache
-from slmstack.engine.graphs import DecodeGraphs
-from slmstack.engine.lora import LoraBank, StepAdapters
-from slmstack.engine.model import Decoder, StepInput
-from slmstack.engine.prefix import PrefixCache
+from slmstack.engine.lora import LoraBank
+from slmstack.engine.options import EngineOptions
+from slmstack.engine.request import EngineRequest
+from slmstack.engine.runner import ModelRunner
 from slmstack.engine.sampling import SamplingParams, choose_tokens
-from slmstack.engine.scheduler import Request, Scheduler, State, StepPlan
-from slmstack.engine.text import Generated, GenerationCancelled, TextStream, eos_token_ids, finish_row, tail_text
-from slmstack.engine.weights import engine_support, read_weights
+from slmstack.engine.scheduler import Request, Scheduler, State
+from slmstack.engine.text import GenerationSettings, eos_token_ids
+from slmstack.engine.weights import EngineUnsupported, engine_supports, read_weights
 from slmstack.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
-# decode attention reads the cache's first m slots in place while m <= VIEW_SLOTS x the decode rows, and copies
-# the rows' keys and values beyond that (the copy costs about as much as attending over 2.3x the rows)
-VIEW_SLOTS = 2
-
 __all__ = ["Engine", "EngineRequest", "EngineUnsupported", "engine_supports"]
-
-
-@functools.cache
-def _can_compile() -> bool:
-    """Whether ``torch.compile`` works here (it needs a C++ compiler on a CPU): a tiny function compiled once."""
-    try:
-        return bool(torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4)).sum() == 12)
-    except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported platform, ...
-        logger.warning("torch.compile does not work here (%s); decode steps run eagerly", _first_line(exc))
-        return False
-
-
-def _first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, for a one-line warning."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-class EngineUnsupported(ConfigError):
-    """The engine cannot run this model or adapter (the caller falls back to transformers)."""
-
-
-def engine_supports(model: Any) -> str | None:
-    """None when the engine can run ``model`` (adapters included), else why not."""
-    reason = engine_support(model)
-    if reason is None and hasattr(model, "peft_config"):
-        for name, cfg in model.peft_config.items():
-            if (
-                getattr(cfg, "peft_type", None) is not None
-                and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA"
-            ):
-                return f"adapter {name!r} is a {cfg.peft_type} adapter"
-            if getattr(cfg, "use_dora", False):
-                return f"adapter {name!r} uses DoRA"
-    return reason
-
-
-class EngineRequest:
-    """A caller's handle on one request: its text as it grows, and its :class:`Generated` result once done."""
-
-    def __init__(self, engine: Engine, request: Request, stop: list[str], tokens_in: int, truncated: bool,
-                 on_text: Callable[[str], None] | None, on_done: Callable[[EngineRequest], None] | None,
-                 generator: torch.Generator | None) -> None:  # fmt: skip
-        self.engine, self.request, self.stop = engine, request, [s for s in stop if s]
-        self.tokens_in, self.truncated = tokens_in, truncated
-        self.stream = TextStream(engine.tokenizer, stop, on_text) if on_text is not None else None
-        self.on_done, self.generator = on_done, generator
-        self.cancelled = False
-        self.error: BaseException | None = None  # the failure of the step it was in
-        self.result: Generated | None = None
-        self.done = threading.Event()
-
-    def cancel(self) -> None:
-        """Stop this request at the next step (its result is then a :class:`GenerationCancelled`)."""
-        self.cancelled = True
-        self.engine._wake_up()
-
-    @property
-    def admitted(self) -> float | None:
-        """When the request first joined a step (None while it waits)."""
-        return self.request.admitted
-
-    @property
-    def finish_reason(self) -> str | None:
-        """``stop`` (EOS or a stop string), ``length``, ``cancelled``, or None while running."""
-        return self.request.finish_reason
-
-    def generated(self) -> Generated:
-        """The finished result.
-
-        Raises:
-            GenerationCancelled: the request was cancelled.
-        """
-        if self.request.finish_reason == "cancelled":
-            raise GenerationCancelled("generation was cancelled")
-        if self.error is not None:
-            raise self.error
-        if self.result is None:
-            raise RuntimeError("the request has not finished")
-        return self.result
 
 
 class Engine:
@@ -128,21 +43,8 @@ class Engine:
         model: a loaded causal LM the engine supports (:func:`engine_supports`), optionally a peft model whose
             LoRA adapters are all read in.
         tokenizer: its tokenizer (for stop strings and streaming text).
-        weights: the linear layers' weight format (``dense``, ``float16-weights``, ``bfloat16-weights``,
-            ``int8-weights``; see :class:`slmstack.engine.layers.Linear`).
-        max_batch: rows per step, which is also the number of cache slots.
-        max_tokens_per_step: tokens per step; prompts are fed in chunks that fit beside the decoding rows.
-            Default: 256 on a CPU, where a step's time grows with its tokens and the decoding rows wait for it;
-            2048 on a GPU, where a step of a few hundred tokens is bound by kernel launches, so larger prompt
-            chunks mean fewer eager steps at nearly the same cost each.
-        max_lora_rank: the largest adapter rank accepted.
-        max_length: the longest sequence (prompt + output); default: the model's context window.
-        graphs: ``auto`` (CUDA graphs for decode steps on a GPU, none on a CPU), ``capture``, ``off``, ``static``
-            (the graphs' static path run eagerly: what the CPU tests check), or ``compile``: on a CPU the static
-            path through ``torch.compile`` (a C++ compiler needed; without one, a warning and eager steps), on a
-            GPU ``capture``.
-        prefix_slots: cache slots reserved for prompt prefixes shared across requests (a stage's system turn, role
-            and template text; see :mod:`slmstack.engine.prefix`); 0 turns the reuse off.
+        options: every switch (:class:`slmstack.engine.options.EngineOptions`); keyword arguments build one
+            (``Engine(model, tokenizer, weights="int8-weights", max_batch=8)``).
 
     Example:
         >>> engine = Engine(lm.model, lm.tokenizer)
@@ -150,39 +52,23 @@ class Engine:
         >>> engine.run(); request.generated().text
     """
 
-    def __init__(self, model: Any, tokenizer: Any, weights: str = "dense", max_batch: int = 16,
-                 max_tokens_per_step: int | None = None, max_lora_rank: int = 64, max_length: int | None = None,
-                 graphs: str = "auto", prefix_slots: int = 4) -> None:  # fmt: skip
+    def __init__(self, model: Any, tokenizer: Any, options: EngineOptions | None = None, **overrides: Any) -> None:
         reason = engine_supports(model)
         if reason is not None:
             raise EngineUnsupported(f"the engine cannot run this model: {reason}")
+        self.options = options or EngineOptions(**overrides)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.tokenizer = tokenizer
         context = model.config.max_position_embeddings
-        self.max_length = min(max_length or context, context)
-        self.weights = read_weights(model, weights, self.dtype, self.max_length)
-        self.lora = LoraBank(max_lora_rank)
+        self.max_length = min(self.options.max_length or context, context)
+        self.weights = read_weights(model, self.options.weights, self.dtype, self.max_length)
+        self.lora = LoraBank(self.options.max_lora_rank)
         for name in getattr(model, "peft_config", {}) or {}:
             self.lora.add(model, name, self.dtype)
-        s = self.weights.shape
-        # one slot more than the rows (the padding rows of a CUDA-graph step write there), then the prefixes' slots
-        self.cache = KVCache(s.layers, s.kv_heads, s.head_dim, max_batch + 1 + prefix_slots, self.max_length,
-                             self.dtype, self.device)  # fmt: skip
-        self.prefixes = PrefixCache(list(range(max_batch + 1, max_batch + 1 + prefix_slots))) if prefix_slots else None
-        self._keep: dict[Request, int] = {}  # request -> leading prompt tokens to keep as a prefix once computed
-        self.decoder = Decoder(self.weights, self.cache, self.lora)
-        if graphs not in ("auto", "capture", "off", "static", "compile"):
-            raise ConfigError(f"graphs {graphs!r}: use auto, capture, off, static or compile")
-        capture = graphs == "capture" or (graphs in ("auto", "compile") and self.device.type == "cuda")
-        if graphs == "compile" and not capture and not _can_compile():
-            graphs = "off"
-        self.graphs = (DecodeGraphs(self.decoder, max_batch, scratch_slot=max_batch, capture=capture,
-                                    compile=graphs == "compile")
-                       if capture or graphs in ("static", "compile") else None)  # fmt: skip
-        if max_tokens_per_step is None:
-            max_tokens_per_step = 2048 if self.device.type == "cuda" else 256
-        self.scheduler = Scheduler(max_batch, max_tokens_per_step)
+        self.runner = ModelRunner(self.weights, self.lora, self.options, self.max_length)
+        self.cache = self.runner.cache
+        self.scheduler = Scheduler(self.options.max_batch, self.options.tokens_per_step(self.device))
         self.eos = frozenset(eos_token_ids(model, tokenizer))
         self._handles: dict[Request, EngineRequest] = {}
         self._lock = threading.Condition()  # the queues and handles
@@ -196,8 +82,7 @@ class Engine:
         """Read adapter ``name`` from the peft model ``model`` (loaded there by peft) into the engine."""
         with self._stepping:
             self.lora.add(model, name, self.dtype)
-            if self.prefixes is not None:  # keys and values computed under the old factors
-                self.prefixes.clear()
+            self.runner.clear_prefixes()  # keys and values computed under the old factors
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name``; no running request may use it."""
@@ -206,11 +91,10 @@ class Engine:
             raise ConfigError(f"adapter {name!r} is in use by a running request")
         with self._stepping:
             self.lora.remove(name)
-            if self.prefixes is not None:
-                self.prefixes.clear()
+            self.runner.clear_prefixes()
 
     # ---- requests
-    def submit(self, prompt: list[int], adapter: str | None = None, settings: Any = None,
+    def submit(self, prompt: list[int], adapter: str | None = None, settings: GenerationSettings | None = None,
                on_text: Callable[[str], None] | None = None, on_done: Callable[[EngineRequest], None] | None = None,
                truncated: bool = False) -> EngineRequest:  # fmt: skip
         """Queue a tokenized prompt; it joins the batch at the next step.
@@ -218,7 +102,7 @@ class Engine:
         Args:
             prompt: token ids (already cut to fit, as the stack's ``on_overflow`` rule says).
             adapter: the LoRA adapter's name; None or ``"__base__"`` for the bare base model.
-            settings: a ``GenerationSettings`` (``max_new_tokens``, sampling, ``stop``, ``seed``).
+            settings: ``max_new_tokens``, sampling, ``stop``, ``seed``.
             on_text: called with each new piece of text as it becomes final (streaming).
             on_done: called with the handle as soon as the request ends (in the stepping thread).
             truncated: recorded in the result (the prompt was cut to fit).
@@ -226,8 +110,6 @@ class Engine:
         Raises:
             InputError: an empty prompt, or one that leaves no room for ``max_new_tokens``.
         """
-        from slmstack.engine.text import GenerationSettings
-
         settings = settings or GenerationSettings()
         if not prompt:
             raise InputError("the prompt is empty: give at least one token to continue")
@@ -237,8 +119,8 @@ class Engine:
         params = SamplingParams(settings.do_sample, settings.temperature, settings.top_p, settings.top_k,
                                 settings.repetition_penalty, settings.seed)  # fmt: skip
         request = Request(list(prompt), self.lora.id(adapter), settings.max_new_tokens, params, self.eos)
-        handle = EngineRequest(self, request, list(settings.stop), len(prompt), truncated, on_text, on_done,
-                               params.generator(self.device))  # fmt: skip
+        handle = EngineRequest(self, request, self.tokenizer, list(settings.stop), len(prompt), truncated, on_text,
+                               on_done, params.generator(self.device))  # fmt: skip
         with self._lock:
             self._handles[request] = handle
             self.scheduler.add(request)
@@ -282,7 +164,7 @@ class Engine:
             if self.scheduler.has_work():
                 raise ConfigError("the engine is generating; score when its requests have finished")
             rows = self.scheduler.max_rows  # slots 0..rows-1, and the spare slot after them
-            return score_groups(self.decoder, self.cache, groups, self.lora.id(adapter), rows, rows,
+            return score_groups(self.runner.decoder, self.cache, groups, self.lora.id(adapter), rows, rows,
                                 progress=progress)  # fmt: skip
 
     # ---- running
@@ -334,159 +216,39 @@ class Engine:
         if plan is None:
             return False
         self.cache.ensure(budget)
-        if self.prefixes is not None:
-            self._reuse_prefixes(plan)
+        self.runner.reuse_prefixes(plan)
         sampled = [row for row in plan.rows if row.sample]
         handles = [self._handles[row.request] for row in sampled]
         params = [r.request.params for r in sampled]
         greedy = all(not p.do_sample and p.repetition_penalty == 1.0 for p in params)
-        tokens = None
-        ran = self._graph_step(plan)
-        if ran is not None:
-            logits, best = ran
-            if greedy:  # the graph's argmax: n token ids come back, not n rows of logits
-                tokens = best.tolist()
-            else:
-                logits = logits.clone()  # sampling edits it in place (a repetition penalty)
+        logits, best = self.runner.forward(plan)
+        if best is not None and greedy:  # the static path's argmax: n token ids come back, not n rows of logits
+            tokens = best.tolist()
         else:
-            logits = self.decoder.forward(self._inputs(plan))
-        if tokens is None:
+            if best is not None:
+                logits = logits.clone()  # sampling edits it in place (a repetition penalty)
             histories = [torch.tensor(row.request.prompt + row.request.output, device=self.device)
                          if row.request.params.repetition_penalty != 1.0 else None for row in sampled]  # fmt: skip
             tokens = choose_tokens(logits, params, [h.generator for h in handles], histories)
         for row in plan.rows:
             row.request.computed += len(row.tokens)
-        if self._keep:
-            self._keep_prefixes()
+        self.runner.keep_prefixes()
         self.steps += 1
         self.tokens_decoded += len(tokens)
         if self.on_step is not None:
             self.on_step(len(plan.rows))
         for handle, token in zip(handles, tokens, strict=True):
-            self._append(handle, token)
+            reason = handle.append(token, self.max_length)
+            if reason is not None:
+                self._finish(handle, reason)
         return True
 
-    def _reuse_prefixes(self, plan: StepPlan) -> None:
-        """Newly admitted rows start after the longest kept prefix of their prompt (its keys and values copied in)."""
-        for row in plan.prefill:
-            request = row.request
-            if row.start or request.computed:
-                continue  # a later chunk of a prompt
-            kept = self.prefixes.lookup(request.adapter, request.prompt)
-            reused = 0
-            if kept is not None:
-                reused = len(kept.tokens)
-                self.cache.copy(kept.slot, [request.slot], reused)
-                row.start, row.tokens = reused, request.prompt[reused : reused + len(row.tokens)]
-                row.sample = reused + len(row.tokens) == len(request.prompt)
-                request.computed = reused
-            keep = self.prefixes.candidate(request.adapter, request.prompt, reused)
-            if keep:
-                self._keep[request] = keep
-
-    def _keep_prefixes(self) -> None:
-        """Copy the prefixes chosen at admission into reserved slots once their keys and values are computed."""
-        for request, n in list(self._keep.items()):
-            if request.slot is None:  # ended first
-                del self._keep[request]
-            elif request.computed >= n:
-                del self._keep[request]
-                slot = self.prefixes.keep(request.adapter, request.prompt[:n])
-                if slot is not None:
-                    self.cache.copy(request.slot, [slot], n)
-
-    def _graph_step(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The step on the static decode path (a CUDA graph, or compiled), or None where it runs eagerly."""
-        if self.graphs is None or not self.graphs.usable(len(plan.decode), len(plan.rows)):
-            return None
-        args = ([r.tokens[0] for r in plan.decode], [r.start for r in plan.decode],
-                [r.request.slot for r in plan.decode], [r.request.adapter for r in plan.decode])  # fmt: skip
-        try:
-            return self.graphs.run(*args)
-        except Exception as exc:  # noqa: BLE001 - compiling fails before the step runs (no C++ compiler, ...)
-            if not self.graphs.compiled:
-                raise
-            logger.warning("torch.compile could not compile the decode step (%s); decoding eagerly", _first_line(exc))
-            self.graphs = None
-            return None
-
-    def _inputs(self, plan: StepPlan) -> StepInput:
-        """The step's tensors: tokens, positions and slots flat; decode rows first; LoRA groups by adapter."""
-        rows = plan.rows
-        tokens, positions, slots, adapters, sample = [], [], [], [], []
-        chunks = []
-        for i, row in enumerate(rows):
-            offset, n, slot = len(tokens), len(row.tokens), row.request.slot
-            tokens += row.tokens
-            positions += range(row.start, row.start + n)
-            slots += [slot] * n
-            adapters += [row.request.adapter] * n
-            if row.sample:
-                sample.append(offset + n - 1)
-            if i >= len(plan.decode):
-                chunks.append((offset, n, slot, row.start))
-        dev = self.device
-
-        def longs(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=dev)
-
-        decode_slots = [r.request.slot for r in plan.decode]
-        n, m = len(decode_slots), max(decode_slots, default=-1) + 1
-        dense = decode_slots == list(range(n))
-        lens = [r.start + 1 for r in plan.decode]
-        length, view = max(lens, default=0), None
-        if not dense and m <= VIEW_SLOTS * n:
-            # attention over the first m slots where they lie: a few idle slots cost less than copying every
-            # row's keys and values (benchmarks/engine.py --attention-only); an idle slot attends to its first key
-            row_of, slot_lens = [0] * m, [1] * m
-            for i, (slot, length_i) in enumerate(zip(decode_slots, lens, strict=True)):
-                row_of[slot], slot_lens[slot] = i, length_i
-            view, lens = longs(row_of), slot_lens
-        lora = StepAdapters.for_tokens(adapters, n, dev)
-
-        return StepInput(
-            tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=n,
-            decode_slots=None if dense else longs(decode_slots), decode_lens=longs(lens),
-            decode_length=length, chunks=chunks, lora=lora, decode_view=view,
-            sample=None if len(sample) == len(tokens) else longs(sample),
-        )  # fmt: skip
-
-    def _append(self, handle: EngineRequest, token: int) -> None:
-        request = handle.request
-        request.output.append(token)
-        reason = None
-        if token in request.eos:
-            reason = "stop"
-            if handle.stream is not None:
-                handle.stream.end()
-        else:
-            if handle.stream is not None:
-                handle.stream.add(token)
-            if handle.stop and self._hit_stop(handle):
-                reason = "stop"
-        if reason is None and (len(request.output) >= request.max_new_tokens or request.length >= self.max_length):
-            reason = "length"
-        if reason is not None:
-            self._finish(handle, reason)
-
-    def _hit_stop(self, handle: EngineRequest) -> bool:
-        text = tail_text(self.tokenizer, handle.request.output, max(len(s) for s in handle.stop) + 4)
-        return any(s in text for s in handle.stop)
-
     def _finish(self, handle: EngineRequest, reason: str) -> None:
-        request = handle.request
         with self._lock:
-            self.scheduler.finish(request, reason)
-            del self._handles[request]
-            self._keep.pop(request, None)
-        if reason not in ("cancelled", "error"):
-            handle.result = finish_row(self.tokenizer, request.output, handle.tokens_in, handle.truncated,
-                                       sorted(request.eos), handle.stop)  # fmt: skip
-            if handle.stream is not None:
-                handle.stream.flush(handle.result.text)
-        handle.done.set()
-        if handle.on_done is not None:
-            handle.on_done(handle)
+            self.scheduler.finish(handle.request, reason)
+            del self._handles[handle.request]
+            self.runner.forget(handle.request)
+        handle.finish(reason)
 
     def _drop_cancelled(self) -> None:
         with self._lock:

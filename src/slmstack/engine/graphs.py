@@ -55,7 +55,6 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[Any, Tensor, Tensor, Tensor, Tensor]] = {}
         self._key: tuple = ()
         self._pool: Any = None
-        self.capture_seconds = 0.0
         self.replays = 0  # steps run on a graph
 
     def _no_grad_forward(self, step: StepInput) -> Tensor:
@@ -119,9 +118,10 @@ class DecodeGraphs:
 
     def _forward(self, buffers: Tensor) -> tuple[Tensor, Tensor]:
         tokens, positions, slots, lens, adapters = buffers
+        lora = StepAdapters(rows=adapters, kernel=self.decoder.options.kernel(adapters.device, "lora"))
         step = StepInput(
             tokens=tokens, positions=positions, slots=slots, n_decode=len(tokens), decode_slots=slots,
-            decode_lens=lens, decode_length=self.decoder.cache.length, lora=StepAdapters(rows=adapters), static=True,
+            decode_lens=lens, decode_length=self.decoder.cache.length, lora=lora, static=True,
         )  # fmt: skip
         logits = self._step(step)
         return logits, logits.argmax(dim=-1)
@@ -141,6 +141,5 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             logits, best = self._forward(buffers)
         self._pool = graph.pool()
-        self.capture_seconds += time.perf_counter() - start
         logger.info("captured the decode graph for %d rows in %.2fs", bucket, time.perf_counter() - start)
         return graph, host, buffers, logits, best

@@ -17,8 +17,8 @@ what each does. Two places launch more than they need to:
 
 They run where Triton runs on the tensors' device: CUDA with Triton installed (PyTorch's CUDA wheels bring it),
 or anywhere under Triton's interpreter (``TRITON_INTERPRET=1``), which is how they are tested without a GPU.
-``SLMSTACK_NO_TRITON=lora`` (or ``rope``, or ``all``) turns one or both off, for comparisons; the torch forms
-then run.
+``SLMSTACK_NO_TRITON=lora`` (or ``rope``, or ``all``; read once, by :class:`slmstack.engine.options.EngineOptions`)
+turns one or both off, for comparisons; the torch forms then run.
 """
 
 from __future__ import annotations
@@ -26,18 +26,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["bgmv_add_", "kernel_available", "rope_store_", "torch_forms"]
+__all__ = ["bgmv_add_", "kernel_available", "rope_store_"]
 
 logger = logging.getLogger(__name__)
 
-OFF = "SLMSTACK_NO_TRITON"  # kernels turned off: "lora", "rope" or "all", comma-separated
 SHRINK_TILE = 4096  # values of Aᵀ a LoRA program loads at a time (input features x rank)
 BLOCK_N = 128  # output features per LoRA program
 
@@ -100,35 +97,16 @@ def _kernels() -> Any:
 
 
 def kernel_available(device: torch.device, name: str) -> bool:
-    """Whether kernel ``name`` (``lora`` or ``rope``) runs on ``device``, and is not turned off.
+    """Whether kernel ``name`` (``lora`` or ``rope``) runs on ``device``.
 
-    The first call on a device type compiles and runs both kernels once on tiny inputs: Triton builds its
-    launcher with the machine's C compiler, and a machine without one (or a GPU Triton does not know) gets the
+    Turning one off is an engine option (:attr:`slmstack.engine.options.EngineOptions.no_triton`). The first call
+    on a device type compiles and runs both kernels once on tiny inputs: Triton builds its launcher with the
+    machine's C compiler, and a machine without one (or a GPU Triton does not know) gets the
     torch forms, with a warning, instead of a failed step.
     """
-    off = {part.strip() for part in os.environ.get(OFF, "").split(",")}
-    if name in off or "all" in off:
-        return False
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     return _works(device.type)
-
-
-@contextmanager
-def torch_forms(*names: str) -> Iterator[None]:
-    """Within the block the kernels ``names`` (default: both) are off and the torch forms run, for comparisons.
-
-    Steps read the switch when they start; CUDA graphs captured inside the block keep the forms they recorded.
-    """
-    before = os.environ.get(OFF)
-    os.environ[OFF] = ",".join([*(names or ("all",)), *([before] if before else [])])
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[OFF]
-        else:
-            os.environ[OFF] = before
 
 
 @functools.cache

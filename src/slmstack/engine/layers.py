@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slmstack.errors import ConfigError
+from slmstack.formats import LINEAR_FORMATS
 
 __all__ = ["LINEAR_FORMATS", "Linear", "decode_attention", "decode_mask", "prefill_attention", "rms_norm", "rope_",
            "rope_tables"]  # fmt: skip
@@ -56,11 +57,8 @@ def rope_(x: Tensor, cos: Tensor, signed_sin: Tensor) -> None:
     x.mul_(cos).addcmul_(swapped, signed_sin)
 
 
-DECODE_KERNEL = "auto"  # decode_attention's default kernel (the tests set it to check both on a CPU)
-
-
 def decode_attention(q: Tensor, kv_cache: Tensor, slots: Tensor | None, mask: Tensor | None, length: int,
-                     kernel: str | None = None) -> Tensor:  # fmt: skip
+                     kernel: str = "auto") -> Tensor:  # fmt: skip
     """One new token per row against its slot's cache.
 
     Args:
@@ -71,15 +69,14 @@ def decode_attention(q: Tensor, kv_cache: Tensor, slots: Tensor | None, mask: Te
             every row is ``length`` long.
         length: the longest row (with its new token), the part of the cache read.
         kernel: ``sdpa`` (``scaled_dot_product_attention``), ``matmul`` (two batched products and a softmax),
-            or ``auto``: ``matmul`` on a GPU, ``sdpa`` elsewhere; default :data:`DECODE_KERNEL`. On an H100 the
-            fused kernel that ``sdpa`` picks for float32 spends about 57 µs on a decode step of one layer (it
+            or ``auto``: ``matmul`` on a GPU, ``sdpa`` elsewhere (the engine's ``decode_kernel`` option). On an
+            H100 the fused kernel that ``sdpa`` picks for float32 spends about 57 µs on a decode step of one layer (it
             walks the keys of each head in one thread block); the four plain kernels take a few µs each
             (``benchmarks/gpu_check.py``).
 
     Returns:
         (n, H * hd)
     """
-    kernel = kernel or DECODE_KERNEL
     n, heads, hd = q.shape
     kv = kv_cache.shape[1]
     rows = kv_cache[:n, :, :, :length] if slots is None else kv_cache[slots, :, :, :length]  # (n, KV, 2, L, hd)
@@ -136,7 +133,6 @@ def prefill_attention(q: Tensor, kv_cache: Tensor, slot: int, start: int) -> Ten
 
 
 # ---------------------------------------------------------------- linear layers
-LINEAR_FORMATS = ("dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights")
 INT4_GROUP = 32  # int4-weights: inputs per group, as in GGUF's Q4_1 blocks
 INT4_STEPS = 15  # the most steps a 4-bit grid has
 

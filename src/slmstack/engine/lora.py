@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from slmstack.arch import get_decoder_layers
-from slmstack.engine.kernels import bgmv_add_, kernel_available
+from slmstack.engine.kernels import bgmv_add_
 from slmstack.engine.weights import base_linear
 from slmstack.errors import ConfigError
 
@@ -210,15 +210,17 @@ class StepAdapters:
     """
 
     def __init__(self, single: int | None = None, rows: Tensor | None = None, runs: tuple[Run, ...] = (),
-                 present: frozenset[int] | None = None) -> None:  # fmt: skip
+                 present: frozenset[int] | None = None, kernel: bool = False) -> None:  # fmt: skip
         self.single, self.rows, self.runs, self.present = single, rows, runs, present
         self._masks: dict[tuple[int, int, int], Tensor] = {}
         self._columns: dict[int, tuple[int, int]] = {}
         # a mix on a GPU: one kernel per projection (kernels.py) in place of the masked form
-        self.kernel = rows is not None and kernel_available(rows.device, "lora")
+        self.kernel = rows is not None and kernel
 
     @classmethod
-    def for_tokens(cls, adapters: list[int], n_decode: int, device: torch.device) -> StepAdapters:
+    def for_tokens(
+        cls, adapters: list[int], n_decode: int, device: torch.device, kernel: bool = False
+    ) -> StepAdapters:
         """The adapters of a step's tokens: ``n_decode`` decode rows, one token each, then prompt chunks.
 
         One adapter: the single form. Where the LoRA kernel runs: every token in it (one launch a projection).
@@ -228,8 +230,8 @@ class StepAdapters:
         """
         if len(set(adapters)) == 1:
             return cls(single=adapters[0])
-        if kernel_available(device, "lora"):
-            return cls(rows=torch.tensor(adapters, dtype=torch.long, device=device))
+        if kernel:
+            return cls(rows=torch.tensor(adapters, dtype=torch.long, device=device), kernel=True)
         present = frozenset(adapters[:n_decode]) - {0}
         mixed = n_decode if len(set(adapters[:n_decode])) > 1 else 0
         runs, start = [], mixed

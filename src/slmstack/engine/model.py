@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slmstack.engine.cache import KVCache
-from slmstack.engine.kernels import kernel_available, rope_store_
+from slmstack.engine.kernels import rope_store_
 from slmstack.engine.layers import decode_attention, decode_mask, prefill_attention, rms_norm, rope_
 from slmstack.engine.lora import LoraBank, StepAdapters, lora_add
+from slmstack.engine.options import EngineOptions
 from slmstack.engine.weights import DecoderWeights
 
 __all__ = ["Decoder", "StepInput"]
@@ -45,8 +46,10 @@ class StepInput:
 class Decoder:
     """A Llama-layout decoder: embeddings, ``L`` x (attention + SiLU-gated MLP), final norm, LM head."""
 
-    def __init__(self, weights: DecoderWeights, cache: KVCache, lora: LoraBank) -> None:
+    def __init__(self, weights: DecoderWeights, cache: KVCache, lora: LoraBank,
+                 options: EngineOptions | None = None) -> None:  # fmt: skip
         self.w, self.cache, self.lora = weights, cache, lora
+        self.options = options or EngineOptions()
         s = weights.shape
         self.q_width, self.kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
 
@@ -59,7 +62,7 @@ class Decoder:
         """:meth:`forward` without its ``inference_mode`` (the caller holds it, or ``no_grad``: see graphs.py)."""
         s, w = self.w.shape, self.w
         x = F.embedding(step.tokens, w.embed)  # (N, C)
-        fused = kernel_available(x.device, "rope")  # RoPE and the cache write in one kernel (kernels.py)
+        fused = self.options.kernel(x.device, "rope")  # RoPE and the cache write in one kernel (kernels.py)
         if not fused:
             cos, sin = w.cos[step.positions][:, None, :], w.sin[step.positions][:, None, :]  # (N, 1, hd)
         mask = decode_mask(step.decode_lens, step.decode_length, x.dtype, step.static) if step.n_decode else None
@@ -102,10 +105,10 @@ class Decoder:
             parts.append(prefill_attention(q[offset : offset + length], kv_cache, slot, start))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    @staticmethod
-    def _decode_attention(q: Tensor, kv_cache: Tensor, step: StepInput, mask: Tensor | None) -> Tensor:
+    def _decode_attention(self, q: Tensor, kv_cache: Tensor, step: StepInput, mask: Tensor | None) -> Tensor:
+        kernel = self.options.decode_kernel
         if step.decode_view is None:
-            return decode_attention(q, kv_cache, step.decode_slots, mask, step.decode_length)
+            return decode_attention(q, kv_cache, step.decode_slots, mask, step.decode_length, kernel)
         # the rows' queries laid out by slot: attention reads the first m slots of the cache in place
-        out = decode_attention(q.index_select(0, step.decode_view), kv_cache, None, mask, step.decode_length)
+        out = decode_attention(q.index_select(0, step.decode_view), kv_cache, None, mask, step.decode_length, kernel)
         return out.index_select(0, step.decode_slots)

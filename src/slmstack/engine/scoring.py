@@ -26,8 +26,9 @@ import torch.nn.functional as F  # noqa: N812
 
 from slmstack.engine.cache import KVCache
 from slmstack.engine.lora import StepAdapters
-from slmstack.engine.model import Decoder, StepInput
+from slmstack.engine.model import Decoder
 from slmstack.engine.prefix import common_prefix
+from slmstack.engine.runner import Span, step_input
 
 __all__ = ["Group", "score_groups"]
 
@@ -117,27 +118,12 @@ def _run(pieces: list[_Piece], decoder: Decoder, lora: StepAdapters, max_tokens:
 
 def _step(pieces: list[_Piece], decoder: Decoder, lora: StepAdapters, device: torch.device, groups: list[Group],
           totals: dict) -> None:  # fmt: skip
-    tokens, positions, slots, chunks, sample = [], [], [], [], []
-    for p in pieces:
-        offset, n = len(tokens), len(p.tokens)
-        tokens += p.tokens
-        positions += range(p.start, p.start + n)
-        slots += [p.slot] * n
-        chunks.append((offset, n, p.slot, p.start))
-        if p.key is not None:
-            sample += range(offset, offset + n)
-
-    def longs(values: list[int] | range) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    step = StepInput(tokens=longs(tokens), positions=longs(positions), slots=longs(slots), n_decode=0,
-                     decode_slots=None, decode_lens=longs([]), decode_length=0, chunks=chunks, lora=lora,
-                     sample=None if len(sample) == len(tokens) else longs(sample))  # fmt: skip
-    logits = decoder.forward(step)  # (len(sample), V)
-    if not sample:
-        return
+    spans = [Span(p.tokens, p.start, p.slot, sample="none" if p.key is None else "all") for p in pieces]
+    logits = decoder.forward(step_input(spans, 0, device, lora=lora))  # (scored tokens, V)
     scored = [p for p in pieces if p.key is not None]
-    targets = longs([t for p in scored for t in _targets(p, groups)])
+    if not scored:
+        return
+    targets = torch.tensor([t for p in scored for t in _targets(p, groups)], dtype=torch.long, device=device)
     logprobs = F.log_softmax(logits.float(), dim=-1)
     picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
     hits = (logprobs.argmax(-1) == targets).tolist()

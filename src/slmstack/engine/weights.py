@@ -18,8 +18,18 @@ from torch import Tensor
 
 from slmstack.arch import ARCHITECTURES, get_decoder_layers
 from slmstack.engine.layers import Linear, rope_tables
+from slmstack.errors import ConfigError
 
-__all__ = ["DecoderShape", "DecoderWeights", "LayerWeights", "base_linear", "engine_support", "read_weights"]
+__all__ = [
+    "DecoderShape",
+    "DecoderWeights",
+    "EngineUnsupported",
+    "LayerWeights",
+    "base_linear",
+    "engine_support",
+    "engine_supports",
+    "read_weights",
+]
 
 
 def output_format(fmt: str) -> str:
@@ -169,3 +179,22 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
         norm=decoder.norm.weight.detach().to(dtype), lm_head=_cat([head], output_format(fmt), dtype),
         cos=cos.to(dtype), sin=sin.to(dtype),
     )  # fmt: skip
+
+
+class EngineUnsupported(ConfigError):
+    """The engine cannot run this model or adapter (the caller falls back to transformers)."""
+
+
+def engine_supports(model: Any) -> str | None:
+    """None when the engine can run ``model`` (adapters included), else why not."""
+    reason = engine_support(model)
+    if reason is None and hasattr(model, "peft_config"):
+        for name, cfg in model.peft_config.items():
+            if (
+                getattr(cfg, "peft_type", None) is not None
+                and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA"
+            ):
+                return f"adapter {name!r} is a {cfg.peft_type} adapter"
+            if getattr(cfg, "use_dora", False):
+                return f"adapter {name!r} uses DoRA"
+    return reason

@@ -18,11 +18,12 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from slmstack.engine.hf import generate_batch
 from slmstack.engine.microbatch import MicroBatchRunner
+from slmstack.engine.options import EngineOptions
 from slmstack.engine.text import (
     BASE_ADAPTER,
     Generated,
@@ -32,9 +33,10 @@ from slmstack.engine.text import (
     prompt_token_limit,
 )
 from slmstack.errors import ConfigError, SlmstackError
-from slmstack.fp16_weights import FP16_WEIGHTS, use_float16_weights
+from slmstack.formats import FP16_WEIGHTS, WEIGHT_FORMATS, engine_weights
+from slmstack.fp16_weights import use_float16_weights
 from slmstack.registry import Registry
-from slmstack.stack.config import ENGINE_WEIGHTS, ENGINES, BackendConfig
+from slmstack.stack.config import BackendConfig
 
 logger = logging.getLogger(__name__)
 
@@ -125,12 +127,10 @@ class LocalBackend(Backend):
 
     def __init__(self, model: Any, tokenizer: Any, dtype: str = "auto", engine: str = "auto",
                  max_batch: int = 16) -> None:  # fmt: skip
-        if engine == "auto":  # SLMSTACK_ENGINE=hf turns the engine off for a whole process (the tests run both ways)
-            engine = os.environ.get("SLMSTACK_ENGINE", "auto")
-        if engine not in ENGINES:
-            raise ConfigError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+        # the options read SLMSTACK_ENGINE (hf turns the engine off for a whole process; the tests run both ways)
+        self.options = EngineOptions(mode=engine, weights=engine_weights(dtype), max_batch=max_batch)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
-        self.engine_mode, self.max_batch = engine, max_batch
+        self.engine_mode, self.max_batch = self.options.mode, max_batch
         self._engine: Any = None
         self._hf: MicroBatchRunner | None = None
         self._converted = False
@@ -152,12 +152,10 @@ class LocalBackend(Backend):
                 logger.info("generating with transformers: the engine cannot run this model (%s)", reason)
                 self.engine_mode = "hf"
                 return None
-            self._engine = Engine(self.model, self.tokenizer, weights=ENGINE_WEIGHTS.get(self.dtype, "dense"),
-                                  max_batch=self.max_batch,
-                                  graphs="compile" if self.engine_mode == "compiled" else "auto")  # fmt: skip
+            self._engine = Engine(self.model, self.tokenizer, replace(self.options, max_batch=self.max_batch))
             self._lora_version = _lora_version(self.model)  # the engine has just read every adapter
             logger.info("generating with slmstack's engine (%s weights, up to %d rows a step)",
-                        ENGINE_WEIGHTS.get(self.dtype, "dense"), self.max_batch)  # fmt: skip
+                        engine_weights(self.dtype), self.max_batch)  # fmt: skip
         # adapters attached since (another stack), or trained since; while requests are in flight only newly
         # attached adapters are looked for (a stack submits each stage's request as the last one ends, and reading
         # every LoRA tensor's version there cost more than the bare base's whole host work on a GPU)
@@ -231,7 +229,7 @@ class LocalBackend(Backend):
     def _hf_batch(self, key: _Key, items: list[tuple[str, str]], on_text: OnText | None,
                   cancel: Any) -> list[Generated]:  # fmt: skip
         """One micro-batch through transformers' ``generate``, each row under its adapter."""
-        if self.dtype in ENGINE_WEIGHTS and self.dtype != FP16_WEIGHTS:
+        if self.dtype in WEIGHT_FORMATS and self.dtype != FP16_WEIGHTS:
             raise ConfigError(f"dtype {self.dtype!r} needs the engine, which cannot run this model")
         if self.dtype == FP16_WEIGHTS and not self._converted:
             use_float16_weights(self.model)  # once every adapter is attached

@@ -17,8 +17,10 @@ from typing import Literal
 import yaml
 
 from slmstack.config import apply_overrides, build_dataclass, check_range, dataclass_to_dict, load_yaml
+from slmstack.engine.options import ENGINE_MODES as ENGINES
 from slmstack.engine.text import GenerationSettings
 from slmstack.errors import ConfigError
+from slmstack.formats import DTYPES, FP16_WEIGHTS, WEIGHT_FORMATS
 from slmstack.io import atomic_write_text
 
 __all__ = [
@@ -32,13 +34,7 @@ __all__ = [
 ]
 
 INPUT_FIELD = "input"
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float16-weights", "bfloat16-weights", "int8-weights",
-          "int4-weights")  # fmt: skip
-# dtypes that are weight formats of the engine (``slmstack.engine.layers.Linear``); compute stays float32
-ENGINE_WEIGHTS = {"float16-weights": "float16-weights", "bfloat16-weights": "bfloat16-weights",
-                  "int8-weights": "int8-weights", "int4-weights": "int4-weights"}  # fmt: skip
 DEFAULT_K = 3  # passages a retrieve stage passes on
-ENGINES = ("auto", "native", "compiled", "hf")  # compiled: native, decode steps through torch.compile (CPU)
 
 
 @dataclass(kw_only=True)
@@ -158,7 +154,7 @@ class StackConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported. Use one of {', '.join(DTYPES)}.")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
-        if self.engine == "hf" and self.dtype in ENGINE_WEIGHTS and self.dtype != "float16-weights":
+        if self.engine == "hf" and self.dtype in WEIGHT_FORMATS and self.dtype != FP16_WEIGHTS:
             raise ConfigError(f"dtype {self.dtype!r} is a weight format of slmstack's engine, but engine is hf "
                               "(transformers' generate); use engine: auto, or a dtype such as float32")  # fmt: skip
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):

@@ -164,36 +164,33 @@ def test_the_cache_grows_with_the_longest_request_and_keeps_what_it_holds() -> N
     assert engine.cache.length == 128
     assert short.generated().text == _alone(model, tok, "hi", None, GenerationSettings(max_new_tokens=4))
     assert long.generated().text == _alone(model, tok, long_text, None, GenerationSettings(max_new_tokens=30))
-    assert engine.steps > 0 and torch.is_tensor(engine.cache.k[0])
+    assert engine.steps > 0 and torch.is_tensor(engine.cache.kv[0])
 
 
-def _run_graphs(model, tok, graphs: str, budgets=(12, 3, 20, 7, 15)) -> tuple[list[str], int]:
+def _run_graphs(model, tok, graphs: str, budgets=(12, 3, 20, 7, 15), kernel: str = "auto") -> tuple[list[str], int]:
     """Rows joining and leaving, mixed adapters, a bucket larger than the rows (padding rows present): the texts
     and how many steps ran on the graph path."""
     rows = list(zip(TEXTS, ADAPTERS, [GenerationSettings(max_new_tokens=n) for n in budgets], strict=False))
-    engine = Engine(model, tok, max_batch=8, graphs=graphs)
+    engine = Engine(model, tok, max_batch=8, graphs=graphs, decode_kernel=kernel)
     handles = [engine.submit(tok(t)["input_ids"], a, s) for t, a, s in rows]
     static_steps = {"n": 0}
-    if engine.graphs is not None:
-        real = engine.graphs.run
+    if engine.runner.graphs is not None:
+        real = engine.runner.graphs.run
 
         def counting(*args):
             static_steps["n"] += 1
             return real(*args)
 
-        engine.graphs.run = counting
+        engine.runner.graphs.run = counting
     engine.run()
     return [h.generated().text for h in handles], static_steps["n"]
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
-def test_the_cuda_graph_static_path_gives_the_same_text_eagerly_on_a_cpu(kernel: str, monkeypatch) -> None:
-    from slmstack.engine import layers
-
-    monkeypatch.setattr(layers, "DECODE_KERNEL", kernel)  # "matmul" is what a GPU runs
-    model, tok = _peft_model(), build_tokenizer()
-    eager, _ = _run_graphs(model, tok, "off")
-    static, used = _run_graphs(model, tok, "static")
+def test_the_cuda_graph_static_path_gives_the_same_text_eagerly_on_a_cpu(kernel: str) -> None:
+    model, tok = _peft_model(), build_tokenizer()  # "matmul" is the decode kernel a GPU runs
+    eager, _ = _run_graphs(model, tok, "off", kernel=kernel)
+    static, used = _run_graphs(model, tok, "static", kernel=kernel)
     # Assert: the static path ran the decode steps, and not one token changed
     assert used > 10 and static == eager
 
@@ -239,13 +236,13 @@ def test_a_prompt_prefix_kept_across_requests_changes_no_token(device: str) -> N
     # Assert: the same text; the preamble kept once per adapter, and the second wave did not compute it
     assert reused == plain
     n = len(tok(preamble)["input_ids"])
-    kept = sorted((e.adapter, len(e.tokens)) for e in engine.prefixes.entries)
+    kept = sorted((e.adapter, len(e.tokens)) for e in engine.runner.prefixes.entries)
     assert [a for a, _ in kept] == [engine.lora.id("qv"), engine.lora.id("all")]
     assert all(length >= n - 1 for _, length in kept)
-    assert engine.prefixes.reused_tokens >= 4 * (n - 1)
+    assert engine.runner.prefixes.reused_tokens >= 4 * (n - 1)
     # a changed adapter drops the prefixes computed under the old one
     engine.add_adapter(model, "qv")
-    assert engine.prefixes.entries == []
+    assert engine.runner.prefixes.entries == []
 
 
 def _two_rows(engine: Engine, tok) -> list[str]:
@@ -264,13 +261,13 @@ def test_compiled_decode_steps_give_the_same_text_as_eager_steps() -> None:
     # Execute
     compiled = _two_rows(engine, tok)
     # Assert: the decode steps ran compiled (no fallback), and not one token changed
-    assert engine.graphs is not None and engine.graphs.compiled and engine.graphs.replays >= 8
+    assert engine.runner.graphs is not None and engine.runner.graphs.compiled and engine.runner.graphs.replays >= 8
     assert compiled == eager
 
 
 def test_compiled_decode_steps_fall_back_to_eager_steps_when_compiling_fails(monkeypatch, caplog) -> None:
-    from slmstack.engine import engine as engine_module
     from slmstack.engine import graphs
+    from slmstack.engine import runner as engine_module
 
     def no_compiler(fn, **_):
         def fails(*args):
@@ -282,12 +279,12 @@ def test_compiled_decode_steps_fall_back_to_eager_steps_when_compiling_fails(mon
     eager = _two_rows(Engine(model, tok, max_batch=2, graphs="off"), tok)
     # torch.compile unusable here (the probe failed): no static path at all
     monkeypatch.setattr(engine_module, "_can_compile", lambda: False)
-    assert Engine(model, tok, max_batch=2, graphs="compile").graphs is None
+    assert Engine(model, tok, max_batch=2, graphs="compile").runner.graphs is None
     # the probe passed but the decode step fails to compile: a warning, then eager steps
     monkeypatch.setattr(engine_module, "_can_compile", lambda: True)
     monkeypatch.setattr(graphs.torch, "compile", no_compiler)
     engine = Engine(model, tok, max_batch=2, graphs="compile")
     with caplog.at_level("WARNING", logger="slmstack.engine.engine"):
         text = _two_rows(engine, tok)
-    assert text == eager and engine.graphs is None
+    assert text == eager and engine.runner.graphs is None
     assert "could not compile the decode step (RuntimeError: no C++ compiler found)" in caplog.text

@@ -100,21 +100,25 @@ def check_generation_unchanged(device: str) -> None:
     texts = ["first prompt", "a second, longer prompt here", "third", "the fourth one?"]
     adapters = ["qv", "__base__", "all", "mlp"]
 
+    from slmstack.engine.kernels import kernel_available
+    from slmstack.engine.options import EngineOptions
+
+    options = EngineOptions(max_batch=4, max_tokens_per_step=8, graphs="static" if device == "cpu" else "auto")
+
     def run() -> list[str]:
-        engine = Engine(model, tok, max_batch=4, max_tokens_per_step=8, graphs="static" if device == "cpu" else "auto")
+        engine = Engine(model, tok, options)
         handles = [engine.submit(tok(t)["input_ids"], a, GenerationSettings(max_new_tokens=10))
                    for t, a in zip(texts, adapters, strict=True)]  # fmt: skip
         engine.run()
         return [h.generated().text for h in handles]
 
-    from slmstack.engine.kernels import kernel_available, torch_forms
-
     assert kernel_available(torch.device(device), "lora") and kernel_available(torch.device(device), "rope")
+    assert options.kernel(torch.device(device), "lora") and options.kernel(torch.device(device), "rope")
     ours = run()
-    with torch_forms():
-        assert not kernel_available(torch.device(device), "lora")
+    with options.torch_forms():
+        assert not options.kernel(torch.device(device), "lora")
         reference = run()
-    assert kernel_available(torch.device(device), "rope")  # switched back on
+    assert options.kernel(torch.device(device), "rope")  # switched back on
     assert ours == reference and len(set(ours)) > 2
 
 

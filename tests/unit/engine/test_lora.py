@@ -47,10 +47,10 @@ def check_mixed_batch_equals_peft(device: str, kernel: bool) -> None:
         request.slot = slot
         rows.append(Row(request, 0, request.prompt, True))
     # Execute: one step with every row's whole prompt
-    step = engine._inputs(StepPlan([], rows))
+    step = engine.runner.step_input(StepPlan([], rows))
     step.sample = None  # every token's logits, rows one after another
     assert step.lora.kernel == kernel
-    ours = engine.decoder.forward(step)
+    ours = engine.runner.decoder.forward(step)
     # Assert: each row's logits equal peft's forward with that row's adapter
     start = 0
     for text, adapter in zip(prompts, adapters, strict=True):
@@ -95,16 +95,16 @@ def test_a_step_of_mixed_decode_rows_and_a_prompt_chunk_gives_peft_logits(adapte
         request = Request(tok(text)["input_ids"], adapter=engine.lora.id(adapter))
         request.slot = slot
         requests.append(request)
-        engine.decoder.forward(engine._inputs(StepPlan([], [Row(request, 0, request.prompt, True)])))
+        engine.runner.decoder.forward(engine.runner.step_input(StepPlan([], [Row(request, 0, request.prompt, True)])))
     late = Request(tok("a late prompt")["input_ids"], adapter=engine.lora.id("all"))
     late.slot = 4
     # Execute: one step, each cached row decoding token 7, and the late prompt's whole chunk
     decode = [Row(r, len(r.prompt), [7], True) for r in requests]
-    step = engine._inputs(StepPlan(decode, [Row(late, 0, late.prompt, True)]))
+    step = engine.runner.step_input(StepPlan(decode, [Row(late, 0, late.prompt, True)]))
     assert step.lora.rows is not None and step.lora.runs  # both forms in one step
     path = "in place" if step.decode_slots is None else "by slot" if step.decode_view is not None else "copied"
     assert path == attention
-    ours = engine.decoder.forward(step)
+    ours = engine.runner.decoder.forward(step)
     # Assert: each row's logits equal peft's forward of its whole sequence
     for row, (text, adapter) in enumerate(zip([*prompts, "a late prompt"], [*adapters, "all"], strict=True)):
         ids = tok(text)["input_ids"] + ([7] if row < 4 else [])

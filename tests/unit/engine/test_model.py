@@ -52,9 +52,9 @@ def _logits(engine: Engine, ids: list[int], chunk: int) -> torch.Tensor:
     out = []
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
-        step = engine._inputs(StepPlan([], [Row(request, start, part, True)]))
+        step = engine.runner.step_input(StepPlan([], [Row(request, start, part, True)]))
         step.sample = torch.arange(len(part))  # every token's logits
-        out.append(engine.decoder.forward(step))
+        out.append(engine.runner.decoder.forward(step))
     return torch.cat(out)
 
 

@@ -55,15 +55,15 @@ def test_prefix_runs_once_and_long_pieces_split_into_steps() -> None:
         groups.append((ctx, [scorer.encode_pair(question, c)[1] for c in conts]))
         pairs += [(question, c) for c in conts]
     seen: list[tuple[int, int]] = []  # (tokens, sampled) per step
-    forward = engine.decoder.forward
+    forward = engine.runner.decoder.forward
 
     def counting(step):
         seen.append((len(step.tokens), len(step.tokens) if step.sample is None else len(step.sample)))
         return forward(step)
 
-    engine.decoder.forward = counting
+    engine.runner.decoder.forward = counting
     # Execute
-    ours = score_groups(engine.decoder, engine.cache, groups, 0, 4, 4, max_tokens=4)
+    ours = score_groups(engine.runner.decoder, engine.cache, groups, 0, 4, 4, max_tokens=4)
     # Assert: equal to transformers; no step over 4 tokens; the shared prefix counted once in the tokens run
     theirs = _reference(model, tok, pairs)
     torch.testing.assert_close(torch.tensor([x[0] for g in ours for x in g]), torch.tensor([t[0] for t in theirs]),

@@ -69,11 +69,11 @@ def test_the_engine_rereads_adapters_when_idle_and_sees_new_ones_while_busy() ->
 
 
 def test_engine_compiled_builds_the_engine_with_compiled_decode_steps(monkeypatch) -> None:
-    from slmstack.engine import engine as engine_module
+    from slmstack.engine import runner as engine_module
     from tests.conftest import build_tokenizer
 
     monkeypatch.setattr(engine_module, "_can_compile", lambda: True)  # nothing is compiled before a step
     compiled = backends.LocalBackend(build_tiny_llama(), build_tokenizer(), engine="compiled").engine
     native = backends.LocalBackend(build_tiny_llama(), build_tokenizer(), engine="native").engine
-    assert compiled.graphs is not None and compiled.graphs.compiled
-    assert native.graphs is None  # a CPU: eager decode steps
+    assert compiled.runner.graphs is not None and compiled.runner.graphs.compiled
+    assert native.runner.graphs is None  # a CPU: eager decode steps
