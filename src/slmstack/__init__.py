@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from slmstack._lazy import lazy_getattr
 from slmstack.stack import _EXPORTS as _STACK_EXPORTS
-
-__version__ = "0.1.0"
+from slmstack.version import __version__
 
 _EXPORTS = {
     **_STACK_EXPORTS,  # the stack runtime's names, listed once in slmstack.stack
@@ -30,6 +29,6 @@ _EXPORTS = {
     "resolve_model_ref": "slmstack.models",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
 __getattr__ = lazy_getattr("slmstack", _EXPORTS)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from slmstack.errors import InputError
+from slmstack.evaluation.spec import Doc, TaskSpec
 from slmstack.io import check_input_file, read_text
 
 __all__ = [
@@ -159,8 +160,6 @@ def flan_cot_split(name: str, data_dir: str | Path) -> tuple[list[dict[str, Any]
 
 def load_flan_cot(spec: Any, data_dir: str | Path | None) -> list[Any]:
     """The held-out test of the set the task is named after (a ``LOADERS`` entry)."""
-    from slmstack.evaluation.tasks import Doc
-
     if data_dir is None:
         raise InputError(f"task {spec.name!r} reads FLAN's CoT files: pass --data-dir (the folder holding flan_cot/)")
     return [Doc(f"{spec.name} {r['id']}", r) for r in flan_cot_split(spec.name, data_dir)[1]]
@@ -168,8 +167,6 @@ def load_flan_cot(spec: Any, data_dir: str | Path | None) -> list[Any]:
 
 def load_commonsenseqa_clean(spec: Any, data_dir: str | Path | None) -> list[Any]:
     """CommonsenseQA dev, options as texts (ECQA, which held 794 of its questions, is read without them)."""
-    from slmstack.evaluation.tasks import Doc
-
     if data_dir is None:
         raise InputError("task 'commonsenseqa_clean' needs --data-dir (the folder holding commonsenseqa/)")
     path = check_input_file(Path(data_dir) / CSQA_DEV, "CommonsenseQA dev file")
@@ -178,8 +175,6 @@ def load_commonsenseqa_clean(spec: Any, data_dir: str | Path | None) -> list[Any
 
 def flan_cot_specs() -> list[Any]:
     """The built-in tasks: the four held-out sets and ``commonsenseqa_clean``."""
-    from slmstack.evaluation.tasks import TaskSpec
-
     specs = [TaskSpec(name=name, kind="multiple_choice", loader="flan_cot", text=TEXT, choices="options",
                       gold="gold", gold_text="rationale", about=f"FLAN v2 CoT {name}, the held-out split",
                       metrics=["acc"] if name in YES_NO else ["acc", "acc_norm"])

@@ -15,6 +15,7 @@ A user declares a group in YAML and passes its path to ``--tasks``::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,11 @@ def aggregate(
     return sum(values) / len(values), math.sqrt(sum(se**2 for se in stderrs)) / len(stderrs)
 
 
-def score_groups(groups: list[GroupSpec], results: dict[str, Any]) -> dict[str, Any]:
+def score_groups(groups: list[GroupSpec], results: dict[str, Any], task_name: Callable[[str], str]) -> dict[str, Any]:
     """Each group's metrics from the task results (``results[task][metric]``, ``_stderr`` and ``n``)."""
     scored: dict[str, Any] = {}
     for spec in groups:  # innermost first, so a member group is already scored
-        members = [scored.get(m) or results.get(m) or results.get(Path(m).stem) for m in _names(spec)]
+        members = [scored.get(m) or results.get(m) or results.get(Path(m).stem) for m in _names(spec, task_name)]
         out: dict[str, Any] = {"n": sum(m["n"] for m in members), "tasks": len(members)}
         if spec.alias:
             out["alias"] = spec.alias
@@ -117,11 +118,9 @@ def score_groups(groups: list[GroupSpec], results: dict[str, Any]) -> dict[str, 
     return scored
 
 
-def _names(spec: GroupSpec) -> list[str]:
-    from slmstack.evaluation.tasks import get_task
-
+def _names(spec: GroupSpec, task_name: Callable[[str], str]) -> list[str]:
     names = []
     for member in spec.tasks:
         group = group_of(member)
-        names.append(group.group if group is not None else get_task(member).name)
+        names.append(group.group if group is not None else task_name(member))
     return names

@@ -12,7 +12,6 @@ from typing import Any
 
 from jinja2 import TemplateError, UndefinedError
 
-import slmstack
 from slmstack.errors import InputError
 from slmstack.evaluation.groups import expand as expand_tasks
 from slmstack.evaluation.groups import score_groups
@@ -30,6 +29,7 @@ from slmstack.evaluation.tasks import (
 )
 from slmstack.io import atomic_write_json, atomic_write_text
 from slmstack.ownership import check_file_ours, first_line_proof, json_fields
+from slmstack.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -241,10 +241,10 @@ def evaluate(
             "tokens_per_second": round(tokens / wall, 1) if wall else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
     target_id = {k: v for k, v in target.identity.items() if k not in ("total", "trainable", "active_per_token")}
-    out = {"slmstack": slmstack.__version__, "target": target_id, "tasks": results, "cost": cost,
+    out = {"slmstack": __version__, "target": target_id, "tasks": results, "cost": cost,
            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     if groups:
-        out["groups"] = score_groups(groups, results)
+        out["groups"] = score_groups(groups, results, lambda member: get_task(member).name)
     return out
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from slmstack.errors import ConfigError, InputError
+from slmstack.evaluation.groups import GroupSpec
+from slmstack.evaluation.spec import Doc, HFSource, TaskSpec
 from slmstack.io import check_input_file, guard_read, iter_jsonl
 
 __all__ = ["CATEGORIES", "SUBJECTS", "load_mmlu", "mmlu_specs"]
@@ -96,9 +98,6 @@ TEXT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices
 
 def mmlu_specs() -> tuple[list[Any], list[Any]]:
     """The 57 subject tasks and the 5 groups (four categories and ``mmlu``)."""
-    from slmstack.evaluation.groups import GroupSpec
-    from slmstack.evaluation.tasks import HFSource, TaskSpec
-
     tasks = [
         TaskSpec(name=f"mmlu_{subject}", kind="multiple_choice", loader="mmlu", filter={"subject": subject},
                  hf=HFSource(path="cais/mmlu", name=subject, split="test"),
@@ -128,8 +127,6 @@ def load_mmlu(spec: Any, data_dir: str | Path | None) -> list[Any] | None:
         InputError: the data is not under ``data_dir`` (with where to put it), a row lacks a choice, or its
             answer is not A-D (or 0-3).
     """
-    from slmstack.evaluation.tasks import Doc
-
     subject = (spec.filter or {}).get("subject")
     if not isinstance(subject, str) or not subject:
         raise ConfigError(f"task {spec.name!r}: loader mmlu reads one subject; add filter: {{subject: NAME}} "

@@ -77,7 +77,6 @@ def build_index(corpus: Path, out: Path, kind: str = "bm25", show_progress: bool
     Raises:
         InputError: the corpus is missing, not UTF-8, empty, malformed (naming the line), or ``out`` is not ours.
     """
-    from slmstack.retrieval import bm25  # noqa: F401  (registers the built-in kind)
     from slmstack.retrieval.corpus import read_corpus
 
     cls = RETRIEVERS.get(kind)

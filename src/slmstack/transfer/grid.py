@@ -22,8 +22,8 @@ from typing import Any
 from slmstack.grid import CellGrid, check_scores
 from slmstack.io import atomic_dir, atomic_write_json
 from slmstack.transfer.config import MODES, TransferConfig
+from slmstack.transfer.examples import Task
 from slmstack.transfer.splits import Split
-from slmstack.transfer.tasks import Task
 
 logger = logging.getLogger(__name__)
 

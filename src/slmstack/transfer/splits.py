@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from slmstack.errors import ConfigError
 from slmstack.registry import did_you_mean
 from slmstack.transfer.config import SplitConfig
-from slmstack.transfer.tasks import Example, Task
+from slmstack.transfer.examples import Example, Task
 
 logger = logging.getLogger(__name__)
 

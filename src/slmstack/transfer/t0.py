@@ -27,7 +27,7 @@ from pathlib import Path
 
 from slmstack.errors import InputError
 from slmstack.io import check_input_file, guard_read, iter_jsonl
-from slmstack.transfer.tasks import Example, Task, Wording
+from slmstack.transfer.examples import Example, Task, Wording
 
 __all__ = ["MAX_LABELS", "MIN_WORDS", "TemplateSplit", "load_t0", "split_instruction", "split_report"]
 
