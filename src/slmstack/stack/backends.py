@@ -13,9 +13,7 @@ the ``BACKENDS`` registry.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -32,11 +30,12 @@ from slmstack.engine.text import (
     format_prompt,
     prompt_token_limit,
 )
-from slmstack.errors import ConfigError, SlmstackError
+from slmstack.errors import ConfigError
 from slmstack.formats import FP16_WEIGHTS, WEIGHT_FORMATS, engine_weights
 from slmstack.fp16_weights import use_float16_weights
 from slmstack.registry import Registry
 from slmstack.stack.config import BackendConfig
+from slmstack.stack.openai_client import BackendError, OpenAIClient
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +43,6 @@ __all__ = ["BACKENDS", "Backend", "BackendError", "LocalBackend", "OpenAIBackend
 
 OnText = Callable[[int, str], None]
 OnDone = Callable[[Any], None]
-
-
-class BackendError(SlmstackError, RuntimeError):
-    """A remote generation backend did not answer, or answered with an error."""
 
 
 @dataclass
@@ -250,12 +245,8 @@ class OpenAIBackend(Backend):
     """
 
     def __init__(self, config: BackendConfig, chat: bool) -> None:
-        import httpx
-
         self.config, self.chat = config, chat
-        key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(base_url=config.url.rstrip("/"), headers=headers, timeout=config.timeout_s)
+        self.client = OpenAIClient(config.url, config.api_key_env, config.timeout_s)
         self.max_batch = 4 * config.max_concurrency
         self._runner = MicroBatchRunner(self._batch, self.max_batch)
 
@@ -287,65 +278,18 @@ class OpenAIBackend(Backend):
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slmstack-backend") as pool:
             return list(pool.map(lambda i: self._one(i, rows[i], key.settings, on_text), range(len(rows))))
 
-    def _request(self, row: Row, settings: Any, stream: bool) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {"model": self.model_name(row.adapter), "max_tokens": settings.max_new_tokens,
-                                "temperature": settings.temperature if settings.do_sample else 0.0}  # fmt: skip
-        if settings.do_sample:
-            body.update(top_p=settings.top_p, seed=settings.seed)
-        if settings.stop:
-            body["stop"] = list(settings.stop)[:4]
-        if settings.repetition_penalty != 1.0:
-            body["repetition_penalty"] = settings.repetition_penalty  # vLLM and llama.cpp accept it
-        if stream:
-            body.update(stream=True, stream_options={"include_usage": True})
-        if self.chat:
-            messages = [{"role": "system", "content": row.role}] if row.role else []
-            body["messages"] = [*messages, {"role": "user", "content": row.prompt}]
-            return "/chat/completions", body
-        body["prompt"] = self.model_input(row.role, row.prompt, chat=False)
-        return "/completions", body
-
     def _one(self, index: int, row: Row, settings: Any, on_text: OnText | None) -> Generated:
-        import httpx
-
-        path, body = self._request(row, settings, stream=on_text is not None)
-        try:
-            if on_text is None:
-                response = self.client.post(path, json=body)
-                _raise_for(response, body["model"])
-                data = response.json()
-                choice = data["choices"][0]
-                text = choice["message"]["content"] if self.chat else choice["text"]
-                return _generated(text or "", data.get("usage"))
-            pieces, usage = [], None
-            with self.client.stream("POST", path, json=body) as response:
-                _raise_for(response, body["model"])
-                for line in response.iter_lines():
-                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                        continue
-                    data = json.loads(line[5:])
-                    usage = data.get("usage") or usage
-                    for choice in data.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-                        if piece:
-                            pieces.append(piece)
-                            on_text(index, piece)
-            return _generated("".join(pieces), usage)
-        except httpx.HTTPError as exc:
-            raise BackendError(f"backend {self.config.url} ({body['model']}): {exc}") from None
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise BackendError(f"backend {self.config.url} ({body['model']}): malformed answer ({exc})") from None
-
-
-def _raise_for(response: Any, model: str) -> None:
-    if response.status_code >= 400:
-        response.read()
-        raise BackendError(f"backend answered {response.status_code} for model {model!r}: {response.text[:200]}")
-
-
-def _generated(text: str, usage: dict[str, Any] | None) -> Generated:
-    usage = usage or {}
-    return Generated(text.strip(), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+        path, body = self.client.body(self.model_name(row.adapter), settings, row.role, row.prompt, self.chat,
+                                      stream=on_text is not None)  # fmt: skip
+        if on_text is None:
+            done = self.client.complete(path, body)
+        else:
+            for event in self.client.stream(path, body):
+                if isinstance(event, str):
+                    on_text(index, event)
+                else:
+                    done = event
+        return Generated(done.text, done.prompt_tokens, done.completion_tokens)
 
 
 _LORA_PARAMS = "_slmstack_lora_params"  # on the peft model: (its adapters' identity, their LoRA parameters)

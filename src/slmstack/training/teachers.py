@@ -7,21 +7,17 @@ backoff, and then fails with :class:`TeacherUnavailableError`; the caller keeps 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from slmstack.engine.text import BASE_ADAPTER
 from slmstack.errors import SlmstackError
 from slmstack.models import LoadedModel
 from slmstack.stack.backends import LocalBackend, Row
 from slmstack.stack.config import GenerationSettings
+from slmstack.stack.openai_client import BackendError, OpenAIClient
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +68,11 @@ class LocalTeacher:
 
 
 class OpenAITeacher:
-    """An OpenAI-compatible chat endpoint, e.g. ``http://127.0.0.1:8080/v1`` (llama.cpp server)."""
+    """An OpenAI-compatible chat endpoint, e.g. ``http://127.0.0.1:8080/v1`` (llama.cpp server).
+
+    Requests go through the same client as the remote stack backend
+    (:class:`slmstack.stack.openai_client.OpenAIClient`), retried ``retries`` times on a transient failure.
+    """
 
     def __init__(
         self,
@@ -84,10 +84,8 @@ class OpenAITeacher:
         timeout_s: float = 120.0,
         workers: int = 4,
     ) -> None:
-        self.url = url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.api_key = os.environ.get(api_key_env)
-        self.retries, self.backoff_s, self.timeout_s, self.workers = retries, backoff_s, timeout_s, workers
+        self.url, self.model, self.workers = url.rstrip("/"), model, workers
+        self.client = OpenAIClient(url, api_key_env, timeout_s, retries, backoff_s)
         self.identity = f"openai:{model}@{url}"
 
     def generate(self, requests: list[tuple[str, str]], settings: GenerationSettings) -> list[TeacherReply]:
@@ -96,42 +94,10 @@ class OpenAITeacher:
             return list(pool.map(lambda req: self._one(req[0], req[1], settings), requests))
 
     def _one(self, role: str, message: str, settings: GenerationSettings) -> TeacherReply:
-        messages = ([{"role": "system", "content": role}] if role else []) + [{"role": "user", "content": message}]
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": settings.max_new_tokens}
-        body["temperature"] = settings.temperature if settings.do_sample else 0.0
-        if settings.do_sample:
-            body.update(top_p=settings.top_p, seed=settings.seed)
-        if settings.stop:
-            body["stop"] = settings.stop
-        data = self._post(body)
+        path, body = self.client.body(self.model, settings, role, message)
         try:
-            choice = data["choices"][0]
-            return TeacherReply(choice["message"]["content"].strip(), choice.get("finish_reason") != "length")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise TeacherUnavailableError(f"{self.url}: unexpected reply {str(data)[:200]!r}") from None
-
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as exc:
-                if exc.code < 500 and exc.code != 429:
-                    detail = exc.read()[:300].decode(errors="replace")
-                    raise TeacherUnavailableError(f"{self.url} refused the request ({exc.code}): {detail}") from None
-                last = exc
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as exc:
-                last = exc
-            if attempt < self.retries:
-                delay = self.backoff_s * 2**attempt
-                logger.warning("teacher %s failed (%s); retry %d in %.1fs", self.url, last, attempt + 1, delay)
-                time.sleep(delay)
-        raise TeacherUnavailableError(
-            f"teacher endpoint {self.url} did not answer after {self.retries + 1} tries ({last}). "
-            "Check that the server is running; rerun the same command to resume, progress so far is kept."
-        )
+            done = self.client.complete(path, body)
+        except BackendError as exc:
+            raise TeacherUnavailableError(f"teacher endpoint {exc}. Check that the server is running; rerun the same "
+                                          "command to resume, progress so far is kept.") from None  # fmt: skip
+        return TeacherReply(done.text, done.finish_reason != "length")
