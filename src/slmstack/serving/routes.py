@@ -1,0 +1,130 @@
+"""The server's route handlers, each a plain function over the app's :class:`~slmstack.serving.state.ServerState`.
+
+``GET /`` (a page that shows each stage as a card; no CDN, everything served from here), ``GET /health``,
+``GET /metrics``, ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions`` (non-streaming and
+SSE streaming). Every completion carries the stage trace in ``slmstack_trace`` (OpenAI clients ignore unknown
+fields). (This module imports FastAPI: import it only where the ``serve`` extra is installed.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
+
+from slmstack.engine.text import GenerationCancelled
+from slmstack.serving.requests import ApiError, parse_chat, parse_completion
+from slmstack.serving.state import state_of, trace_of, usage_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> Any:
+    """The web page: each stage of an answer as a card."""
+    from importlib import resources
+
+    return HTMLResponse((resources.files("slmstack.serving") / "static" / "index.html").read_text("utf-8"))
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Alive (answers while a batch decodes)."""
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Any:
+    """Prometheus' text format."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return PlainTextResponse(generate_latest(state_of(request).metrics.registry).decode(),
+                             media_type=CONTENT_TYPE_LATEST)  # fmt: skip
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    """The served stacks, each with its stages' names."""
+    state = state_of(request)
+    state.metrics.requests.labels("/v1/models", "200").inc()
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slmstack",
+                                        "slmstack_stages": [s.name for s in st.config.stages]}
+                                       for n, st in state.stacks.items()]}  # fmt: skip
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    """A completion of the prompt by the named stack (no streaming here)."""
+    state, start = state_of(request), time.perf_counter()
+    req = parse_completion(await state.read_json(request), state.settings.max_tokens)
+    name, stack = state.stack_for(req.model)
+    if req.stream:
+        raise ApiError(400, "'stream' is supported on /v1/chat/completions only", param="stream")
+    state.check_prompt(stack, req.text)
+    result = await state.answer(req, request)
+    state.served("/v1/completions", start)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": name, "choices": [{"index": 0, "text": result.answer, "finish_reason": "stop",
+                                        "logprobs": None}],
+            "usage": usage_of(result), "slmstack_trace": trace_of(result)}  # fmt: skip
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request) -> Any:
+    """A chat completion of the last user message by the named stack; with ``stream``, server-sent events."""
+    state, start = state_of(request), time.perf_counter()
+    req = parse_chat(await state.read_json(request), state.settings.max_tokens)
+    name, stack = state.stack_for(req.model)
+    state.check_prompt(stack, req.text)
+    created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+    if not req.stream:
+        result = await state.answer(req, request)
+        state.served("/v1/chat/completions", start)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+                             "finish_reason": "stop"}],
+                "usage": usage_of(result), "slmstack_trace": trace_of(result)}  # fmt: skip
+    pending = await state.batchers[name].submit(stack, req.text, req.max_tokens, stream=True, overrides=req.overrides)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}  # fmt: skip
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                event = await pending.events.get()
+                if event is None:
+                    break
+                if isinstance(event, str):  # a piece of the final stage's text, as it is decoded
+                    yield chunk({"content": event})
+                else:  # a stage finished (the earlier ones before the final stage's text starts)
+                    yield chunk({}, slmstack_stage=asdict(event))
+            result = await pending.future
+            yield chunk({}, "stop", slmstack_trace=trace_of(result), usage=usage_of(result))
+            yield "data: [DONE]\n\n"
+            state.served("/v1/chat/completions", start)
+        except asyncio.CancelledError:
+            pending.future.cancel()  # the client left: free its row
+            raise
+        except GenerationCancelled:
+            yield f"data: {json.dumps(ApiError(503, 'The server is shutting down', 'server_error').body())}\n\n"
+        except Exception:  # noqa: BLE001
+            logger.exception("stream failed")
+            yield f"data: {json.dumps(ApiError(500, 'Internal server error', 'server_error').body())}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
