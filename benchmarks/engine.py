@@ -103,7 +103,7 @@ def _teacher_forced(engine, dense, ids: list[int]) -> dict:
         request.slot = 0
         step = e.runner.step_input(StepPlan([], [Row(request, 0, full, True)]))
         step.sample = torch.arange(len(ids) - 1, len(full))
-        return e.decoder.forward(step)
+        return e.runner.decoder.forward(step)
 
     ref, got = logits(dense), logits(engine)
     err = (got - ref).abs().amax(-1) / ref.abs().amax(-1)

@@ -26,7 +26,8 @@ from slmstack._lazy import lazy_getattr
 
 _EXPORTS = {
     "Engine": "slmstack.engine.engine",
-    "EngineRequest": "slmstack.engine.engine",
+    "EngineOptions": "slmstack.engine.options",
+    "EngineRequest": "slmstack.engine.request",
     "EngineUnsupported": "slmstack.engine.weights",
     "engine_supports": "slmstack.engine.weights",
 }

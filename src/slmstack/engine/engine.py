@@ -1,11 +1,11 @@
 """The engine: requests in, text out, one step at a time.
 
-:class:`Engine` owns the decoder (weights read once from the loaded model), the KV cache, the LoRA adapters
-and the scheduler. :meth:`Engine.submit` queues a tokenized prompt with its adapter and decoding settings and
-returns an :class:`EngineRequest`; each :meth:`Engine.step` asks the scheduler for the next rows, runs one
-forward pass over them, samples a token for each row that needs one, streams text, and ends requests on EOS,
-a stop string or their token budget. A request's ``on_done`` runs as soon as it ends, before the next step,
-so a stack's next stage (a new request) joins the very next step (see ``slmstack.stack.runtime``).
+:class:`Engine` keeps the requests, their handles and the threads; the scheduler picks each step's rows, the
+model runner (:mod:`.runner`) turns them into tensors and logits, and each handle (:mod:`.request`) takes its
+token, streams its text and ends on EOS, a stop string or its token budget. :meth:`Engine.submit` queues a
+tokenized prompt with its adapter and decoding settings and returns an :class:`EngineRequest`. A request's
+``on_done`` runs as soon as it ends, before the next step, so a stack's next stage (a new request) joins the very
+next step (see ``slmstack.stack.chains``).
 
 Thread use: any thread may submit, cancel and step; steps are serialised by a lock, and each step serves every
 request in flight, whichever thread submitted it (so a server's stepping thread and a caller's ``run`` share one
