@@ -144,7 +144,9 @@ def child_lora_cost(args: argparse.Namespace) -> None:
     real_forward, real_add, real_for_tokens = (engine_model.Decoder.forward, engine_model.lora_add,
                                                engine_lora.StepAdapters.__dict__["for_tokens"])  # fmt: skip
 
-    def one_adapter(cls: type, adapters: list[int], n_decode: int, device: torch.device) -> object:
+    def one_adapter(
+        cls: type, adapters: list[int], n_decode: int, device: torch.device, kernel: bool = False
+    ) -> object:
         return cls(single=1)
 
     def skipped(*_: object) -> None:
