@@ -83,8 +83,8 @@ class ServerState:
         by_backend: dict[int, Batcher] = {}
         for name, stack in self.stacks.items():
             if id(stack.backend) not in by_backend:
-                if isinstance(stack.backend, LocalBackend) and stack.backend._engine is None:
-                    stack.backend.max_batch = self.settings.max_batch_size  # rows per step
+                if not (isinstance(stack.backend, LocalBackend) and stack.backend._engine is not None):
+                    stack.backend.max_batch = self.settings.max_batch_size  # rows per step (a built engine keeps its)
                 batcher = Batcher(stack.backend, self.on_batch, stop=self.stopping,
                                   max_wait_ms=self.settings.max_wait_ms)  # fmt: skip
                 batcher.start()
