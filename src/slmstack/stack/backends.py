@@ -199,8 +199,9 @@ class LocalBackend(Backend):
     def runner(self) -> Any:
         """The engine, or the transformers micro-batcher where the engine does not run."""
         engine = self.engine
-        if engine is not None:
-            return engine
+        return engine if engine is not None else self._hf_runner()
+
+    def _hf_runner(self) -> MicroBatchRunner:
         if self._hf is None:
             self._hf = MicroBatchRunner(self._hf_batch, self.max_batch)
         self._hf.max_batch = self.max_batch
@@ -215,11 +216,11 @@ class LocalBackend(Backend):
         """
         text = self.model_input(row.role, row.prompt, chat)
         ids, cut = self.encode([text], settings, chat, max_input_tokens, on_overflow)
-        runner = self.runner
-        if runner is self.engine:
-            return runner.submit(ids[0], row.adapter, settings, truncated=cut[0], on_text=on_text, on_done=on_done)
-        return runner.submit((text, row.adapter), _Key(settings, chat, max_input_tokens, on_overflow), on_text,
-                             on_done)  # fmt: skip
+        engine = self.engine  # once: it looks for adapters attached or trained since
+        if engine is not None:
+            return engine.submit(ids[0], row.adapter, settings, truncated=cut[0], on_text=on_text, on_done=on_done)
+        return self._hf_runner().submit((text, row.adapter), _Key(settings, chat, max_input_tokens, on_overflow),
+                                        on_text, on_done)  # fmt: skip
 
     def _hf_batch(self, key: _Key, items: list[tuple[str, str]], on_text: OnText | None,
                   cancel: Any) -> list[Generated]:  # fmt: skip
