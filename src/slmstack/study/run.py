@@ -220,7 +220,15 @@ class Study(StudyData, CellGrid):
         }
         stack = Stack(self.stack_config(cell, adapters))
         tasks = {}
+        partial = self.out / "partial" / cell.id  # one file per finished task: a stopped cell resumes at its next task
         for name, n in self.cfg.eval.items():
+            done = partial / f"{name}.json"
+            if done.is_file():
+                tasks[name] = read_json(
+                    done, f"{cell.id}'s {name} result", "Delete it to score the task again.", expect=dict
+                )
+                logger.info("study %s: %s already scored (%s)", cell.id, name, done)
+                continue
             spec = get_task(name)
             docs = select_subset(load_docs(spec, self.data_dir), None, n or None)
             target = StackTarget(stack)
@@ -236,6 +244,7 @@ class Study(StudyData, CellGrid):
                 "generated_tokens": target.upstream_generated,
             }
             logger.info("study %s: %s %s = %.3f (%d items)", cell.id, name, metric, tasks[name]["score"], len(items))
+            atomic_write_json(done, tasks[name])
         result = {
             "cell": asdict(cell),
             "tasks": tasks,

@@ -158,13 +158,20 @@ def test_a_protocol_2_study_with_retrieval_runs_end_to_end_and_resumes(tiny_mode
     real, prompts = run_module.Study.run_cell, []
     real_examples = run_module.Study.examples
 
-    order = []
+    order, scored = [], []
+    import slmstack.evaluation.harness as harness
+
+    real_items = harness.multiple_choice_items
 
     def dying(self, cell):
         order.append(cell.id)
-        if cell.arm == "A1" and cell.seed == 1 and not self.cell_path(cell).is_file():
-            raise KeyboardInterrupt
         return real(self, cell)
+
+    def scoring(spec, docs, target, scorer):  # killed in the last cell, after its first task
+        if scored.count(("A1__s1", "qasc")) and target.stack.config.name == "study-A1__s1":
+            raise KeyboardInterrupt
+        scored.append((target.stack.config.name.removeprefix("study-"), spec.name))
+        return real_items(spec, docs, target, scorer)
 
     def recording(self, cell, plan, tokenizer):
         examples = real_examples(self, cell, plan, tokenizer)
@@ -182,13 +189,17 @@ def test_a_protocol_2_study_with_retrieval_runs_end_to_end_and_resumes(tiny_mode
     monkeypatch.setattr(run_module.Study, "run_cell", dying)
     monkeypatch.setattr(run_module.Study, "examples", recording)
     monkeypatch.setattr(slmstack.models, "load_model", spying)
-    # Execute: killed at the last cell, then resumed
+    monkeypatch.setattr(harness, "multiple_choice_items", scoring)
+    # Execute: killed in the last cell, after its first task, then resumed
     assert main(["study", "--config", str(config), "--out", str(out)]) == 130
     assert len(list((out / "cells").glob("*.json"))) == 5
+    assert [p.name for p in (out / "partial" / "A1__s1").iterdir()] == ["qasc.json"]
     # seed by seed, the primary contrast's arms first: a study stopped part-way has whole seeds
     assert order == ["RS2__s0", "R1__s0", "A1__s0", "RS2__s1", "R1__s1", "A1__s1"]
-    monkeypatch.setattr(run_module.Study, "run_cell", real)
+    del scored[:]
     assert main(["study", "--config", str(config), "--out", str(out)]) == 0
+    # the resumed cell scored only the task it had not finished (then the attribution scores RS2__s0)
+    assert [c for c in scored if c[0] != "RS2__s0"] == [("A1__s1", "strategyqa")]
     # Assert: every arm ran every seed (no selection), and the contrasts were tested as named
     summary = json.loads((out / "results.json").read_text())
     assert sorted(p.name for p in (out / "cells").glob("*.json")) == sorted(
