@@ -34,24 +34,27 @@ FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4
 
 
 def prompt_ids(tokenizer) -> list[int]:
-    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+    content = "Write a long story about a lighthouse keeper and a storm."
+    if not tokenizer.chat_template:  # a base model (Gemma 3 270M): the plain text
+        return tokenizer(content)["input_ids"]
+    messages = [{"role": "user", "content": content}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _decode_rate(timed, tokens: int, repeats: int) -> dict:
+def _decode_rate(timed, tokens: int, repeats: int, batch: int = 1) -> dict:
     warm = timed(4)  # warm-up (compiling, where decode steps are compiled)
     timed(tokens)  # the cache at its full length (compiled steps compile again for it)
     one = statistics.median(timed(1) for _ in range(3))
     full = statistics.median(timed(tokens) for _ in range(repeats))
     return {
-        "decode_tokens_per_s": round((tokens - 1) / (full - one), 2),
+        "decode_tokens_per_s": round(batch * (tokens - 1) / (full - one), 2),  # every row's tokens
         "prefill_s": round(one, 4),
         "first_call_s": round(warm, 2),
     }
 
 
-def child_engine(spec: str, tokens: int, repeats: int, threads: int) -> dict:
+def child_engine(spec: str, tokens: int, repeats: int, threads: int, model: str = "default", batch: int = 1) -> dict:
     if "+compile" in spec:  # a cold compile: first_call_s is the start-up cost a user sees the first time
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slmstack-inductor-")
     import torch
@@ -62,24 +65,25 @@ def child_engine(spec: str, tokens: int, repeats: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     fmt, _, compiled = spec.partition("+")
-    lm = load_model("default", device="cpu")
-    engine = Engine(lm.model, lm.tokenizer, weights=fmt, max_batch=1, graphs="compile" if compiled else "auto")
+    lm = load_model(model, device="cpu")
+    engine = Engine(lm.model, lm.tokenizer, weights=fmt, max_batch=batch, graphs="compile" if compiled else "auto")
     ids = prompt_ids(lm.tokenizer)
 
     def timed(n: int) -> float:
         start = time.perf_counter()
-        handle = engine.submit(ids, None, GenerationSettings(max_new_tokens=n))
-        handle.request.eos = frozenset()  # exactly n tokens
+        for _ in range(batch):
+            handle = engine.submit(ids, None, GenerationSettings(max_new_tokens=n))
+            handle.request.eos = frozenset()  # exactly n tokens
         engine.run()
         return time.perf_counter() - start
 
-    out = _decode_rate(timed, tokens, repeats)
+    out = _decode_rate(timed, tokens, repeats, batch)
     handle = engine.submit(ids, None, GenerationSettings(max_new_tokens=48))
     engine.run()
     text = handle.generated().text
     if fmt != "dense" and not compiled:  # (the teacher-forced pass runs eagerly: compiled steps add nothing)
         out["logits_vs_float32"] = _teacher_forced(engine, Engine(lm.model, lm.tokenizer, max_batch=1), ids)
-    return {"engine": f"slmstack engine ({spec})", "prompt_tokens": len(ids), **out, "text": text}
+    return {"engine": f"slmstack engine ({spec})", "batch": batch, "prompt_tokens": len(ids), **out, "text": text}
 
 
 def _teacher_forced(engine, dense, ids: list[int]) -> dict:
@@ -115,7 +119,7 @@ def _teacher_forced(engine, dense, ids: list[int]) -> dict:
     }
 
 
-def child_hf(tokens: int, repeats: int, threads: int) -> dict:
+def child_hf(tokens: int, repeats: int, threads: int, model: str = "default", batch: int = 1) -> dict:
     import torch
 
     from slmstack.engine.hf import generate_batch
@@ -123,8 +127,8 @@ def child_hf(tokens: int, repeats: int, threads: int) -> dict:
     from slmstack.stack.config import GenerationSettings
 
     torch.set_num_threads(threads)
-    lm = load_model("default", device="cpu")
-    ids = torch.tensor([prompt_ids(lm.tokenizer)])
+    lm = load_model(model, device="cpu")
+    ids = torch.tensor([prompt_ids(lm.tokenizer)] * batch)  # equal prompts: no padding
 
     def timed(n: int) -> float:
         start = time.perf_counter()
@@ -133,10 +137,18 @@ def child_hf(tokens: int, repeats: int, threads: int) -> dict:
                               do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)  # fmt: skip
         return time.perf_counter() - start
 
-    out = _decode_rate(timed, tokens, repeats)
+    out = _decode_rate(timed, tokens, repeats, batch)
     text = lm.tokenizer.decode(ids[0])
-    greedy = generate_batch(lm.model, lm.tokenizer, [text], GenerationSettings(max_new_tokens=48), chat=True)[0].text
-    return {"engine": "transformers generate (float32)", "prompt_tokens": ids.shape[1], **out, "text": greedy}
+    if model == "default":
+        settings = GenerationSettings(max_new_tokens=48)
+        greedy = generate_batch(lm.model, lm.tokenizer, [text], settings, chat=True)[0].text
+    else:  # the prompt's own tokens (a base model's text would gain a second BOS)
+        with torch.inference_mode():
+            new = lm.model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=48,
+                                    do_sample=False)[0, ids.shape[1] :]  # fmt: skip
+        greedy = lm.tokenizer.decode(new, skip_special_tokens=True).strip()
+    return {"engine": "transformers generate (float32)", "batch": batch, "prompt_tokens": ids.shape[1], **out,
+            "text": greedy}  # fmt: skip
 
 
 def child_llama_cpp(spec: str, tokens: int, repeats: int, threads: int) -> dict:
@@ -324,13 +336,15 @@ def main() -> None:
     p.add_argument("--attention-only", action="store_true", help="only the decode-attention row (into --out)")
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared/data"))
     p.add_argument("--out", type=Path, default=HERE / "results" / "engine.json")
+    p.add_argument("--model", default="default", help="another model: batch-1 and --batch decode, HF and engine")
+    p.add_argument("--batch", type=int, default=32, help="the larger batch, with --model")
     p.add_argument("--child", default=None)
     p.add_argument("--arg", default=None)
     args = p.parse_args()
     if args.child:
         result = {
-            "engine": lambda: child_engine(args.arg, args.tokens, args.repeats, args.threads),
-            "hf": lambda: child_hf(args.tokens, args.repeats, args.threads),
+            "engine": lambda: child_engine(args.arg, args.tokens, args.repeats, args.threads, args.model, args.batch),
+            "hf": lambda: child_hf(args.tokens, args.repeats, args.threads, args.model, args.batch),
             "llama_cpp": lambda: child_llama_cpp(args.arg, args.tokens, args.repeats, args.threads),
             "lora": lambda: child_lora(args.rows, args.threads, args.repeats),
             "attention": lambda: child_attention(args.rows, args.threads, args.repeats),
@@ -357,6 +371,10 @@ def main() -> None:
         _print_attention(attention)
         print(f"wrote {args.out}")
         return
+    if args.model != "default":
+        model_decode(args)
+        return
+    args.batch = 1
     decode = {"hf_float32": run_child("hf", args)}
     for fmt in args.formats.split(","):
         decode[f"engine_{fmt}"] = run_child("engine", args, "--arg", fmt)
@@ -405,6 +423,30 @@ def main() -> None:
     _print_attention(attention)
     if args.eval:
         print(json.dumps(report["stack_eval_tiny"], indent=1))
+    print(f"wrote {args.out}")
+
+
+def model_decode(args: argparse.Namespace) -> None:
+    """``--model``: batch-1 and ``--batch`` decode, transformers ``generate`` against the engine in ``--formats``."""
+    from slmstack.io import atomic_write_json
+
+    rows = {}
+    for batch in (1, args.batch):
+        args.batch = batch
+        hf = rows[f"hf_float32_b{batch}"] = run_child("hf", args, "--model", args.model, "--batch", str(batch))
+        for fmt in args.formats.split(","):
+            row = run_child("engine", args, "--arg", fmt, "--model", args.model, "--batch", str(batch))
+            if row and hf:
+                row["over_hf_float32"] = round(row["decode_tokens_per_s"] / hf["decode_tokens_per_s"], 2)
+                row["greedy_equals_hf_float32"] = row["text"] == hf["text"]
+            rows[f"engine_{fmt}_b{batch}"] = row
+    settings = {k: str(v) for k, v in vars(args).items() if v is not None}
+    atomic_write_json(args.out, {"benchmark": "engine", "settings": settings, "decode": rows})
+    print(f"{'decode (' + args.model + ', CPU)':<44}{'rows':>6}{'tok/s':>9}{'x HF fp32':>11}{'greedy = HF':>13}")
+    for row in rows.values():
+        if row:
+            print(f"{row['engine']:<44}{row['batch']:>6}{row['decode_tokens_per_s']:>9}"
+                  f"{row.get('over_hf_float32', '-'):>11}{str(row.get('greedy_equals_hf_float32', '-')):>13}")
     print(f"wrote {args.out}")
 
 

@@ -27,8 +27,8 @@ class ArchSpec:
         mlp: names of the MLP projections inside one layer (relative paths).
         embeddings: dotted path to the input embedding (never pruned).
         shared_inputs: groups of projections that read the same input (their calibration statistics are equal).
-        engine: the generation engine (``slmstack.engine``) runs this architecture; the others generate
-            through transformers.
+        engine: the generation engine's form for this architecture (``slmstack.engine.weights.FORMS``: how it
+            reads the weights and runs the layer); empty where transformers generates.
     """
 
     layers: str
@@ -36,7 +36,7 @@ class ArchSpec:
     mlp: tuple[str, ...]
     embeddings: str
     shared_inputs: tuple[tuple[str, ...], ...] = ()
-    engine: bool = False
+    engine: str = ""
 
     @property
     def lora_targets(self) -> list[str]:
@@ -52,12 +52,21 @@ _LLAMA_LIKE = ArchSpec(
     shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
 )
 
+_FUSED = ArchSpec(  # Phi-3: q, k and v in one projection, gate and up in another
+    layers="model.layers",
+    attention=("self_attn.qkv_proj", "self_attn.o_proj"),
+    mlp=("mlp.gate_up_proj", "mlp.down_proj"),
+    embeddings="model.embed_tokens",
+)
+
 ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
-ARCHITECTURES.add("llama", replace(_LLAMA_LIKE, engine=True))
-ARCHITECTURES.add("qwen2", replace(_LLAMA_LIKE, engine=True))
-ARCHITECTURES.add("mistral", replace(_LLAMA_LIKE, engine=True))
-ARCHITECTURES.add("gemma3_text", _LLAMA_LIKE)  # norms around each block and soft-capping: transformers runs it
-# Gemma3ForConditionalGeneration wraps the same text decoder one level deeper.
+ARCHITECTURES.add("llama", replace(_LLAMA_LIKE, engine="llama"))
+ARCHITECTURES.add("qwen2", replace(_LLAMA_LIKE, engine="llama"))
+ARCHITECTURES.add("mistral", replace(_LLAMA_LIKE, engine="llama"))
+ARCHITECTURES.add("qwen3", replace(_LLAMA_LIKE, engine="qwen3"))  # Llama plus q/k norms
+ARCHITECTURES.add("gemma3_text", replace(_LLAMA_LIKE, engine="gemma3"))  # norms around each block, GeGLU, √d
+ARCHITECTURES.add("phi3", replace(_FUSED, engine="phi3"))
+# Gemma3ForConditionalGeneration wraps the same text decoder one level deeper (transformers generates).
 ARCHITECTURES.add(
     "gemma3",
     ArchSpec(
@@ -75,6 +84,7 @@ ARCHITECTURES.add(
         attention=("attention.query_key_value", "attention.dense"),
         mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
         embeddings="gpt_neox.embed_in",
+        engine="gpt_neox",
     ),
 )
 

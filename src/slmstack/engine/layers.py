@@ -92,23 +92,29 @@ def decode_attention(q: Tensor, kv_cache: Tensor, slots: Tensor | None, mask: Te
     return out.reshape(n, heads * hd)
 
 
-def decode_mask(lens: Tensor, length: int, dtype: torch.dtype, always: bool = False) -> Tensor | None:
+def decode_mask(lens: Tensor, length: int, dtype: torch.dtype, always: bool = False,
+                window: int | None = None) -> Tensor | None:  # fmt: skip
     """The additive decode mask, (n, 1, 1, length); None when all rows are full.
 
-    0 where row i has a key (positions below its length), -inf elsewhere.
-    Additive rather than boolean, because attention turns a boolean mask into this one on every call, i.e. in
-    every layer; built once a step here. ``always``: build it without looking at ``lens`` on the host (inside a
-    CUDA graph capture).
+    0 where row i has a key (positions below its length; with a ``window``, only its last ``window`` positions, as
+    transformers' sliding-window mask: key ``k`` is seen from query ``q`` when ``q - window < k <= q``), -inf
+    elsewhere. Additive rather than boolean, because attention turns a boolean mask into this one on every call,
+    i.e. in every layer; built once a step here. ``always``: build it without looking at ``lens`` on the host
+    (inside a CUDA graph capture).
     """
-    if not always and bool((lens == length).all()):
+    windowed = window is not None and (always or length > window)
+    if not always and not windowed and bool((lens == length).all()):
         return None
-    absent = torch.arange(length, device=lens.device)[None, :] >= lens[:, None]  # (n, length)
+    key = torch.arange(length, device=lens.device)[None, :]
+    absent = key >= lens[:, None]  # (n, length)
+    if windowed:
+        absent |= key <= lens[:, None] - 1 - window
     return torch.zeros(absent.shape, dtype=dtype, device=lens.device).masked_fill_(absent, float("-inf"))[
         :, None, None, :
     ]
 
 
-def prefill_attention(q: Tensor, kv_cache: Tensor, slot: int, start: int) -> Tensor:
+def prefill_attention(q: Tensor, kv_cache: Tensor, slot: int, start: int, window: int | None = None) -> Tensor:
     """A chunk of ``L`` prompt tokens at positions ``start..start+L-1`` of one slot, causal over the cache.
 
     Args:
@@ -116,6 +122,7 @@ def prefill_attention(q: Tensor, kv_cache: Tensor, slot: int, start: int) -> Ten
         kv_cache: (S, KV, 2, T, hd), this layer's keys and values, the chunk's already written.
         slot: the row's cache slot.
         start: the position of the chunk's first token.
+        window: each query sees only its last ``window`` positions (a sliding-window layer).
 
     Returns:
         (L, H * hd)
@@ -127,7 +134,10 @@ def prefill_attention(q: Tensor, kv_cache: Tensor, slot: int, start: int) -> Ten
     keys, values = kv_cache[slot : slot + 1, :, 0, :end], kv_cache[slot : slot + 1, :, 1, :end]  # (1, KV, end, hd)
     q = q.view(length, kv, g, hd).permute(1, 2, 0, 3).reshape(1, kv, g * length, hd)  # (1, KV, G*L, hd)
     query_pos = torch.arange(start, end, device=q.device).repeat(g)  # (G*L,) each query's position
-    mask = torch.arange(end, device=q.device)[None, :] <= query_pos[:, None]  # (G*L, end), causal
+    key_pos = torch.arange(end, device=q.device)[None, :]
+    mask = key_pos <= query_pos[:, None]  # (G*L, end), causal
+    if window is not None:
+        mask &= key_pos > query_pos[:, None] - window
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (1, KV, G*L, hd)
     return out.view(kv, g, length, hd).permute(2, 0, 1, 3).reshape(length, heads * hd)
 

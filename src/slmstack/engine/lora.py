@@ -27,18 +27,10 @@ from torch import Tensor
 
 from slmstack.arch import get_decoder_layers
 from slmstack.engine.kernels import bgmv_add_
-from slmstack.engine.weights import base_linear
+from slmstack.engine.weights import EngineForm, base_linear, engine_form
 from slmstack.errors import ConfigError
 
-__all__ = ["MODULES", "Layout", "LoraBank", "LoraFactors", "StepAdapters", "lora_add"]
-
-# fused projection -> the model's sub-projections, in the order their outputs are concatenated
-MODULES: dict[str, tuple[str, ...]] = {
-    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o": ("self_attn.o_proj",),
-    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
-    "down": ("mlp.down_proj",),
-}
+__all__ = ["Layout", "LoraBank", "LoraFactors", "StepAdapters", "lora_add"]
 
 
 @dataclass
@@ -90,7 +82,8 @@ class LoraBank:
         Raises:
             EngineUnsupportedAdapter: a DoRA or other LoRA variant, a LoRA bias, or a rank over ``max_rank``.
         """
-        per_layer = [self._read_layer(layer, name, dtype) for layer in get_decoder_layers(model)]
+        form = engine_form(model)
+        per_layer = [self._read_layer(layer, name, dtype, form) for layer in get_decoder_layers(model)]
         if not any(per_layer):
             raise EngineUnsupportedAdapter(f"adapter {name!r} targets none of the projections the engine computes")
         aid = self.ids.get(name) or self._next
@@ -157,9 +150,9 @@ class LoraBank:
                 self._padded[key] = (a, b)
         return self._padded[key]
 
-    def _read_layer(self, layer: Any, name: str, dtype: torch.dtype) -> dict[str, LoraFactors]:
+    def _read_layer(self, layer: Any, name: str, dtype: torch.dtype, form: EngineForm) -> dict[str, LoraFactors]:
         out: dict[str, LoraFactors] = {}
-        for fused, parts in MODULES.items():
+        for fused, parts in form.modules.items():
             modules = [layer.get_submodule(p) for p in parts]
             pieces = []
             for part, m in zip(parts, modules, strict=True):
@@ -182,6 +175,10 @@ class LoraBank:
                     a_t[:, r0 : r0 + r] = p[0].t()
                     b_t[r0 : r0 + r, c0 : c0 + width] = p[1].t()
                 r0, c0 = r0 + r, c0 + width
+            if fused == "qkv" and form.interleaved_qkv:  # the engine's row order (EngineForm.qkv_rows)
+                config = layer.attention.config
+                heads = config.num_attention_heads
+                b_t = b_t[:, form.qkv_rows(heads, config.hidden_size // heads)]
             device = base_linear(modules[0]).weight.device
             out[fused] = LoraFactors(a_t.to(device), b_t.to(device))
         return out

@@ -7,6 +7,7 @@ all decode rows and once per prefill chunk. Logits are computed only for the tok
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,13 @@ class StepInput:
 
 
 class Decoder:
-    """A Llama-layout decoder: embeddings, ``L`` x (attention + SiLU-gated MLP), final norm, LM head."""
+    """The decoder loop: embeddings, ``L`` x (attention + MLP), final norm, LM head, in every engine form.
+
+    The Llama layer is ``x += o(attn(norm(x)))``, ``x += down(act(gate) · up)`` on ``norm(x)``. The forms' differences
+    (:class:`slmstack.engine.weights.EngineForm`) are switches read from the weights: LayerNorm, q/k norms, part of
+    each head rotated, sliding windows, norms after attention and the MLP (Gemma), a parallel residual (GPT-NeoX),
+    an ungated MLP, the final logits' soft-capping.
+    """
 
     def __init__(self, weights: DecoderWeights, cache: KVCache, lora: LoraBank,
                  options: EngineOptions | None = None) -> None:  # fmt: skip
@@ -52,49 +59,86 @@ class Decoder:
         self.options = options or EngineOptions()
         s = weights.shape
         self.q_width, self.kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        self.act = functools.partial(getattr(F, s.act), **dict(s.act_kwargs))
+        self.windows = sorted({layer.window for layer in weights.layers if layer.window})
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> Tensor:
         """Write the step's keys and values into the cache; return the logits of ``step.sample``, (n_sample, V)."""
         return self.run(step)
 
+    def _norm(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        s = self.w.shape
+        return rms_norm(x, weight, s.eps) if s.norm == "rms" else F.layer_norm(x, (x.shape[-1],), weight, bias, s.eps)
+
     def run(self, step: StepInput) -> Tensor:
         """:meth:`forward` without its ``inference_mode`` (the caller holds it, or ``no_grad``: see graphs.py)."""
         s, w = self.w.shape, self.w
         x = F.embedding(step.tokens, w.embed)  # (N, C)
-        fused = self.options.kernel(x.device, "rope")  # RoPE and the cache write in one kernel (kernels.py)
-        if not fused:
-            cos, sin = w.cos[step.positions][:, None, :], w.sin[step.positions][:, None, :]  # (N, 1, hd)
-        mask = decode_mask(step.decode_lens, step.decode_length, x.dtype, step.static) if step.n_decode else None
+        if s.embed_scale != 1.0:
+            x = x * s.embed_scale
+        # RoPE and the cache write in one kernel (kernels.py), where every head turns whole
+        fused = not s.rotary and self.options.kernel(x.device, "rope")
+        positions: dict[int, tuple[Tensor, Tensor]] = {}  # a RoPE table's rows for the step's tokens, by table
+        masks: dict[int | None, Tensor | None] = {}  # the decode mask of each window (None: whole rows)
+        for window in [None, *self.windows] if step.n_decode else ():
+            masks[window] = decode_mask(step.decode_lens, step.decode_length, x.dtype, step.static, window)
         for i, layer in enumerate(w.layers):
-            h = rms_norm(x, layer.ln1, s.eps)
+            h = self._norm(x, layer.ln1, layer.ln1_bias)
             qkv = layer.qkv(h)  # (N, (H + 2 KV) hd)
             lora_add(qkv, h, i, "qkv", self.lora, step.lora)
+            heads = qkv[:, : self.q_width + self.kv_width].view(-1, s.heads + s.kv_heads, s.head_dim)
+            if layer.qk_norm is not None:  # each query and key head normed (the attention scale in the queries')
+                heads.copy_(F.rms_norm(heads, (s.head_dim,), None, s.eps).mul_(layer.qk_norm))
             kv_cache = self.cache.kv[i]  # (S, KV, 2, T, hd)
             if fused:
-                rope_store_(qkv, w.cos, w.sin, step.positions, step.slots, kv_cache, s.heads, s.kv_heads)
+                rope_store_(qkv, layer.cos, layer.sin, step.positions, step.slots, kv_cache, s.heads, s.kv_heads)
             else:
-                rope_(qkv[:, : self.q_width + self.kv_width].view(-1, s.heads + s.kv_heads, s.head_dim), cos, sin)
+                key = id(layer.cos)
+                if key not in positions:
+                    positions[key] = (layer.cos[step.positions][:, None, :], layer.sin[step.positions][:, None, :])
+                cos, sin = positions[key]  # (N, 1, rotary)
+                rope_(heads[..., : s.rotary] if s.rotary else heads, cos, sin)
                 new = qkv[:, self.q_width :].view(-1, 2, s.kv_heads, s.head_dim).transpose(1, 2)  # (N, KV, 2, hd)
                 kv_cache[step.slots, :, :, step.positions] = new
             q = qkv[:, : self.q_width].view(-1, s.heads, s.head_dim)  # (N, H, hd)
-            attn = self._attention(q, kv_cache, step, mask)  # (N, H hd)
-            layer.o.add_to_(x, attn)  # x += o(attn)
-            lora_add(x, attn, i, "o", self.lora, step.lora)
-            h = rms_norm(x, layer.ln2, s.eps)
-            gate_up = layer.gate_up(h)  # (N, 2 I)
+            attn = self._attention(q, kv_cache, step, masks.get(layer.window), layer.window)  # (N, H hd)
+            if s.parallel:  # GPT-NeoX: the MLP reads the layer's input
+                h = self._norm(x, layer.ln2, layer.ln2_bias)
+            if layer.post_attn is None:
+                layer.o.add_to_(x, attn)  # x += o(attn)
+                lora_add(x, attn, i, "o", self.lora, step.lora)
+            else:  # Gemma: x += norm(o(attn))
+                out = layer.o(attn)
+                lora_add(out, attn, i, "o", self.lora, step.lora)
+                x.add_(rms_norm(out, layer.post_attn, s.eps))
+            if not s.parallel:
+                h = self._norm(x, layer.ln2, layer.ln2_bias)
+            gate_up = layer.gate_up(h)  # (N, 2 I) or (N, I)
             lora_add(gate_up, h, i, "gate_up", self.lora, step.lora)
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up  # (N, I)
-            layer.down.add_to_(x, act)  # x += down(act)
-            lora_add(x, act, i, "down", self.lora, step.lora)
+            if s.gated:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = self.act(gate) * up  # (N, I)
+            else:
+                act = self.act(gate_up)
+            if layer.post_mlp is None:
+                layer.down.add_to_(x, act)  # x += down(act)
+                lora_add(x, act, i, "down", self.lora, step.lora)
+            else:
+                out = layer.down(act)
+                lora_add(out, act, i, "down", self.lora, step.lora)
+                x.add_(rms_norm(out, layer.post_mlp, s.eps))
         if step.sample is not None:
             x = x.index_select(0, step.sample)  # only the tokens that are sampled from
             if not len(x):
                 return x.new_empty(0, s.vocab, dtype=torch.float32)
-        return w.lm_head(rms_norm(x, w.norm, s.eps)).float()  # (n_sample, V)
+        logits = w.lm_head(self._norm(x, w.norm, w.norm_bias)).float()  # (n_sample, V)
+        if s.final_softcap:
+            logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+        return logits
 
-    def _attention(self, q: Tensor, kv_cache: Tensor, step: StepInput, mask: Tensor | None) -> Tensor:
+    def _attention(self, q: Tensor, kv_cache: Tensor, step: StepInput, mask: Tensor | None,
+                   window: int | None) -> Tensor:  # fmt: skip
         n = step.n_decode
         if not step.chunks:
             return self._decode_attention(q, kv_cache, step, mask)
@@ -102,7 +146,7 @@ class Decoder:
         if n:
             parts.append(self._decode_attention(q[:n], kv_cache, step, mask))
         for offset, length, slot, start in step.chunks:
-            parts.append(prefill_attention(q[offset : offset + length], kv_cache, slot, start))
+            parts.append(prefill_attention(q[offset : offset + length], kv_cache, slot, start, window))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _decode_attention(self, q: Tensor, kv_cache: Tensor, step: StepInput, mask: Tensor | None) -> Tensor:

@@ -67,7 +67,9 @@ def choose_tokens(logits: Tensor, params: list[SamplingParams], generators: list
     for i, (p, seen) in enumerate(zip(params, histories, strict=True)):
         if p.repetition_penalty != 1.0 and seen is not None:
             _penalize(logits[i], seen, p.repetition_penalty)
-    tokens = logits.argmax(dim=-1).tolist()
+    # max's indices (the first largest value, as argmax's): on a CPU a quarter of argmax's time (32 rows of a 262k
+    # vocabulary on 2 cores: 2.5 ms against 9.7 ms)
+    tokens = logits.max(dim=-1).indices.tolist()
     for i, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.do_sample:
             probs = _warp(logits[i], p).softmax(dim=-1)

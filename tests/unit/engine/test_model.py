@@ -41,7 +41,45 @@ def _tiny(kind: str):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
         return model
-    return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    return tiny_model(kind)
+
+
+def tiny_model(kind: str):
+    """A tiny random model of one of the newer engine forms (each with what sets it apart switched on)."""
+    import transformers as tf
+
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 3, "vocab_size": 96, "max_position_embeddings": 256, "initializer_range": 0.2,
+              "bos_token_id": 1, "eos_token_id": 5, "pad_token_id": 0}  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "mistral-window":  # every layer sees its last 6 positions
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=6))
+    elif kind.startswith("gemma3"):  # local (window 6, RoPE base 10k) and global layers, attention scale 256⁻½
+        extra = {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0} if kind == "gemma3-softcap" else {}
+        config = tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=6,
+                                     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                     **extra)  # fmt: skip
+        model = tf.Gemma3ForCausalLM(config)
+    elif kind == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=8))
+    elif kind == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common))
+    elif kind.startswith("gpt_neox"):  # Pythia: a quarter of each head rotated, LayerNorm with bias
+        neox = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+        config = tf.GPTNeoXConfig(**neox, use_parallel_residual=kind == "gpt_neox", attention_bias=True)
+        model = tf.GPTNeoXForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # norms and biases away from their initial 1 and 0, so that reading them wrong shows
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.3)
+    return model.eval()
+
+
+NEW_FORMS = ["mistral-window", "gemma3", "gemma3-softcap", "qwen3", "phi3", "gpt_neox", "gpt_neox-sequential"]
 
 
 def _logits(engine: Engine, ids: list[int], chunk: int) -> torch.Tensor:
@@ -58,7 +96,7 @@ def _logits(engine: Engine, ids: list[int], chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama-rope-scaled", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama-rope-scaled", "qwen2", "mistral", *NEW_FORMS])
 @pytest.mark.parametrize("chunk", [64, 5, 1])
 def test_logits_equal_transformers_in_float32(kind: str, chunk: int) -> None:
     # Prepare
@@ -74,16 +112,18 @@ def test_logits_equal_transformers_in_float32(kind: str, chunk: int) -> None:
 
 
 def test_unsupported_models_and_adapters_are_named() -> None:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    gemma = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                               num_key_value_heads=1, head_dim=16, num_hidden_layers=2,
-                                               vocab_size=96))  # fmt: skip
-    assert "not one the engine runs" in engine_supports(gemma)
-    windowed = MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                                num_key_value_heads=1, num_hidden_layers=1, vocab_size=96,
-                                                sliding_window=16, max_position_embeddings=256))  # fmt: skip
-    assert "sliding-window" in engine_supports(windowed)
+    gemma = Gemma3ForConditionalGeneration(Gemma3Config(text_config={"hidden_size": 32, "intermediate_size": 64,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "num_hidden_layers": 2,
+        "vocab_size": 96}, vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "image_size": 28, "patch_size": 14}, mm_tokens_per_image=4))  # fmt: skip
+    assert "'gemma3' is not one the engine runs (gemma3_text, gpt_neox, llama, mistral, phi3, qwen2, qwen3)" in (
+        engine_supports(gemma)
+    )
+    bidirectional = tiny_model("gemma3")
+    bidirectional.config.use_bidirectional_attention = True
+    assert engine_supports(bidirectional) == "bidirectional attention"
     from peft import LoraConfig, get_peft_model
 
     dora = get_peft_model(build_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
@@ -183,3 +223,66 @@ def test_both_decode_attention_kernels_agree_with_scattered_slots_and_ragged_len
         kv = head // 2
         weights = torch.softmax(keys[kv] @ q[1, head] / 8**0.5, dim=0)
         torch.testing.assert_close(matmul[1, head * 8 : (head + 1) * 8], weights @ values[kv], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", NEW_FORMS)
+def test_greedy_text_over_32_tokens_equals_transformers_generate(kind: str) -> None:
+    from slmstack.engine.hf import generate_batch
+    from slmstack.engine.text import GenerationSettings
+
+    # Prepare: prompts of different lengths, each longer than the sliding windows once decoding
+    model, tok = tiny_model(kind), build_tokenizer()
+    texts = [PROMPT, "a short one", "and a third prompt, of middling length"]
+    settings = GenerationSettings(max_new_tokens=32)
+    # Execute
+    engine = Engine(model, tok, max_batch=4)
+    handles = [engine.submit(tok(t)["input_ids"], None, settings) for t in texts]
+    engine.run()
+    # Assert
+    reference = generate_batch(model, tok, texts, settings, chat=False)
+    assert [h.generated() for h in handles] == reference  # text, tokens in and out
+    # every row's prompt is longer than a window (6), so each decode step reads a windowed mask
+    assert min(r.tokens_out for r in reference) > 1 and max(r.tokens_out for r in reference) == 32
+
+
+@pytest.mark.parametrize("kind", NEW_FORMS)
+def test_a_lora_adapter_on_every_projection_gives_peft_logits_beside_a_bare_row(kind: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from slmstack.arch import get_arch
+
+    # Prepare: one adapter on every projection the table names, with factors far from zero
+    model = tiny_model(kind)
+    targets = get_arch(model).lora_targets
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+                           adapter_name="a")  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    model.eval()
+    tok = build_tokenizer()
+    prompts, adapters = [PROMPT, "a second prompt"], ["a", "__base__"]
+    engine = Engine(model, tok, max_batch=2)
+    engine.cache.ensure(64)
+    rows = []
+    for slot, text in enumerate(prompts):
+        request = Request(tok(text)["input_ids"], adapter=engine.lora.id(adapters[slot]))
+        request.slot = slot
+        rows.append(Row(request, 0, request.prompt, True))
+    # Execute: both rows in one step
+    step = engine.runner.step_input(StepPlan([], rows))
+    step.sample = None
+    ours = engine.runner.decoder.forward(step)
+    # Assert: each row's logits are peft's under its adapter
+    start = 0
+    for text, adapter in zip(prompts, adapters, strict=True):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            reference = model(input_ids=ids, adapter_names=[adapter]).logits[0]
+        torch.testing.assert_close(ours[start : start + ids.shape[1]], reference, atol=1e-4, rtol=1e-4)
+        start += ids.shape[1]
+    with torch.no_grad():
+        ids = torch.tensor([tok(PROMPT)["input_ids"]])
+        assert not torch.allclose(model(input_ids=ids, adapter_names=["a"]).logits[0],
+                                  model(input_ids=ids, adapter_names=["__base__"]).logits[0])  # fmt: skip
