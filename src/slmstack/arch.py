@@ -14,7 +14,7 @@ from torch import nn
 from slmstack.errors import ConfigError
 from slmstack.registry import Registry
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "get_arch", "get_decoder_layers"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "find_arch", "get_arch", "get_decoder_layers"]
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,57 @@ ARCHITECTURES.add(
 def get_arch(model_or_type: nn.Module | str) -> ArchSpec:
     """Look up the :class:`ArchSpec` for a model (or a ``model_type`` string).
 
+    A model of an architecture outside the table gets one found by name (:func:`find_arch`): transformers then
+    generates for it, and training, pruning and evaluation read its projections from the spec found.
+
     Raises:
-        ConfigError: for an unsupported architecture, listing the supported ones.
+        ConfigError: for an architecture outside the table (a model whose layout cannot be found, or a bare
+            ``model_type`` string), naming the supported ones and what was looked for.
     """
     model_type = model_or_type if isinstance(model_or_type, str) else model_or_type.config.model_type
-    if model_type not in ARCHITECTURES:
-        supported = ", ".join(ARCHITECTURES)
-        raise ConfigError(
-            f"unsupported architecture {model_type!r}. Supported: {supported}. "
-            "Add an ArchSpec to slmstack.arch.ARCHITECTURES to support another."
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES.get(model_type)
+    supported = ", ".join(ARCHITECTURES)
+    if isinstance(model_or_type, str):
+        raise ConfigError(f"unsupported architecture {model_type!r}. Supported: {supported}. Add an ArchSpec to "
+                          "slmstack.arch.ARCHITECTURES to support another.")  # fmt: skip
+    return find_arch(model_or_type)
+
+
+_ATTENTION_WORDS = ("attn", "attention")
+
+
+def find_arch(model: nn.Module) -> ArchSpec:
+    """An :class:`ArchSpec` found by name in a model outside the table.
+
+    The decoder layers are the longest ``nn.ModuleList`` of one block class; a layer's ``nn.Linear`` projections
+    whose path has ``attn`` or ``attention`` in it are its attention, the others its MLP.
+
+    Raises:
+        ConfigError: when no such list holds both, naming what was looked for and what was found.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = base.config.model_type
+    lists = [(name, m) for name, m in base.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and len({type(x) for x in m}) == 1]  # fmt: skip
+    found = "no list of decoder layers"
+    for name, layers in sorted(lists, key=lambda item: -len(item[1])):
+        linears = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear) and n]
+        attention = tuple(
+            n for n in linears if any(w in part.lower() for part in n.split(".") for w in _ATTENTION_WORDS)
         )
-    return ARCHITECTURES.get(model_type)
+        mlp = tuple(n for n in linears if n not in attention)
+        if attention and mlp:
+            embed = base.get_input_embeddings()
+            embeddings = next(n for n, m in base.named_modules() if m is embed)
+            return ArchSpec(layers=name, attention=attention, mlp=mlp, embeddings=embeddings)
+        found = (f"{len(layers)} x {type(layers[0]).__name__} in {name!r} with nn.Linear projections "
+                 f"{list(linears) or 'none'}")  # fmt: skip
+    raise ConfigError(
+        f"unsupported architecture {model_type!r}: looked for a list of decoder layers whose attention (a path with "
+        f"'attn' or 'attention') and MLP are nn.Linear projections, and found {found}. Supported by name: "
+        f"{', '.join(ARCHITECTURES)}; add an ArchSpec to slmstack.arch.ARCHITECTURES for another."
+    )
 
 
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -36,7 +36,7 @@ from slmstack.engine.text import (
     tail_text,
 )
 
-__all__ = ["RowStreamer", "fused_lora", "generate_batch"]
+__all__ = ["RowStreamer", "fused_lora", "generate_batch", "only_adapter"]
 
 
 class RowStreamer:
@@ -156,7 +156,7 @@ def generate_batch(
     criteria = _stopping_criteria(tokenizer, batch["input_ids"].shape[1], settings.stop, cancel)
     if criteria:
         extra["stopping_criteria"] = criteria
-    with torch.inference_mode(), _only_adapter(model, single), fused_lora(model):
+    with torch.inference_mode(), only_adapter(model, single), fused_lora(model):
         out = model.generate(**batch, generation_config=config, **extra)
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled("generation was cancelled")
@@ -196,7 +196,7 @@ def _stopping_criteria(tokenizer: Any, width: int, stop: list[str], cancel: Any)
 
 
 @contextmanager
-def _only_adapter(model: Any, name: str | None) -> Iterator[None]:
+def only_adapter(model: Any, name: str | None) -> Iterator[None]:
     """Make ``name`` the only adapter in use (``"__base__"``: none) for the block; None: leave routing alone."""
     if name is None:
         yield

@@ -109,9 +109,12 @@ class Scorer:
         kwargs: dict[str, Any] = {"use_cache": cache or past is not None}
         if past is not None:
             kwargs["past_key_values"] = past
-        if self.adapter is not None:
-            kwargs["adapter_names"] = [self.adapter] * input_ids.shape[0]
-        out = self.model(input_ids=input_ids, **kwargs)
+        from slmstack.engine.hf import only_adapter
+
+        # the one adapter made the active one (peft's plain path; its mixed-batch ``adapter_names`` needs every
+        # LoRA layer to see (batch, ...) inputs, which OPT's flattened MLP does not give)
+        with only_adapter(self.model, self.adapter):
+            out = self.model(input_ids=input_ids, **kwargs)
         self.tokens_processed += int(input_ids.numel())
         return out.logits, out.past_key_values
 
