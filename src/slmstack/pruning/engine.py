@@ -8,6 +8,7 @@ Embeddings and the LM head are never pruned.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -71,18 +72,26 @@ def _linears(layer: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.
     return {name: modules[name] for name in names}
 
 
-def _capture_first_layer(model: Any, layers: Any, calibration: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
-    """Inputs (and keyword arguments: masks, rotary embeddings) that the first decoder layer receives, per chunk."""
+def _capture_inputs(model: Any, layers: Any, calibration: torch.Tensor) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The first decoder layer's inputs per chunk, and every layer's keyword arguments per chunk.
+
+    The keyword arguments (attention masks, rotary embeddings) are each layer's own: in a model with local and
+    global layers (Gemma 3) they differ by layer (a sliding-window mask, another RoPE base). They do not depend on
+    the hidden states, so one pass of the unpruned model (up to the last layer) records them all.
+    """
     hidden: list[torch.Tensor] = []
-    captured: list[dict[str, Any]] = []
+    captured: list[list[dict[str, Any]]] = [[] for _ in layers]
 
-    def grab(module: Any, args: tuple, kwargs: dict) -> None:
-        hidden.append(args[0] if args else kwargs["hidden_states"])
-        extra = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        captured.append(extra | {"use_cache": False})
-        raise _Stop
+    def grab(index: int, module: Any, args: tuple, kwargs: dict) -> None:
+        if index == 0:
+            hidden.append(args[0] if args else kwargs["hidden_states"])
+        skip = ("hidden_states", "past_key_values", "past_key_value", "cache")
+        captured[index].append({k: v for k, v in kwargs.items() if k not in skip} | {"use_cache": False})
+        if index == len(layers) - 1:
+            raise _Stop
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(functools.partial(grab, i), with_kwargs=True)
+               for i, layer in enumerate(layers)]  # fmt: skip
     device = next(model.parameters()).device
     try:
         for start in range(0, calibration.shape[0], _CHUNK):  # a few sequences per pass: better matmuls
@@ -91,7 +100,8 @@ def _capture_first_layer(model: Any, layers: Any, calibration: torch.Tensor) -> 
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return hidden, captured
 
 
@@ -158,7 +168,7 @@ def prune(
     bf16 = resolve_precision(cfg.precision, next(model.parameters()).device) == "bf16"
     with torch.no_grad():
         if pruner.stats != "none":
-            hidden, kwargs = _capture_first_layer(model, layers, calibration)
+            hidden, kwargs = _capture_inputs(model, layers, calibration)
         for i, layer in enumerate(tqdm(layers, desc=f"pruning ({cfg.method})", disable=not show_progress)):
             linears = _linears(layer, names)
             stats: dict[str, LayerStats] = {}
@@ -172,13 +182,13 @@ def prune(
                     for group in spec.shared_inputs:
                         if name in group:
                             stats.update(dict.fromkeys(group, stats[name]))
-                _run_layer(layer, hidden, kwargs, bf16)
+                _run_layer(layer, hidden, kwargs[i], bf16)
                 for h in hooks:
                     h.remove()
             for name, lin in linears.items():
                 masks[f"{prefix}.{i}.{name}.weight"] = pruner.prune(lin.weight.data, stats.get(name), nm).cpu()
             if pruner.stats != "none":
-                hidden = _run_layer(layer, hidden, kwargs, bf16)  # the pruned layer feeds the next one
+                hidden = _run_layer(layer, hidden, kwargs[i], bf16)  # the pruned layer feeds the next one
     report = sparsity_report(masks)
     report.update(method=cfg.method, pattern=cfg.pattern, requested_sparsity=cfg.sparsity, bf16_calibration=bf16,
                   seconds=round(time.perf_counter() - start, 2),

@@ -18,7 +18,7 @@ import torch
 from slmstack.arch import get_arch, get_decoder_layers
 from slmstack.errors import ConfigError
 from slmstack.pruning.base import LayerStats
-from slmstack.pruning.engine import _capture_first_layer, _run_layer
+from slmstack.pruning.engine import _capture_inputs, _run_layer
 
 __all__ = ["STRUCTURED_ARCHS", "decode_tokens_per_s", "prune_structured"]
 
@@ -28,17 +28,17 @@ STRUCTURED_ARCHS = ("llama", "qwen2", "gemma3_text")
 def _collect(model: Any, calibration: torch.Tensor) -> list[dict[str, LayerStats]]:
     """Input statistics of every layer's ``down_proj`` and ``o_proj`` (the unpruned model, layer by layer)."""
     layers = get_decoder_layers(model)
-    hidden, kwargs = _capture_first_layer(model, layers, calibration)
+    hidden, kwargs = _capture_inputs(model, layers, calibration)
     stats = []
     with torch.no_grad():
-        for layer in layers:
+        for i, layer in enumerate(layers):
             entry = {"mlp": LayerStats(layer.mlp.down_proj.in_features, False),
                      "attn": LayerStats(layer.self_attn.o_proj.in_features, False)}  # fmt: skip
             hooks = [
                 layer.mlp.down_proj.register_forward_hook(lambda m, a, o, s=entry["mlp"]: s.add(a[0])),
                 layer.self_attn.o_proj.register_forward_hook(lambda m, a, o, s=entry["attn"]: s.add(a[0])),
             ]
-            hidden = _run_layer(layer, hidden, kwargs)
+            hidden = _run_layer(layer, hidden, kwargs[i])
             for h in hooks:
                 h.remove()
             stats.append(entry)

@@ -7,7 +7,7 @@ import torch
 
 from slmstack.engine import Engine, engine_supports
 from slmstack.engine.scheduler import Request, Row, StepPlan
-from tests.conftest import build_tiny_llama, build_tokenizer
+from tests.conftest import build_tiny_llama, build_tokenizer, tiny_model
 
 PROMPT = "hello there, how are you today? fine."
 
@@ -44,39 +44,6 @@ def _tiny(kind: str):
     if kind == "mistral":
         return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
     return tiny_model(kind)
-
-
-def tiny_model(kind: str):
-    """A tiny random model of one of the newer engine forms (each with what sets it apart switched on)."""
-    import transformers as tf
-
-    common = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "num_hidden_layers": 3, "vocab_size": 96, "max_position_embeddings": 256, "initializer_range": 0.2,
-              "bos_token_id": 1, "eos_token_id": 5, "pad_token_id": 0}  # fmt: skip
-    torch.manual_seed(0)
-    if kind == "mistral-window":  # every layer sees its last 6 positions
-        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=6))
-    elif kind.startswith("gemma3"):  # local (window 6, RoPE base 10k) and global layers, attention scale 256⁻½
-        extra = {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0} if kind == "gemma3-softcap" else {}
-        config = tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=6,
-                                     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                     **extra)  # fmt: skip
-        model = tf.Gemma3ForCausalLM(config)
-    elif kind == "qwen3":
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=8))
-    elif kind == "phi3":
-        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common))
-    elif kind.startswith("gpt_neox"):  # Pythia: a quarter of each head rotated, LayerNorm with bias
-        neox = {k: v for k, v in common.items() if k != "num_key_value_heads"}
-        config = tf.GPTNeoXConfig(**neox, use_parallel_residual=kind == "gpt_neox", attention_bias=True)
-        model = tf.GPTNeoXForCausalLM(config)
-    else:
-        raise ValueError(kind)
-    with torch.no_grad():  # norms and biases away from their initial 1 and 0, so that reading them wrong shows
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                param.add_(torch.randn_like(param) * 0.3)
-    return model.eval()
 
 
 NEW_FORMS = ["mistral-window", "gemma3", "gemma3-softcap", "qwen3", "phi3", "gpt_neox", "gpt_neox-sequential"]

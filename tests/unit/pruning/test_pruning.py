@@ -237,3 +237,31 @@ def test_cli_structured_reports_size_and_speed(tiny_model_dir: Path, tmp_path: P
     assert report["parameters_after"] < report["parameters_before"]
     assert len(report["decode_tokens_per_s"]) == 2 and min(report["decode_tokens_per_s"]) > 0
     assert main(argv[:7] + ["--out", str(tmp_path / "t")]) == 2  # structured needs calibration
+
+
+def test_layer_by_layer_replay_gives_every_layer_its_own_mask_and_rope() -> None:
+    from slmstack.arch import get_decoder_layers
+    from slmstack.pruning.engine import _capture_inputs, _run_layer
+    from tests.conftest import tiny_model
+
+    # Prepare: Gemma 3's local (window 6, RoPE base 10k) and global layers; 20 tokens, past the window
+    model = tiny_model("gemma3")
+    layers = get_decoder_layers(model)
+    calibration = torch.randint(6, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+             for layer in layers]  # fmt: skip
+    with torch.no_grad():
+        model(input_ids=calibration, use_cache=False)
+    for h in hooks:
+        h.remove()
+    # Execute: the replay that wanda, sparsegpt and structured pruning use
+    hidden, kwargs = _capture_inputs(model, layers, calibration)
+    replayed = []
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            hidden = _run_layer(layer, hidden, kwargs[i])
+            replayed.append(hidden[0])
+    # Assert: each layer's output equals the model's own forward (the global layer too)
+    for ours, reference in zip(replayed, seen, strict=True):
+        torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-5)
