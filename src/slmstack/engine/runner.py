@@ -12,6 +12,7 @@ keys and values are computed (:mod:`.prefix` decides which, on token ids alone).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 from dataclasses import dataclass
@@ -112,6 +113,23 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Keep large freed blocks in the process's heap for reuse (glibc only; once per process; True if it took).
+
+    glibc hands blocks over its mmap threshold straight back to the system when freed, so the next step's equal
+    block comes back as fresh pages that the kernel zero-fills on first touch. Raising the threshold (and the trim
+    threshold, or the freed top of the heap is returned anyway) makes them reused, as PyTorch's CPU performance
+    guide gets from jemalloc or tcmalloc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 31))
+
+
 class ModelRunner:
     """The decoder, its cache and prefix slots, and the decode path chosen once from ``options.graphs``.
 
@@ -122,6 +140,8 @@ class ModelRunner:
     def __init__(self, weights: DecoderWeights, lora: LoraBank, options: EngineOptions, max_length: int) -> None:
         param = weights.embed
         self.device, self.options, self.max_batch = param.device, options, options.max_batch
+        if options.reuse_memory and self.device.type == "cpu":
+            reuse_freed_memory()
         s = weights.shape
         rows, prefixes = options.max_batch, options.prefix_slots
         self.cache = KVCache(s.layers, s.kv_heads, s.head_dim, rows + 1 + prefixes, max_length, param.dtype,

@@ -288,3 +288,14 @@ def test_compiled_decode_steps_fall_back_to_eager_steps_when_compiling_fails(mon
         text = _two_rows(engine, tok)
     assert text == eager and engine.runner.graphs is None
     assert "could not compile the decode step (RuntimeError: no C++ compiler found)" in caplog.text
+
+
+def test_a_cpu_engine_keeps_large_freed_blocks_for_reuse_under_glibc() -> None:
+    import platform
+
+    from slmstack.engine.runner import reuse_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    Engine(build_tiny_llama(), build_tokenizer())  # a CPU engine sets it (once per process)
+    assert reuse_freed_memory.cache_info().currsize == 1 and reuse_freed_memory() is True
