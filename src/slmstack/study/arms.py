@@ -26,6 +26,10 @@ answer examples. The training examples are stage calls, rendered as the stages r
 | S2 | reason, then answer | two (r/2 each) | reason: ``reason``; answer: ``answer|mix`` |
 | R1 | retrieve, then answer | one (r) | ``answer|passages``: the single model with the stack's information |
 | RS2 | retrieve, recall, answer | two (r/2 each) | recall: ``recall``; answer: ``answer|recall`` |
+| G1 | answer directly, **on Gemma 3 270M** | one (r) | ``answer`` (A1 on a base twice the size: the reference) |
+
+G1 is a *reference* arm (``reference:`` in the study config): another base, so not one of the stack's arms; it
+answers whether a 135M stack reaches a 270M single model trained on the same data (issue #34).
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class Arm:
     adapters: dict[str, AdapterPlan] = field(default_factory=dict)
     stage_adapter: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    model: str | None = None  # another base model (a reference arm); None: the study's
 
     @property
     def retrieves(self) -> bool:
@@ -149,6 +154,14 @@ ARMS: dict[str, Arm] = {
             {"recall": AdapterPlan(0.5, ("recall",)), "answer": AdapterPlan(0.5, ("answer|recall",), "recall")},
             {"recall": "recall", "answer": "answer"},
             "retrieve -> a recall stage that writes one knowledge sentence -> answer, a LoRA per model stage",
+        ),
+        Arm(
+            "G1",
+            ("answer",),
+            {"main": AdapterPlan(1.0, ("answer",))},
+            {"answer": "main"},
+            "the reference: Gemma 3 270M with one LoRA, question -> answer (A1 on a base twice the size)",
+            model="gemma3-270m",
         ),
     )
 }

@@ -88,6 +88,11 @@ class StudyConfig:
         default=None, metadata={"help": "protocol 2: the contrast named before the run, [arm, against]"}
     )
     secondary: list[list[str]] = field(default_factory=list, metadata={"help": "protocol 2: Holm-corrected"})
+    reference: list[str] = field(
+        default_factory=list,
+        metadata={"help": "protocol 2: arms on another base (G1), run after every cell of arms, each compared with "
+                          "the primary's arm; may be added to a study already running"},
+    )  # fmt: skip
     k: int = field(default=3, metadata={"help": "passages a retrieve stage passes on"})
     corpus_sets: list[str] = field(
         default_factory=lambda: ["ecqa", "qasc", "strategyqa", "creak", "sensemaking", "aqua"],
@@ -121,11 +126,17 @@ class StudyConfig:
         from slmstack.registry import did_you_mean
         from slmstack.study.arms import ARMS
 
-        for arm in self.arms:
+        for arm in self.arms + self.reference:
             if arm not in ARMS:
                 raise ConfigError(
                     f"arms: unknown arm {arm!r}.{did_you_mean(arm, list(ARMS))} Known: {', '.join(ARMS)}"
                 )
+        for arm in self.arms:
+            if ARMS[arm].model:
+                raise ConfigError(f"arms: {arm} runs on another base ({ARMS[arm].model}); list it under reference")
+        for arm in self.reference:
+            if not ARMS[arm].model:
+                raise ConfigError(f"reference: {arm} runs on the study's base; list it under arms")
         for name in self.corpus_sets:
             if name not in FLAN_COT + CORPUS_ONLY:
                 raise ConfigError(
@@ -169,7 +180,8 @@ class StudyConfig:
     def _check_protocol_fields(self) -> None:
         """A field of the other protocol cannot mean anything here: refused, never ignored; the rest get defaults."""
         t = self.train
-        other = {1: [("train.epochs", t.epochs), ("primary", self.primary), ("secondary", self.secondary or None)],
+        other = {1: [("train.epochs", t.epochs), ("primary", self.primary), ("secondary", self.secondary or None),
+                     ("reference", self.reference or None)],
                  2: [("train.token_budget", t.token_budget)]}[self.protocol]  # fmt: skip
         given = [name for name, value in other if value is not None]
         if given:
@@ -193,6 +205,8 @@ class StudyConfig:
         for label, pair in named:
             if len(pair) != 2 or pair[0] == pair[1] or any(arm not in self.arms for arm in pair):
                 raise ConfigError(f"{label}: give two different arms of this study, [arm, against]; got {pair}")
+        if self.reference and self.primary is None:
+            raise ConfigError("reference: a reference arm is compared with the primary's arm; add primary")
         pairs = [tuple(p) for _, p in named]
         if len(set(pairs)) != len(pairs):
             raise ConfigError("secondary: a contrast is named twice (or repeats the primary)")

@@ -92,14 +92,16 @@ def contrasts(results: list[dict[str, Any]], cfg: Any, bootstrap: int = 2000) ->
     tasks = list(cfg.eval)
     complete = {a for a, runs in arms.items() if sorted(r["cell"]["seed"] for r in runs) == sorted(cfg.seeds)}
     rows = []
-    for i, (arm, against) in enumerate([cfg.primary or [None, None], *cfg.secondary]):
+    named = [cfg.primary or [None, None], *cfg.secondary]
+    references = [[ref, (cfg.primary or [None])[0]] for ref in getattr(cfg, "reference", [])]
+    for i, (arm, against) in enumerate(named + references):
         if arm in complete and against in complete:
             a, b = seed_mean_items(arms[against], tasks), seed_mean_items(arms[arm], tasks)
             per_task = {t: contrast(seed_mean_items(arms[against], [t]), seed_mean_items(arms[arm], [t]),
                                     bootstrap, cfg.seeds[0])["delta"] for t in tasks}  # fmt: skip
-            rows.append({"arm": arm, "against": against, "primary": i == 0, **contrast(a, b, bootstrap, cfg.seeds[0]),
-                         "per_task": per_task})  # fmt: skip
-    secondary = [r for r in rows if not r["primary"]]
+            rows.append({"arm": arm, "against": against, "primary": i == 0, "reference": i >= len(named),
+                         **contrast(a, b, bootstrap, cfg.seeds[0]), "per_task": per_task})  # fmt: skip
+    secondary = [r for r in rows if not r["primary"] and not r["reference"]]
     for r, adjusted in zip(secondary, holm([r["p"] for r in secondary]), strict=True):
         r["p_holm"] = adjusted
     return rows
@@ -178,13 +180,16 @@ def markdown(summary: dict[str, Any], best: list[str], attribution: dict[str, An
 
 def _contrast_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "Contrasts named before the run (per-item scores averaged over seeds; Δ = arm - against; bootstrap "
-             "95 % CI; two-sided paired randomization p; the secondary contrasts Holm-corrected):", "",
+             "95 % CI; two-sided paired randomization p; the secondary contrasts Holm-corrected; a reference "
+             "contrast, a larger base against the primary's arm, was named with issue #34, before any of its cells "
+             "ran):", "",
              "| contrast | arm | against | Δ | 95 % CI | p | p (Holm) | n |",
              "|---|---|---|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         lo, hi = r["ci95"]
-        holm = "—" if r["primary"] else f"{r['p_holm']:.3g}"
-        lines.append(f"| {'primary' if r['primary'] else 'secondary'} | {r['arm']} | {r['against']} | "
+        holm = f"{r['p_holm']:.3g}" if "p_holm" in r else "—"
+        kind = "primary" if r["primary"] else "reference (#34)" if r.get("reference") else "secondary"
+        lines.append(f"| {kind} | {r['arm']} | {r['against']} | "
                      f"{r['delta']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {r['p']:.3g} | {holm} | {r['n']} |")  # fmt: skip
     if not rows:
         lines.append("| (no contrast yet: an arm of each has seeds still to run) | | | | | | | |")

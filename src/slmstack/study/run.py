@@ -50,13 +50,15 @@ def cell_order(cfg: StudyConfig) -> list[StudyCell]:
 
     Protocol 2 runs seed by seed, the primary contrast's arms first, then the secondary contrasts' arms, then the rest
     in the recipe's order: a study stopped part-way has whole seeds, and its primary contrast as early as possible.
+    The reference arms (another base) run after all of those, seed by seed.
     Protocol 1 runs arm by arm, as it always did.
     """
     if cfg.protocol == 1:
         return [StudyCell(arm, seed) for arm in cfg.arms for seed in cfg.seeds]
     named = [arm for pair in [cfg.primary or [], *cfg.secondary] for arm in pair]
     arms = sorted(cfg.arms, key=lambda a: (named.index(a) if a in named else len(named), cfg.arms.index(a)))
-    return [StudyCell(arm, seed) for seed in cfg.seeds for arm in arms]
+    # the reference arms (another base) after every cell of the study's own arms
+    return [StudyCell(arm, seed) for group in (arms, cfg.reference) for seed in cfg.seeds for arm in group]
 
 
 class Study(StudyData, CellGrid):
@@ -114,7 +116,7 @@ class Study(StudyData, CellGrid):
         from slmstack.training.trainer import train_lora_steps
 
         t = self.cfg.train
-        lm = load_model(self.cfg.model, device=self.cfg.device, dtype="float32")
+        lm = load_model(self.model_for(cell), device=self.cfg.device, dtype="float32")
         start = time.perf_counter()
         examples = self.examples(cell, plan, lm.tokenizer)  # S2's, RS2's answer stage: written by its stage here
         data_seconds = time.perf_counter() - start
@@ -173,6 +175,10 @@ class Study(StudyData, CellGrid):
         atomic_dir(path, write)
 
     # ---- cells
+    def model_for(self, cell: StudyCell) -> str:
+        """The cell's base model: the study's, or a reference arm's own."""
+        return ARMS[cell.arm].model or self.cfg.model
+
     def stack_config(self, cell: StudyCell, adapters: dict[str, Path]) -> Any:
         """The arm's stack, its stages under their adapters."""
         from slmstack.stack.config import StackConfig
@@ -185,7 +191,7 @@ class Study(StudyData, CellGrid):
             if stage.name in arm.stage_adapter:
                 stage.adapter = str(adapters[arm.stage_adapter[stage.name]])
         inputs = ["options"] if self.cfg.protocol == 2 else []  # what the writing stages list
-        return StackConfig(name=f"study-{cell.id}", model=self.cfg.model, device=self.cfg.device, stages=stages,
+        return StackConfig(name=f"study-{cell.id}", model=self.model_for(cell), device=self.cfg.device, stages=stages,
                            batch_size=self.cfg.batch_size, inputs=inputs)  # fmt: skip
 
     def write_stack(self, cell: StudyCell) -> Path:
@@ -265,7 +271,10 @@ def prepare_study(cfg: StudyConfig, out: Path, check_data: bool = True) -> Study
     out = check_dir_ours(Path(out), "study", "study output (--out)", legacy=LEGACY["study"])
     settings = dataclass_to_dict(cfg)
     if (out / STUDY).is_file():
-        if read_json(out / STUDY, "study record", expect=dict) != settings:
+        # a study may gain reference arms (they run after its own cells); everything else must be the same
+        recorded = read_json(out / STUDY, "study record", expect=dict)
+        if {k: v for k, v in recorded.items() if k != "reference"} != {k: v for k, v in settings.items()
+                                                                       if k != "reference"}:  # fmt: skip
             raise ConfigError(f"{out} holds a different study; use another --out")
     study = Study(cfg, out)
     if check_data:

@@ -243,3 +243,53 @@ def test_a_pool_items_own_rationale_is_never_among_its_passages(tiny_model_dir, 
 
     found = load_retriever(study.ensure_index()).search([r["context"] for r in pool], 1)
     assert sum(p[0].id == r["id"] for p, r in zip(found, pool, strict=True) if p) >= len(pool) // 2
+
+
+def test_a_running_study_gains_a_reference_arm_on_another_base_run_after_its_own_cells(
+    tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    from dataclasses import replace
+
+    from slmstack.study import arms as arms_module
+    from slmstack.study import run as run_module
+    from tests.conftest import build_tokenizer, tiny_model
+
+    # Prepare: a 2-arm protocol-2 study, finished; then G1 (its base here a tiny Gemma 3) added as a reference
+    gemma = tmp_path / "gemma"
+    tiny_model("gemma3").save_pretrained(gemma)
+    build_tokenizer().save_pretrained(gemma)
+    monkeypatch.setitem(arms_module.ARMS, "G1", replace(arms_module.ARMS["G1"], model=str(gemma)))
+    body = yaml.safe_load(_config_v2(tmp_path, tiny_model_dir).read_text())
+    body.update(arms=["A1", "R1"], primary=["R1", "A1"], secondary=[], attribute={"task": "qasc", "limit": 2})
+    config, out = write_yaml(tmp_path / "two.yaml", body), tmp_path / "out"
+    assert main(["study", "--config", str(config), "--out", str(out)]) == 0
+    order, real = [], run_module.Study.run_cell
+
+    def recording(self, cell):
+        order.append(cell.id)
+        return real(self, cell)
+
+    monkeypatch.setattr(run_module.Study, "run_cell", recording)
+    # Execute: the same study with a reference arm
+    body["reference"] = ["G1"]
+    assert main(["study", "--config", str(write_yaml(tmp_path / "ref.yaml", body)), "--out", str(out)]) == 0
+    # Assert: only G1 ran, after the study's own cells in its order, on its own base, and is compared with R1
+    # (the grid runs the cells not yet done, then reads every cell back in the study's order)
+    assert order == ["G1__s0", "G1__s1", "R1__s0", "A1__s0", "R1__s1", "A1__s1", "G1__s0", "G1__s1"]
+    assert sorted(p.name for p in (out / "adapters").iterdir() if p.name.startswith("G1")) == [
+        "G1-main-s0",
+        "G1-main-s1",
+    ]
+    stack = yaml.safe_load((out / "stacks" / "G1__s0.yaml").read_text())
+    assert Path(stack["model"]).resolve() == gemma.resolve()
+    rows = json.loads((out / "results.json").read_text())["contrasts"]
+    assert [(r["arm"], r["against"], r["primary"], r["reference"]) for r in rows] == [
+        ("R1", "A1", True, False), ("G1", "R1", False, True)
+    ]  # fmt: skip
+    assert "| reference (#34) | G1 | R1 |" in (out / "results.md").read_text()
+    # and a study cannot list a reference arm among its own arms, nor change anything else when resumed
+    body["arms"] = ["A1", "R1", "G1"]
+    with pytest.raises(Exception, match="G1 runs on another base"):
+        load_study_config(write_yaml(tmp_path / "bad.yaml", body))
+    body.update(arms=["A1", "R1"], k=3)
+    assert main(["study", "--config", str(write_yaml(tmp_path / "k.yaml", body)), "--out", str(out)]) == 2
