@@ -445,8 +445,10 @@ def model_decode(args: argparse.Namespace) -> None:
     print(f"{'decode (' + args.model + ', CPU)':<44}{'rows':>6}{'tok/s':>9}{'x HF fp32':>11}{'greedy = HF':>13}")
     for row in rows.values():
         if row:
-            print(f"{row['engine']:<44}{row['batch']:>6}{row['decode_tokens_per_s']:>9}"
-                  f"{row.get('over_hf_float32', '-'):>11}{str(row.get('greedy_equals_hf_float32', '-')):>13}")
+            print(
+                f"{row['engine']:<44}{row['batch']:>6}{row['decode_tokens_per_s']:>9}"
+                f"{row.get('over_hf_float32', '-'):>11}{str(row.get('greedy_equals_hf_float32', '-')):>13}"
+            )
     print(f"wrote {args.out}")
 
 
