@@ -22,24 +22,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the converters live in the test suite
 
 
-def lm_eval_task(task: str, data_dir: Path, limit: int, work: Path):
-    """lm-eval's own task for our ``task``, reading the first ``limit`` records in the hub layout."""
-    from tests.unit.evaluation.test_lm_eval_tasks import CASES, _jsonl, _manager
-
-    lm_eval_name, local_file, to_hub = CASES[task]
-    path = work / f"{task}.jsonl"
-    path.write_text("".join(json.dumps(to_hub(r)) + "\n" for r in _jsonl(data_dir / local_file, limit)))
-    manager = _manager()
-    files = {split: str(path) for split in ("train", "validation", "test")}
-    overrides = {
-        "dataset_path": "json",
-        "dataset_name": None,
-        "num_fewshot": 0,
-        "dataset_kwargs": {"data_files": files},
-    }
-    return manager._factory.build(manager.task_index[lm_eval_name], overrides=overrides, registry=manager.task_index)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
@@ -55,6 +37,7 @@ def main() -> None:
     from slmstack.evaluation.harness import evaluate
     from slmstack.evaluation.targets import ModelTarget
     from slmstack.models import load_model
+    from tests.unit.evaluation.test_lm_eval_tasks import lm_eval_task
 
     lm = load_model("default", device="cpu", dtype="float32")
     hflm = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=args.batch_size)

@@ -7,7 +7,6 @@ Marked slow; skipped, with the pip command, where the extra is not installed (CI
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 
@@ -58,26 +57,13 @@ def test_arc_easy_scores_equal_lm_evals_own_task_and_hf_model(gemma, tmp_path) -
 
     from slmstack.evaluation.harness import evaluate
     from slmstack.evaluation.targets import ModelTarget
-    from tests.unit.evaluation.test_lm_eval_tasks import CASES, _manager
+    from tests.unit.evaluation.test_lm_eval_tasks import lm_eval_task
 
     # Prepare: lm-eval's registered arc_easy (its YAML and preprocessing), data source the first 100 local records
-    name, path, convert = CASES["arc_easy"]
-    with (SHARED_DATA / path).open(encoding="utf-8") as fh:
-        records = [convert(json.loads(next(fh))) for _ in range(100)]
-    data = tmp_path / "arc_easy.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    manager = _manager()
-    files = {split: str(data) for split in ("train", "validation", "test")}
-    overrides = {
-        "dataset_path": "json",
-        "dataset_name": None,
-        "num_fewshot": 0,
-        "dataset_kwargs": {"data_files": files},
-    }
-    task = manager._factory.build(manager.task_index[name], overrides=overrides, registry=manager.task_index)
+    task = lm_eval_task("arc_easy", SHARED_DATA, 100, tmp_path)
     # Execute: lm-eval's evaluator with its hf model; ours on the engine
     theirs = lm_evaluate(lm=HFLM(pretrained=gemma.model, tokenizer=gemma.tokenizer, batch_size=8),
-                         task_dict={name: task})["results"][name]  # fmt: skip
+                         task_dict={"arc_easy": task})["results"]["arc_easy"]  # fmt: skip
     target = ModelTarget(gemma)
     assert target.backend.engine is not None  # scored on the engine
     ours = evaluate(target, ["arc_easy"], data_dir=SHARED_DATA, limit=100)["tasks"]["arc_easy"]

@@ -8,6 +8,7 @@ import torch
 from slmstack.engine import Engine, engine_supports
 from slmstack.engine.scheduler import Request, Row, StepPlan
 from tests.conftest import build_tiny_llama, build_tokenizer, tiny_model
+from tests.unit.engine.test_lora import step_equals_peft
 
 PROMPT = "hello there, how are you today? fine."
 
@@ -228,28 +229,5 @@ def test_a_lora_adapter_on_every_projection_gives_peft_logits_beside_a_bare_row(
             if "lora_" in name:
                 p.normal_(0, 0.3)
     model.eval()
-    tok = build_tokenizer()
-    prompts, adapters = [PROMPT, "a second prompt"], ["a", "__base__"]
-    engine = Engine(model, tok, max_batch=2)
-    engine.cache.ensure(64)
-    rows = []
-    for slot, text in enumerate(prompts):
-        request = Request(tok(text)["input_ids"], adapter=engine.lora.id(adapters[slot]))
-        request.slot = slot
-        rows.append(Row(request, 0, request.prompt, True))
-    # Execute: both rows in one step
-    step = engine.runner.step_input(StepPlan([], rows))
-    step.sample = None
-    ours = engine.runner.decoder.forward(step)
-    # Assert: each row's logits are peft's under its adapter
-    start = 0
-    for text, adapter in zip(prompts, adapters, strict=True):
-        ids = torch.tensor([tok(text)["input_ids"]])
-        with torch.no_grad():
-            reference = model(input_ids=ids, adapter_names=[adapter]).logits[0]
-        torch.testing.assert_close(ours[start : start + ids.shape[1]], reference, atol=1e-4, rtol=1e-4)
-        start += ids.shape[1]
-    with torch.no_grad():
-        ids = torch.tensor([tok(PROMPT)["input_ids"]])
-        assert not torch.allclose(model(input_ids=ids, adapter_names=["a"]).logits[0],
-                                  model(input_ids=ids, adapter_names=["__base__"]).logits[0])  # fmt: skip
+    # Execute and assert: both rows in one step, each with peft's logits under its adapter
+    step_equals_peft(model, build_tokenizer(), [PROMPT, "a second prompt"], ["a", "__base__"], tolerance=1e-4)

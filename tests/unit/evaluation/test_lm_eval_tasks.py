@@ -127,6 +127,22 @@ def _lm_eval_requests(task_name: str, records: list[dict], tmp_path: Path) -> li
     return [per_doc[i] for i in sorted(per_doc)]
 
 
+def lm_eval_task(task: str, data_dir: Path, limit: int, work: Path) -> Any:
+    """lm-eval's own task for our ``task``, reading the first ``limit`` local records in the hub's layout."""
+    lm_eval_name, local_file, to_hub = CASES[task]
+    path = work / f"{task}.jsonl"
+    path.write_text("".join(json.dumps(to_hub(r)) + "\n" for r in _jsonl(data_dir / local_file, limit)))
+    manager = _manager()
+    files = {split: str(path) for split in ("train", "validation", "test")}
+    overrides = {
+        "dataset_path": "json",
+        "dataset_name": None,
+        "num_fewshot": 0,
+        "dataset_kwargs": {"data_files": files},
+    }
+    return manager._factory.build(manager.task_index[lm_eval_name], overrides=overrides, registry=manager.task_index)
+
+
 class _Recorder:
     """Our side: a target and scorer that record the requests instead of running a model."""
 
