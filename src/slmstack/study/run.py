@@ -321,8 +321,9 @@ def run_study(cfg: StudyConfig, out: str | Path, executor: str = "local", report
             raise ConfigError(f"{out}: no cell has finished yet, so there is nothing to report; run the study first")
         complete = len(first) == len(cfg.arms) * len(cfg.seeds)
         best = _best(first, cfg.best) if complete else []
-        planned = [(a, s) for a in cfg.arms for s in cfg.seeds] + [(a, s) for a in best for s in cfg.extra_seeds]
-        pending = [f"{a}__s{s}" for a, s in planned if (a, s) not in done] + ([] if complete else ["the extra seeds"])
+        planned = [(c.arm, c.seed) for c in study.cells] + [(a, s) for a in best for s in cfg.extra_seeds]
+        later = cfg.protocol == 1 and cfg.extra_seeds and not complete  # protocol 1 picks them once seed 1 is done
+        pending = [f"{a}__s{s}" for a, s in planned if (a, s) not in done] + (["the extra seeds"] if later else [])
         results = list(done.values())
     else:
         first = study.run(executor)

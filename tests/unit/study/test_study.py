@@ -270,8 +270,12 @@ def test_a_running_study_gains_a_reference_arm_on_another_base_run_after_its_own
         return real(self, cell)
 
     monkeypatch.setattr(run_module.Study, "run_cell", recording)
-    # Execute: the same study with a reference arm
+    # Execute: the same study with a reference arm (a part-way report first: G1's cells are what is left)
     body["reference"] = ["G1"]
+    assert (
+        main(["study", "--config", str(write_yaml(tmp_path / "ref.yaml", body)), "--out", str(out), "--report"]) == 0
+    )
+    assert "**Part-way report**: not run yet: G1__s0, G1__s1.\n" in (out / "results.md").read_text()
     assert main(["study", "--config", str(write_yaml(tmp_path / "ref.yaml", body)), "--out", str(out)]) == 0
     # Assert: only G1 ran, after the study's own cells in its order, on its own base, and is compared with R1
     # (the grid runs the cells not yet done, then reads every cell back in the study's order)
