@@ -168,7 +168,6 @@ class DecoderShape:
     act_kwargs: tuple[tuple[str, Any], ...] = ()
     gated: bool = True
     parallel: bool = False
-    post_norms: bool = False
     embed_scale: float = 1.0
     final_softcap: float | None = None
 
@@ -202,8 +201,6 @@ class DecoderWeights:
     layers: list[LayerWeights]
     norm: Tensor  # (C,)
     lm_head: Linear  # C -> V
-    cos: Tensor  # (P, rotary) the first layer's RoPE table
-    sin: Tensor  # (P, rotary)
     norm_bias: Tensor | None = None
 
 
@@ -241,13 +238,14 @@ def engine_support(model: Any) -> str | None:
     if form is None:
         runs = ", ".join(sorted(n for n in ARCHITECTURES if ARCHITECTURES.get(n).engine))
         return f"architecture {getattr(config, 'model_type', None)!r} is not one the engine runs ({runs})"
-    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    act = _activation(config)
     if act not in ACTIVATIONS:
         return f"activation {act!r} (the engine runs {', '.join(ACTIVATIONS)})"
     if getattr(config, "use_bidirectional_attention", False):
         return "bidirectional attention"
     parameters = getattr(config, "rope_parameters", None) or {}
-    for params in parameters.values() if isinstance(next(iter(parameters.values()), None), dict) else [parameters]:
+    per_type = parameters.values() if all(isinstance(v, dict) for v in parameters.values()) else [parameters]
+    for params in per_type:  # one set, or one per layer type (Gemma 3)
         rope_type = (params or {}).get("rope_type", "default")
         if rope_type in ("dynamic", "longrope"):
             return f"RoPE type {rope_type!r}, which changes with the sequence length"
@@ -295,6 +293,11 @@ def _cat(modules: list[Any], fmt: str, dtype: torch.dtype, rows: Tensor | None =
     return linear
 
 
+def _activation(config: Any) -> str:
+    """The MLP's activation name (Gemma's configs call it ``hidden_activation``)."""
+    return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+
+
 def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -333,8 +336,7 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = _head_dim(config)
-    act_name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-    act, act_kwargs = ACTIVATIONS[act_name]
+    act, act_kwargs = ACTIVATIONS[_activation(config)]
     eps = getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_eps", None) or 1e-6
     max_positions = max_positions or config.max_position_embeddings
     scalar = getattr(config, "query_pre_attn_scalar", None)
@@ -351,7 +353,6 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
         eps=float(eps), max_positions=max_positions, rotary=0 if rotary == head_dim else rotary, norm=form.norm,
         act=act, act_kwargs=tuple(act_kwargs.items()), gated=form.gated,
         parallel=form.parallel and getattr(config, "use_parallel_residual", True),
-        post_norms=form.post_norms is not None,
         embed_scale=float(getattr(embed, "scalar_embed_scale", None) or getattr(embed, "embed_scale", 1.0)),
         final_softcap=getattr(config, "final_logit_softcapping", None),
     )  # fmt: skip
@@ -381,7 +382,7 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
     norm, norm_bias = _norm(getattr(decoder, form.final_norm), form, dtype)
     return DecoderWeights(
         shape=shape, embed=embed.weight.detach().to(dtype), layers=layers, norm=norm, norm_bias=norm_bias,
-        lm_head=_cat([head], output_format(fmt), dtype), cos=layers[0].cos, sin=layers[0].sin,
+        lm_head=_cat([head], output_format(fmt), dtype),
     )  # fmt: skip
 
 

@@ -139,7 +139,7 @@ class StudyData:
 
     @property
     def _retrieves(self) -> bool:
-        return any(ARMS[a].retrieves for a in self.cfg.arms)
+        return any(ARMS[a].retrieves for a in self.cfg.arms + self.cfg.reference)
 
     def _add_facts(self, pool: list[dict[str, Any]]) -> None:
         from slmstack.retrieval import format_passages, load_retriever
@@ -206,13 +206,17 @@ class StudyData:
         # the row's own rationale still excluded from its passages
         stage = replace(stage, template="{input}", adapter=str(self.adapter_dir(cell, stage_name)))
         prompts = [stage_prompt(self._stages(cell), stage_name, pool[i]) for i in chosen]
-        stack = Stack(StackConfig(name=stage_name, model=self.cfg.model, device=self.cfg.device, stages=[stage],
+        stack = Stack(StackConfig(name=stage_name, model=self.model_for(cell), device=self.cfg.device, stages=[stage],
                                   batch_size=self.cfg.batch_size))  # fmt: skip
         written = stack.run_batch(prompts)
         out = list(gold)
         for i, result in zip(chosen, written, strict=True):
             out[i] = result.answer
         return out
+
+    def model_for(self, cell: Any) -> str:
+        """The cell's base model: the study's, or a reference arm's own."""
+        return ARMS[cell.arm].model or self.cfg.model
 
     def _stages(self, cell: Any) -> list[Any]:
         index = self.out / "retrieval" / "index"

@@ -175,10 +175,6 @@ class Study(StudyData, CellGrid):
         atomic_dir(path, write)
 
     # ---- cells
-    def model_for(self, cell: StudyCell) -> str:
-        """The cell's base model: the study's, or a reference arm's own."""
-        return ARMS[cell.arm].model or self.cfg.model
-
     def stack_config(self, cell: StudyCell, adapters: dict[str, Path]) -> Any:
         """The arm's stack, its stages under their adapters."""
         from slmstack.stack.config import StackConfig
