@@ -28,18 +28,52 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# a format, or format+compile: decode steps through torch.compile (Engine(graphs="compile"), `engine: compiled`)
-FORMATS = ["dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights", "dense+compile",
+# a format, or format+compile: decode steps through torch.compile (Engine(graphs="compile"), `engine: compiled`);
+# auto: what `run` and `serve` use by default (int4 on the GGUF's 4-bit blocks on a CPU)
+FORMATS = ["auto", "dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights", "dense+compile",
            "int4-weights+compile"]  # fmt: skip
 
 
-def prompt_ids(tokenizer) -> list[int]:
-    content = "Write a long story about a lighthouse keeper and a storm."
-    if not tokenizer.chat_template:  # a base model (Gemma 3 270M): the plain text
+GREEDY_PROMPTS = [
+    "Write a long story about a lighthouse keeper and a storm.", "What is the capital of France?",
+    "Explain photosynthesis to a child.", "Give three tips for learning a new language.",
+    "Why is the sky blue?", "Write a haiku about autumn leaves.", "How do vaccines work?",
+    "Describe the water cycle in a few sentences.", "What is the difference between a virus and a bacterium?",
+    "Write a short poem about the sea.", "How does a bicycle stay upright?", "What causes the seasons on Earth?",
+    "List four healthy breakfast ideas.", "Explain what a prime number is.", "Why do cats purr?",
+    "Summarize the plot of Romeo and Juliet.", "How do airplanes fly?", "What is machine learning?",
+    "Give advice for a job interview.", "Describe a sunset over the mountains.",
+]  # fmt: skip
+
+
+def chat_ids(tokenizer, content: str) -> list[int]:
+    """A user turn in the chat template (the plain text for a base model without one)."""
+    if not tokenizer.chat_template:
         return tokenizer(content)["input_ids"]
     messages = [{"role": "user", "content": content}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def greedy_agreement(lm, fmt: str, tokens: int = 48) -> dict:
+    """Greedy text under ``fmt`` against float32's (the engine's dense format) on :data:`GREEDY_PROMPTS`."""
+    from slmstack.engine import Engine
+    from slmstack.stack.config import GenerationSettings
+
+    texts = {}
+    for name in (fmt, "dense"):
+        engine = Engine(lm.model, lm.tokenizer, weights=name, max_batch=len(GREEDY_PROMPTS))
+        handles = [engine.submit(chat_ids(lm.tokenizer, p), None, GenerationSettings(max_new_tokens=tokens))
+                   for p in GREEDY_PROMPTS]  # fmt: skip
+        engine.run()
+        texts[name] = [h.generated().text for h in handles]
+    same = sum(a == b for a, b in zip(texts[fmt], texts["dense"], strict=True))
+    return {"prompts": len(GREEDY_PROMPTS), "tokens": tokens, "equal": same, "of": f"{same}/{len(GREEDY_PROMPTS)}"}
+
+
+def prompt_ids(tokenizer) -> list[int]:
+    """The timed prompt (the plain text for a base model such as Gemma 3 270M)."""
+    return chat_ids(tokenizer, GREEDY_PROMPTS[0])
 
 
 def _decode_rate(timed, tokens: int, repeats: int, batch: int = 1) -> dict:
@@ -83,6 +117,9 @@ def child_engine(spec: str, tokens: int, repeats: int, threads: int, model: str 
     text = handle.generated().text
     if fmt != "dense" and not compiled:  # (the teacher-forced pass runs eagerly: compiled steps add nothing)
         out["logits_vs_float32"] = _teacher_forced(engine, Engine(lm.model, lm.tokenizer, max_batch=1), ids)
+        if model == "default" and batch == 1:
+            out["greedy_vs_float32"] = greedy_agreement(lm, fmt)
+    out["weights"] = engine.weights.describe()
     return {"engine": f"slmstack engine ({spec})", "batch": batch, "prompt_tokens": len(ids), **out, "text": text}
 
 
@@ -258,9 +295,14 @@ def child_attention(rows: int, threads: int, repeats: int) -> dict:
     engine does up to :data:`~slmstack.engine.runner.VIEW_SLOTS` x the rows), or the rows' keys and values copied
     out of the cache (what it does beyond). Median µs per call.
     """
+    from types import SimpleNamespace
+
     import torch
 
     from slmstack.engine.model import Decoder, StepInput
+    from slmstack.engine.options import EngineOptions
+
+    owner = SimpleNamespace(options=EngineOptions(decode_kernel="sdpa"))  # what the method reads of its decoder
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -286,7 +328,7 @@ def child_attention(rows: int, threads: int, repeats: int) -> dict:
         with torch.inference_mode():
             for _ in range(repeats * 50):
                 start = time.perf_counter()
-                Decoder._decode_attention(q, cache, s, None)
+                Decoder._decode_attention(owner, q, cache, s, None)
                 times.append(time.perf_counter() - start)
         return round(statistics.median(times) * 1e6, 1)
 
@@ -314,7 +356,7 @@ def child_eval(engine: str, data_dir: str, threads: int, work: str) -> dict:
 
 def run_child(kind: str, args: argparse.Namespace, *extra: str, python: str | None = None) -> dict | None:
     cmd = [python or sys.executable, __file__, "--child", kind, "--tokens", str(args.tokens), "--repeats",
-           str(args.repeats), "--threads", str(args.threads), *extra]  # fmt: skip
+           str(args.repeats), "--threads", str(args.threads), "--batch", str(args.batch), *extra]  # fmt: skip
     env = os.environ | {"TQDM_DISABLE": "1", "PYTHONPATH": str(HERE.parent / "src")}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -405,7 +447,8 @@ def main() -> None:
             runs["engine_over_hf_wall"] = round(runs["auto"]["wall_s"] / runs["hf"]["wall_s"], 3)
     atomic_write_json(args.out, report)
     print(f"{'batch-1 decode (default model, 2-core CPU)':<52}{'tok/s':>8}{'x HF fp32':>11}{'x llama.cpp':>13}"
-          f"{'greedy text = HF':>18}{'logits err mean/max, top-1 changed':>36}{'first call s':>14}")  # fmt: skip
+          f"{'greedy text = HF':>18}{'logits err mean/max, top-1 changed':>36}{'first call s':>14}"
+          f"{'20 prompts = fp32':>19}")  # fmt: skip
     for row in decode.values():
         if row:
             forced = row.get("logits_vs_float32")
@@ -414,7 +457,8 @@ def main() -> None:
             print(f"{row['engine']:<52}{row['decode_tokens_per_s']:>8}{row['over_hf_float32']:>11}"
                   f"{row['over_llama_cpp'] if row['over_llama_cpp'] is not None else '-':>13}"
                   f"{row.get('greedy_same_chars', '-'):>18}{forced:>36}"
-                  f"{row.get('first_call_s', '-'):>14}")  # fmt: skip
+                  f"{row.get('first_call_s', '-'):>14}"
+                  f"{row.get('greedy_vs_float32', {}).get('of', '-'):>19}")  # fmt: skip
     lora = report["lora_step"]
     if lora:
         print(f"decode step of {lora['rows']} rows, 4 rank-8 adapters mixed:")

@@ -33,6 +33,7 @@ import torch
 from slmstack.errors import ConfigError, InputError, ModelNotFoundError
 from slmstack.formats import COMPUTE_DTYPES, WEIGHT_FORMATS
 from slmstack.fp16_weights import check_available
+from slmstack.gguf_source import attach_gguf_source
 from slmstack.io import guard_read, read_json
 
 logger = logging.getLogger(__name__)
@@ -351,6 +352,8 @@ def load_model(ref: str | Path, device: str = "auto", dtype: str = "auto") -> Lo
     else:
         tokenizer, model = _load_hub(resolved, torch_dtype)
     model.to(torch_device).eval()
+    if resolved.kind == "gguf":  # the engine takes the file's 4-bit blocks as they are (slmstack.gguf_source)
+        attach_gguf_source(model, resolved.location, source)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -52,7 +52,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     else:
         from slmstack.stack.runtime import Stack
 
-        target = StackTarget(Stack.from_config(args.stack, args.overrides))
+        target = StackTarget(Stack.from_config(args.stack, args.overrides, job="score"))
     results = evaluate(target, tasks, args.data_dir, args.subset, args.limit, args.batch_size)
     out, md = write_results(results, args.out)
     print(markdown_table(results) + f"\nwrote {out} and {md}")

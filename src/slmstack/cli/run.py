@@ -43,16 +43,20 @@ def _run(args: argparse.Namespace) -> int:
         from slmstack.stack.batch_io import run_file
 
         summary = run_file(stack, args.input, args.output, field=args.field, batch_size=args.batch_size)
+        summary["generation"] = stack.generation_info()
         print(json.dumps(summary) if args.json else f"wrote {summary['written']} results to {args.output} "
               f"({summary['skipped']} already done)")  # fmt: skip
         return 0
     result = stack(args.question)
+    generation = stack.generation_info()
     if args.json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        print(json.dumps({**result.to_dict(), "generation": generation}, ensure_ascii=False, indent=2))
     else:
         from slmstack.stack.render import print_cards
 
         print_cards(result, plain=args.plain)
+        weights = generation.get("weights")
+        print(f"generated on {generation['engine']}" + (f": {weights['summary']}" if weights else ""))
     return 0
 
 

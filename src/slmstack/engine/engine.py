@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from slmstack.cpu import cpu_features
 from slmstack.engine.lora import LoraBank
 from slmstack.engine.options import EngineOptions
 from slmstack.engine.request import EngineRequest
@@ -62,7 +63,11 @@ class Engine:
         self.tokenizer = tokenizer
         context = model.config.max_position_embeddings
         self.max_length = min(self.options.max_length or context, context)
-        self.weights = read_weights(model, self.options.weights, self.dtype, self.max_length)
+        fmt = self.options.weights
+        if fmt == "auto" and not (self.device.type == "cpu" and self.dtype == torch.float32
+                                  and cpu_features().fast_int4):  # fmt: skip
+            fmt = "dense"  # int4 weights are a CPU format of float32 models, vectorised with AVX2 / AVX-512
+        self.weights = read_weights(model, fmt, self.dtype, self.max_length)
         self.lora = LoraBank(self.options.max_lora_rank)
         for name in getattr(model, "peft_config", {}) or {}:
             self.lora.add(model, name, self.dtype)
@@ -76,6 +81,20 @@ class Engine:
         self.steps = 0
         self.tokens_decoded = 0
         self.on_step: Callable[[int], None] | None = None  # rows of each step (the server's batch-size metric)
+
+    @property
+    def weight_formats(self) -> dict[str, Any]:
+        """Which formats ran: the option asked for, each format's count of projections, the output layer's, the CPU."""
+        from dataclasses import asdict
+
+        return {"requested": self.options.weights, "projections": self.weights.formats(),
+                "output_layer": self.weights.lm_head.fmt, "summary": self.weights.describe(),
+                "cpu": asdict(cpu_features()) if self.device.type == "cpu" else None}  # fmt: skip
+
+    @property
+    def exact(self) -> bool:
+        """Whether every linear layer is ``dense`` (the exact path lm-eval identity is defined on)."""
+        return set(self.weights.formats()) == {"dense"} and self.weights.lm_head.fmt == "dense"
 
     # ---- adapters
     def add_adapter(self, model: Any, name: str) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from slmstack.engine.cpu_kernels import gguf_kernels, pack_int4
 from slmstack.errors import ConfigError
 from slmstack.formats import LINEAR_FORMATS
 
@@ -176,19 +177,32 @@ def int4_grid(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return q.reshape(out_features, in_features), scale, low, exact
 
 
-def _int4_pack(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Torch's packed int4 layout of ``weight`` and the (in / group, out, 2) bfloat16 scales and zeros it reads.
+def _int4_groups(weight: Tensor, groups: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``weight`` as 4-bit groups: q (out, in) int32, scale and low (out, in / group) float32.
 
-    The kernel computes ``(q - 8)·scale + zero``, so ``zero = low + 8·scale``.
+    ``groups`` (:class:`slmstack.gguf_source.Int4Groups`) are the weight's 4-bit blocks as a GGUF file stores
+    them, taken as they are; without them each group's grid is found in ``weight`` (:func:`int4_grid`).
     """
     out_features, in_features = weight.shape
     if in_features % INT4_GROUP or out_features % 16:
         raise ConfigError(f"dtype 'int4-weights' needs layer input sizes that are multiples of {INT4_GROUP} and "
                           f"output sizes that are multiples of 16; this model has a {in_features} -> {out_features} "
                           "layer: use dtype int8-weights or float16-weights")  # fmt: skip
+    if groups is not None:
+        return groups.q.to(torch.int32), groups.scale.float(), groups.low.float()
     q, scale, low, _ = int4_grid(weight)
+    return q, scale[..., 0], low[..., 0]
+
+
+def _int4_pack(weight: Tensor, groups: Any = None) -> tuple[Tensor, Tensor]:
+    """Torch's packed int4 layout of ``weight`` and the (in / group, out, 2) bfloat16 scales and zeros it reads.
+
+    The kernel computes ``(q - 8)·scale + zero``, so ``zero = low + 8·scale``.
+    """
+    q, scale, low = _int4_groups(weight, groups)
+    scale, low = scale[..., None], low[..., None]
     scales_zeros = torch.cat([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8), scales_zeros
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 8), scales_zeros
 
 
 class Linear:
@@ -201,12 +215,15 @@ class Linear:
     - ``int8-weights``: int8 weights with one float scale per output channel (weight-only), the input in
       bfloat16, float32 accumulation (``torch._weight_int8pack_mm``).
     - ``int4-weights``: 4-bit weights in groups of 32 inputs, each group with a scale and an offset (asymmetric, as
-      GGUF's Q4_1; :func:`int4_grid` recovers a Q4_1 file's blocks exactly), both kept in bfloat16 by torch's
-      kernel; the input in bfloat16, float32 accumulation (``_weight_int4pack_mm_for_cpu``). The output layer
-      is kept in float16 (:func:`slmstack.engine.weights.output_format`).
+      GGUF's Q4_1; :func:`int4_grid` recovers a Q4_1 file's blocks exactly, and a GGUF file's 4-bit blocks are
+      taken as they are). On an x86 CPU slmstack's own kernel (:mod:`slmstack.engine.cpu_kernels`) multiplies
+      float32 inputs by them with float32 scales and sums; where it cannot be built, torch's kernel
+      (``_weight_int4pack_mm_for_cpu``) keeps scales and offsets in bfloat16 and rounds the input to bfloat16.
+      The output layer is kept in float16 (:func:`slmstack.engine.weights.output_format`).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str = "dense", dtype: torch.dtype = torch.float32):
+    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str = "dense", dtype: torch.dtype = torch.float32,
+                 groups: Any = None):  # fmt: skip
         if fmt not in LINEAR_FORMATS:
             raise ValueError(f"unknown weight format {fmt!r}; use one of {', '.join(LINEAR_FORMATS)}")
         self.fmt, self.out_features, self.in_features = fmt, weight.shape[0], weight.shape[1]
@@ -225,8 +242,12 @@ class Linear:
             self._call = lambda x: self._with_bias(
                 torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").to(dtype)
             )
+        elif fmt == "int4-weights" and dtype == torch.float32 and (kernels := gguf_kernels()) is not None:
+            q, scale, low = _int4_groups(weight, groups)  # float32 inputs, scales and sums (cpu_kernels.py)
+            q4, scale, low = pack_int4(q), scale.contiguous(), low.contiguous()
+            self._call = lambda x: self._with_bias(kernels.int4_matmul(x.contiguous(), q4, scale, low))
         elif fmt == "int4-weights":
-            packed4, scales_zeros = _int4_pack(weight)
+            packed4, scales_zeros = _int4_pack(weight, groups)
             self._call = lambda x: self._with_bias(
                 torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed4, INT4_GROUP,
                                                            scales_zeros).to(dtype)

@@ -41,7 +41,9 @@ class EngineOptions:
         mode: ``auto`` (the engine where it runs this model, else transformers), ``native`` (the engine or an
             error), ``compiled`` (native, decode steps through ``torch.compile``) or ``hf`` (transformers always).
             ``auto`` takes ``SLMSTACK_ENGINE`` from the environment.
-        weights: the linear layers' format (:data:`slmstack.formats.LINEAR_FORMATS`).
+        weights: the linear layers' format (:data:`slmstack.formats.LINEAR_FORMATS`), or ``auto``: on a CPU,
+            ``int4-weights`` for the projections the model's GGUF file stores in 4-bit blocks and ``dense`` for the
+            rest (:func:`slmstack.engine.weights.read_weights`); ``dense`` on a GPU.
         max_batch: rows per step, which is also the number of cache slots.
         max_tokens_per_step: tokens per step; prompts are fed in chunks that fit beside the decoding rows.
             Default: 256 on a CPU, where a step's time grows with its tokens and the decoding rows wait for it;
@@ -78,7 +80,7 @@ class EngineOptions:
         if self.mode == "auto":
             self.mode = _env_mode()
         for name, value, allowed in (("engine", self.mode, ENGINE_MODES), ("graphs", self.graphs, GRAPHS),
-                                     ("weights", self.weights, LINEAR_FORMATS),
+                                     ("weights", self.weights, ("auto", *LINEAR_FORMATS)),
                                      ("decode_kernel", self.decode_kernel, DECODE_KERNELS)):  # fmt: skip
             if value not in allowed:
                 raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")

@@ -23,6 +23,7 @@ fall back to transformers, which stays the reference. The weights are fused as t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor
 from slmstack.arch import ARCHITECTURES, get_decoder_layers
 from slmstack.engine.layers import Linear, rope_tables
 from slmstack.errors import ConfigError
+from slmstack.gguf_source import gguf_source
 
 __all__ = [
     "FORMS",
@@ -203,6 +205,19 @@ class DecoderWeights:
     lm_head: Linear  # C -> V
     norm_bias: Tensor | None = None
 
+    def formats(self) -> dict[str, int]:
+        """How many projections (the fused ones counted once, the output layer last) each weight format holds."""
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            for fmt in _formats(layer):
+                counts[fmt] = counts.get(fmt, 0) + 1
+        return counts
+
+    def describe(self) -> str:
+        """One line: the formats of the decoder's projections and of the output layer."""
+        parts = ", ".join(f"{n} {fmt}" for fmt, n in sorted(self.formats().items(), key=lambda kv: -kv[1]))
+        return f"{parts} projections; output layer {self.lm_head.fmt}"
+
 
 def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -268,11 +283,24 @@ def base_linear(module: Any) -> Any:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-def _cat(modules: list[Any], fmt: str, dtype: torch.dtype, rows: Tensor | None = None) -> Linear:
+def _int4_groups(linears: list[Any], source: Any, names: dict[int, str]) -> Any:
+    """The 4-bit blocks a GGUF file stores for these projections, side by side; None unless every one has them."""
+    from slmstack.gguf_source import Int4Groups
+
+    parts = [source.int4_groups(names.get(id(m), "")) for m in linears] if source is not None else [None]
+    if any(p is None for p in parts):
+        return None
+    return Int4Groups(*(torch.cat([getattr(p, k) for p in parts]) for k in ("q", "scale", "low")))
+
+
+def _cat(modules: list[Any], fmt: str, dtype: torch.dtype, rows: Tensor | None = None, source: Any = None,
+         names: dict[int, str] | None = None) -> Linear:  # fmt: skip
     """One ``Linear`` for projections that read the same input, their outputs concatenated (then ``rows`` picked).
 
     For ``dense`` weights already in ``dtype``, the transformers modules are then pointed at slices of the
-    fused weight, so the engine and the model it came from share one copy of the weights.
+    fused weight, so the engine and the model it came from share one copy of the weights. Under ``int4-weights``
+    projections that ``source`` (the model's GGUF file) stores in 4-bit blocks take those blocks as they are;
+    under ``auto`` they are ``int4-weights`` and every other projection is ``dense``.
     """
     linears = [base_linear(m) for m in modules]
     weights = [m.weight.detach() for m in linears]
@@ -282,15 +310,30 @@ def _cat(modules: list[Any], fmt: str, dtype: torch.dtype, rows: Tensor | None =
     if any(b is not None for b in biases):
         bias = torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, device=m.weight.device)
                           for b, m in zip(biases, linears, strict=True)])  # fmt: skip
+    groups = _int4_groups(linears, source, names or {}) if fmt in ("auto", "int4-weights") else None
+    if fmt == "auto":
+        fmt = "dense" if groups is None else "int4-weights"
     if rows is not None:
         weight, bias = weight[rows.to(weight.device)], None if bias is None else bias[rows.to(bias.device)]
-    linear = Linear(weight, bias, fmt, dtype)
+        if groups is not None:
+            groups = type(groups)(*(getattr(groups, k)[rows] for k in ("q", "scale", "low")))
+    linear = Linear(weight, bias, fmt, dtype, groups=groups)
     if fmt == "dense" and len(linears) > 1 and linear.weight.dtype == weights[0].dtype:
         start = 0
         for m in linears:
             m.weight.data = linear.weight[start : start + m.out_features]
             start += m.out_features
     return linear
+
+
+def _formats(layer: LayerWeights) -> list[str]:
+    return [linear.fmt for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+
+def _parameter_names(base: Any) -> dict[int, str]:
+    """Each plain linear module's weight name, as the model's state dict (and so its GGUF map) spells it."""
+    return {id(m): f"{name.removesuffix('.base_layer')}.weight" for name, m in base.named_modules()
+            if isinstance(m, torch.nn.Linear)}  # fmt: skip
 
 
 def _activation(config: Any) -> str:
@@ -325,7 +368,9 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
 
     Args:
         model: a loaded causal LM of a supported architecture, optionally wrapped by peft.
-        fmt: the linear layers' weight format (:data:`slmstack.engine.layers.LINEAR_FORMATS`).
+        fmt: the linear layers' weight format (:data:`slmstack.engine.layers.LINEAR_FORMATS`), or ``auto``:
+            ``int4-weights`` for the projections the model's GGUF file stores in 4-bit blocks (taken as they are,
+            :mod:`slmstack.gguf_source`), ``dense`` for the rest.
         dtype: the compute dtype (activations, norms, dense weights).
         max_positions: the longest sequence the RoPE tables cover (default: the model's context).
     """
@@ -360,6 +405,9 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
     q_scale = 1.0 if scalar is None else (scalar**-0.5) / (head_dim**-0.5)
     rows = form.qkv_rows(heads, head_dim)
     windows = _windows(config)
+    source = gguf_source(base) if fmt in ("auto", "int4-weights") else None
+    names = _parameter_names(base) if source is not None else {}
+    cat = partial(_cat, dtype=dtype, source=source, names=names)
     layers = []
     for i, layer in enumerate(get_decoder_layers(model)):
         parts = {name: [layer.get_submodule(p) for p in paths] for name, paths in form.modules.items()}
@@ -373,13 +421,15 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
         cos, sin = tables[types[i]]
         layers.append(LayerWeights(
             ln1=ln1, ln2=ln2, ln1_bias=ln1_bias, ln2_bias=ln2_bias,
-            qkv=_cat(parts["qkv"], fmt, dtype, rows), o=_cat(parts["o"], fmt, dtype),
-            gate_up=_cat(parts["gate_up"], fmt, dtype), down=_cat(parts["down"], fmt, dtype),
+            qkv=cat(parts["qkv"], fmt, rows=rows), o=cat(parts["o"], fmt), gate_up=cat(parts["gate_up"], fmt),
+            down=cat(parts["down"], fmt),
             cos=cos, sin=sin, post_attn=post[0] if post else None, post_mlp=post[1] if post else None,
             qk_norm=qk_norm, window=windows[i] if windows[i] and windows[i] < max_positions else None,
         ))  # fmt: skip
     head = base.get_output_embeddings()
     norm, norm_bias = _norm(getattr(decoder, form.final_norm), form, dtype)
+    if fmt == "auto":  # the output layer as under int4-weights once any projection is int4
+        fmt = "int4-weights" if any(f == "int4-weights" for x in layers for f in _formats(x)) else "dense"
     return DecoderWeights(
         shape=shape, embed=embed.weight.detach().to(dtype), layers=layers, norm=norm, norm_bias=norm_bias,
         lm_head=_cat([head], output_format(fmt), dtype),

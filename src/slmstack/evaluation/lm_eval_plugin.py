@@ -34,7 +34,7 @@ class SlmstackLM(LM):
         else:
             from slmstack.stack.runtime import Stack
 
-            self.target = StackTarget(Stack.from_config(stack))
+            self.target = StackTarget(Stack.from_config(stack, job="score"))
         self.batch_size = int(batch_size)
         self.scorer = self.target.scorer(self.batch_size)
 

@@ -77,7 +77,7 @@ class ModelTarget:
         if adapter is not None:
             self.model = attach_adapters(loaded.model, {"adapter": Path(adapter)}, base_ref=loaded.ref.ref)
             self.adapter_name = "adapter"
-        self.backend = LocalBackend(self.model, loaded.tokenizer, engine=engine)
+        self.backend = LocalBackend(self.model, loaded.tokenizer, engine=engine, job="score")  # lm-eval's float32
         self.identity = {"kind": "model", "model": loaded.ref.ref, "adapter": str(adapter) if adapter else None,
                          **parameter_counts(self.model)}  # fmt: skip
 
@@ -90,7 +90,7 @@ class ModelTarget:
     def scorer(self, batch_size: int) -> Scorer:
         """Scores with the model (through the adapter, if any)."""
         return Scorer(self.model, self.loaded.tokenizer, adapter=self.adapter_name, batch_size=batch_size,
-                      engine=self.backend.engine)  # fmt: skip
+                      engine=self.backend.scoring_engine)  # fmt: skip
 
     def prepare(self, contexts: list[str], delimiter: str,
                 fields: list[dict[str, str]] | None = None) -> tuple[list[str], str]:  # fmt: skip
@@ -130,7 +130,7 @@ class StackTarget:
         """Scores with the final stage's adapter (or the bare base)."""
         adapter = self.stack.adapter_for(self.final.name)
         peft = hasattr(self.stack.model, "peft_config")
-        engine = self.stack.backend.engine if isinstance(self.stack.backend, LocalBackend) else None
+        engine = self.stack.backend.scoring_engine if isinstance(self.stack.backend, LocalBackend) else None
         return Scorer(self.stack.model, self.stack.tokenizer, adapter=adapter if peft else None, batch_size=batch_size,
                       engine=engine)  # fmt: skip
 

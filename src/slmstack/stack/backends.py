@@ -121,12 +121,13 @@ class LocalBackend(Backend):
     """
 
     def __init__(self, model: Any, tokenizer: Any, dtype: str = "auto", engine: str = "auto",
-                 max_batch: int = 16) -> None:  # fmt: skip
+                 max_batch: int = 16, job: str = "generate") -> None:  # fmt: skip
         # the options read SLMSTACK_ENGINE (hf turns the engine off for a whole process; the tests run both ways)
-        self.options = EngineOptions(mode=engine, weights=engine_weights(dtype), max_batch=max_batch)
+        self.options = EngineOptions(mode=engine, weights=engine_weights(dtype, job), max_batch=max_batch)
         self.model, self.tokenizer, self.dtype = model, tokenizer, dtype
         self.engine_mode, self.max_batch = self.options.mode, max_batch
         self._engine: Any = None
+        self._scoring: Any = None
         self._hf: MicroBatchRunner | None = None
         self._converted = False
         self._lora_version: tuple = ()
@@ -149,8 +150,8 @@ class LocalBackend(Backend):
                 return None
             self._engine = Engine(self.model, self.tokenizer, replace(self.options, max_batch=self.max_batch))
             self._lora_version = _lora_version(self.model)  # the engine has just read every adapter
-            logger.info("generating with slmstack's engine (%s weights, up to %d rows a step)",
-                        engine_weights(self.dtype), self.max_batch)  # fmt: skip
+            logger.info("generating with slmstack's engine (%s; up to %d rows a step)",
+                        self._engine.weights.describe(), self.max_batch)  # fmt: skip
         # adapters attached since (another stack), or trained since; while requests are in flight only newly
         # attached adapters are looked for (a stack submits each stage's request as the last one ends, and reading
         # every LoRA tensor's version there cost more than the bare base's whole host work on a GPU)
@@ -158,9 +159,27 @@ class LocalBackend(Backend):
         version = self._lora_version if busy else _lora_version(self.model)
         if version != self._lora_version:
             for name in getattr(self.model, "peft_config", {}) or {}:
-                self._engine.add_adapter(self.model, name)
+                for engine in (self._engine, self._scoring):
+                    if engine is not None:
+                        engine.add_adapter(self.model, name)
             self._lora_version = version
         return self._engine
+
+    @property
+    def scoring_engine(self) -> Any:
+        """The engine log-likelihoods are scored on: float32 whatever the generating engine's format.
+
+        Scores stay lm-eval's: where the generating engine is not exact, a second engine over the same weights.
+        """
+        engine = self.engine
+        if engine is None or engine.exact:
+            return engine
+        if self._scoring is None:
+            from slmstack.engine import Engine
+
+            self._scoring = Engine(self.model, self.tokenizer, replace(self.options, weights="dense",
+                                                                       max_batch=self.max_batch))  # fmt: skip
+        return self._scoring
 
     def reserve_rows(self, rows: int) -> None:
         """Let the engine run ``rows`` rows a step (its cache slots), as a batch of that size asks.
@@ -173,7 +192,7 @@ class LocalBackend(Backend):
         if self._engine is not None:
             if self._engine.has_work():
                 return
-            self._engine, self._lora_version = None, ()
+            self._engine, self._scoring, self._lora_version = None, None, ()
         self.max_batch = rows
 
     def default_adapter(self) -> str:

@@ -40,7 +40,7 @@ class Stack:
     """
 
     def __init__(self, config: StackConfig, loaded: LoadedModel | None = None, show_progress: bool = False,
-                 adapter_prefix: str = "") -> None:  # fmt: skip
+                 adapter_prefix: str = "", job: str = "generate") -> None:  # fmt: skip
         self.config = config
         self.show_progress = show_progress
         self.retrievers = load_stage_retrievers(config)  # before the model: a missing index fails at once
@@ -61,7 +61,7 @@ class Stack:
         self._adapter_of = {s.name: (f"{adapter_prefix}{s.name}" if s.name in adapters else BASE_ADAPTER)
                             for s in config.stages}  # fmt: skip
         self.backend = LocalBackend(self.model, self.tokenizer, dtype=config.dtype, engine=config.engine,
-                                    max_batch=config.batch_size)  # fmt: skip
+                                    max_batch=config.batch_size, job=job)  # fmt: skip
 
     @classmethod
     def sharing_bases(cls, configs: list[StackConfig]) -> list[Stack]:
@@ -106,6 +106,15 @@ class Stack:
     def on_engine(self) -> bool:
         """Whether this stack generates on slmstack's engine (else transformers or a remote backend)."""
         return isinstance(self.backend, LocalBackend) and self.backend.engine is not None
+
+    def generation_info(self) -> dict[str, Any]:
+        """Where and in which weight format this stack generates (``run --json`` and the trace say it)."""
+        if not isinstance(self.backend, LocalBackend):
+            return {"engine": "remote", "backend": self.config.backend.type if self.config.backend else None}
+        engine = self.backend.engine
+        if engine is None:
+            return {"engine": "transformers", "dtype": self.config.dtype}
+        return {"engine": "slmstack", "dtype": self.config.dtype, "weights": engine.weight_formats}
 
     @property
     def uses_chat_template(self) -> bool:

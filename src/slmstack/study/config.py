@@ -106,6 +106,11 @@ class StudyConfig:
         },
     )
     reason_tokens: int = 48
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "the format the stages generate in (a stack's dtype: auto is the engine's fastest on the "
+                          "model's own weights); scoring is always float32"},
+    )  # fmt: skip
     batch_size: int = field(default=32, metadata={"help": "engine rows per step and scoring batch"})
     eval: dict[str, int] = field(
         default_factory=lambda: {
@@ -123,9 +128,12 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         from slmstack.evaluation.flan_cot import CORPUS_ONLY, FLAN_COT
+        from slmstack.formats import DTYPES
         from slmstack.registry import did_you_mean
         from slmstack.study.arms import ARMS
 
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         for arm in self.arms + self.reference:
             if arm not in ARMS:
                 raise ConfigError(

@@ -207,7 +207,7 @@ class StudyData:
         stage = replace(stage, template="{input}", adapter=str(self.adapter_dir(cell, stage_name)))
         prompts = [stage_prompt(self._stages(cell), stage_name, pool[i]) for i in chosen]
         stack = Stack(StackConfig(name=stage_name, model=self.model_for(cell), device=self.cfg.device, stages=[stage],
-                                  batch_size=self.cfg.batch_size))  # fmt: skip
+                                  batch_size=self.cfg.batch_size, dtype=self.cfg.dtype))  # fmt: skip
         written = stack.run_batch(prompts)
         out = list(gold)
         for i, result in zip(chosen, written, strict=True):

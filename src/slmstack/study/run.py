@@ -188,7 +188,7 @@ class Study(StudyData, CellGrid):
                 stage.adapter = str(adapters[arm.stage_adapter[stage.name]])
         inputs = ["options"] if self.cfg.protocol == 2 else []  # what the writing stages list
         return StackConfig(name=f"study-{cell.id}", model=self.model_for(cell), device=self.cfg.device, stages=stages,
-                           batch_size=self.cfg.batch_size, inputs=inputs)  # fmt: skip
+                           batch_size=self.cfg.batch_size, inputs=inputs, dtype=self.cfg.dtype)  # fmt: skip
 
     def write_stack(self, cell: StudyCell) -> Path:
         """``stacks/<cell>.yaml``: the arm's trained stack, for ``slmstack run/eval/attribute --stack``."""
@@ -268,7 +268,8 @@ def prepare_study(cfg: StudyConfig, out: Path, check_data: bool = True) -> Study
     settings = dataclass_to_dict(cfg)
     if (out / STUDY).is_file():
         # a study may gain reference arms (they run after its own cells); everything else must be the same
-        recorded = read_json(out / STUDY, "study record", expect=dict)
+        # a study recorded before its dtype field existed generated in float32
+        recorded = {"dtype": "float32", **read_json(out / STUDY, "study record", expect=dict)}
         if {k: v for k, v in recorded.items() if k != "reference"} != {k: v for k, v in settings.items()
                                                                        if k != "reference"}:  # fmt: skip
             raise ConfigError(f"{out} holds a different study; use another --out")
