@@ -32,9 +32,19 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FOUR_BIT", "GGUFSource", "Int4Groups", "attach_gguf_source", "gguf_source", "unpack_4bit"]
+__all__ = [
+    "EIGHT_BIT",
+    "FOUR_BIT",
+    "GGUFSource",
+    "Int4Groups",
+    "attach_gguf_source",
+    "gguf_source",
+    "unpack_4bit",
+    "unpack_8bit",
+]
 
 FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")  # the block types that are 4-bit groups of 32 with a scale and an offset
+EIGHT_BIT = ("Q8_0",)  # 8-bit groups of 32 with a scale
 GROUP = 32
 
 _SOURCES: weakref.WeakKeyDictionary[Any, GGUFSource] = weakref.WeakKeyDictionary()
@@ -91,7 +101,12 @@ def unpack_4bit(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     raise ValueError(f"{kind} is not a 4-bit block type ({', '.join(FOUR_BIT)})")
 
 
-BLOCKS_FILE = "gguf-int4-groups.safetensors"  # beside the dequantized weights in the model cache
+def unpack_8bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 blocks (n_blocks, 34 bytes: a float16 scale, then 32 signed bytes): q (n, 32) int8, scale (n,) float32."""
+    return blocks[:, 2:].copy().view(np.int8), blocks[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
+
+
+BLOCKS_FILE = "gguf-groups.safetensors"  # beside the dequantized weights in the model cache
 
 
 def _read_gguf(path: Path, model: Any) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -99,8 +114,9 @@ def _read_gguf(path: Path, model: Any) -> tuple[dict[str, str], dict[str, torch.
 
     The names are mapped with gguf's own tensor-name table (what transformers uses when it loads a GGUF), and
     transformers' own per-architecture fix-ups (Llama's q/k rows are permuted in GGUF) are applied to the groups'
-    rows. Groups are returned as ``{name}.q`` (out, in / 2) uint8, two values a byte (low nibble first),
-    ``{name}.scale`` and ``{name}.low`` (out, in / 32) float32.
+    rows. 4-bit groups are returned as ``{name}.q`` (out, in / 2) uint8, two values a byte (low nibble first),
+    ``{name}.scale`` and ``{name}.low`` (out, in / 32) float32; Q8_0 groups as ``{name}.q8`` (out, in) int8 and
+    ``{name}.scale``.
     """
     from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, get_tensor_name_map
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
@@ -127,10 +143,16 @@ def _read_gguf(path: Path, model: Any) -> tuple[dict[str, str], dict[str, torch.
         if hf_name is None:
             continue
         kind = types[hf_name] = tensor.tensor_type.name
-        if kind not in FOUR_BIT:
+        if kind not in FOUR_BIT + EIGHT_BIT:
             continue
         rows = np.asarray(tensor.data)  # (out, bytes per row)
         out = rows.shape[0]
+        if kind in EIGHT_BIT:
+            q8, scale = unpack_8bit(rows.reshape(-1, 34))
+            q8, scale = (processor.process(a.reshape(out, -1), tensor.name).weights for a in (q8, scale))
+            groups[f"{hf_name}.q8"] = torch.from_numpy(np.ascontiguousarray(q8))
+            groups[f"{hf_name}.scale"] = torch.from_numpy(np.ascontiguousarray(scale))
+            continue
         q, scale, low = unpack_4bit(kind, rows.reshape(-1, GGML_QUANT_SIZES[GGMLQuantizationType[kind]][1]))
         q, scale, low = (processor.process(a.reshape(out, -1), tensor.name).weights for a in (q, scale, low))
         groups[f"{hf_name}.q"] = torch.from_numpy(np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4)))
@@ -150,6 +172,7 @@ class GGUFSource:
         self.gguf, self.cache_dir = Path(gguf), Path(cache_dir)
         self._model = weakref.ref(model)
         self._types: dict[str, str] | None = None
+        self._groups: dict[str, torch.Tensor] | None = None  # in memory where the cache could not be written
 
     @property
     def file(self) -> Path:
@@ -163,13 +186,27 @@ class GGUFSource:
         from safetensors.torch import save_file
 
         if not self.file.is_file():
-            logger.info("reading the 4-bit blocks of %s (once)", self.gguf.name)
+            logger.info("reading the 4- and 8-bit blocks of %s (once)", self.gguf.name)
             types, groups = _read_gguf(self.gguf, self._model())
             tmp = self.file.with_name(f".{BLOCKS_FILE}.{os.getpid()}.tmp")
-            save_file(groups, str(tmp), metadata={"types": json.dumps(types)})
-            os.replace(tmp, self.file)
+            try:
+                save_file(groups, str(tmp), metadata={"types": json.dumps(types)})
+                os.replace(tmp, self.file)
+            except OSError as exc:  # a read-only cache: this process keeps them in memory
+                logger.warning("could not cache the GGUF blocks in %s (%s); they are read again next time", tmp, exc)
+                tmp.unlink(missing_ok=True)
+                self._types, self._groups = types, groups
+                return
         with safe_open(str(self.file), "pt") as fh:
             self._types = json.loads(fh.metadata()["types"])
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        if self._groups is not None:
+            return self._groups[key]
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), "pt") as fh:
+            return fh.get_tensor(key)
 
     @property
     def types(self) -> dict[str, str]:
@@ -182,12 +219,15 @@ class GGUFSource:
         """Parameter ``name``'s 4-bit blocks as int4 groups, or None where it is not stored in a 4-bit type."""
         if self.types.get(name) not in FOUR_BIT:
             return None
-        from safetensors import safe_open
+        packed = self._tensor(f"{name}.q")
+        q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        return Int4Groups(q, self._tensor(f"{name}.scale"), self._tensor(f"{name}.low"))
 
-        with safe_open(str(self.file), "pt") as fh:
-            packed = fh.get_tensor(f"{name}.q")
-            q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-            return Int4Groups(q, fh.get_tensor(f"{name}.scale"), fh.get_tensor(f"{name}.low"))
+    def int8_groups(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Parameter ``name``'s Q8_0 blocks: q (out, in) int8 and scale (out, in / 32) float32; None otherwise."""
+        if self.types.get(name) not in EIGHT_BIT:
+            return None
+        return self._tensor(f"{name}.q8"), self._tensor(f"{name}.scale")
 
 
 def attach_gguf_source(model: Any, gguf: str | Path, cache_dir: str | Path) -> None:

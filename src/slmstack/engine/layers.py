@@ -177,6 +177,9 @@ def int4_grid(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return q.reshape(out_features, in_features), scale, low, exact
 
 
+INT8_GROUPS = "int8-groups"  # not a dtype: the output layer under `auto` where the GGUF file stores it as Q8_0
+
+
 def _int4_groups(weight: Tensor, groups: Any = None) -> tuple[Tensor, Tensor, Tensor]:
     """``weight`` as 4-bit groups: q (out, in) int32, scale and low (out, in / group) float32.
 
@@ -220,11 +223,14 @@ class Linear:
       float32 inputs by them with float32 scales and sums; where it cannot be built, torch's kernel
       (``_weight_int4pack_mm_for_cpu``) keeps scales and offsets in bfloat16 and rounds the input to bfloat16.
       The output layer is kept in float16 (:func:`slmstack.engine.weights.output_format`).
+    - ``int8-groups`` (not a ``dtype``; the output layer under ``int4-weights`` or ``auto`` where the GGUF file
+      stores it as Q8_0 and slmstack's kernel runs): the file's 8-bit groups of 32 with a float32 scale each,
+      float32 inputs and sums.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str = "dense", dtype: torch.dtype = torch.float32,
                  groups: Any = None):  # fmt: skip
-        if fmt not in LINEAR_FORMATS:
+        if fmt not in (*LINEAR_FORMATS, INT8_GROUPS):
             raise ValueError(f"unknown weight format {fmt!r}; use one of {', '.join(LINEAR_FORMATS)}")
         self.fmt, self.out_features, self.in_features = fmt, weight.shape[0], weight.shape[1]
         self.dtype = dtype
@@ -242,6 +248,10 @@ class Linear:
             self._call = lambda x: self._with_bias(
                 torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").to(dtype)
             )
+        elif fmt == INT8_GROUPS:  # a GGUF file's Q8_0 blocks as they are (groups: q8, scale), slmstack's kernel
+            kernels, (q8, scale8) = gguf_kernels(), groups
+            q8, scale8 = q8.contiguous(), scale8.float().contiguous()
+            self._call = lambda x: self._with_bias(kernels.int8_matmul(x.contiguous(), q8, scale8))
         elif fmt == "int4-weights" and dtype == torch.float32 and (kernels := gguf_kernels()) is not None:
             q, scale, low = _int4_groups(weight, groups)  # float32 inputs, scales and sums (cpu_kernels.py)
             q4, scale, low = pack_int4(q), scale.contiguous(), low.contiguous()

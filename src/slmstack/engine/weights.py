@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from slmstack.arch import ARCHITECTURES, get_decoder_layers
-from slmstack.engine.layers import Linear, rope_tables
+from slmstack.engine.cpu_kernels import gguf_kernels
+from slmstack.engine.layers import INT8_GROUPS, Linear, rope_tables
 from slmstack.errors import ConfigError
 from slmstack.gguf_source import gguf_source
 
@@ -333,7 +334,7 @@ def _formats(layer: LayerWeights) -> list[str]:
 def _parameter_names(base: Any) -> dict[int, str]:
     """Each plain linear module's weight name, as the model's state dict (and so its GGUF map) spells it."""
     return {id(m): f"{name.removesuffix('.base_layer')}.weight" for name, m in base.named_modules()
-            if isinstance(m, torch.nn.Linear)}  # fmt: skip
+            if isinstance(m, torch.nn.Linear | torch.nn.Embedding)}  # fmt: skip
 
 
 def _activation(config: Any) -> str:
@@ -432,8 +433,22 @@ def read_weights(model: Any, fmt: str = "dense", dtype: torch.dtype = torch.floa
         fmt = "int4-weights" if any(f == "int4-weights" for x in layers for f in _formats(x)) else "dense"
     return DecoderWeights(
         shape=shape, embed=embed.weight.detach().to(dtype), layers=layers, norm=norm, norm_bias=norm_bias,
-        lm_head=_cat([head], output_format(fmt), dtype),
+        lm_head=_output_layer(head, embed, fmt, dtype, source, names),
     )  # fmt: skip
+
+
+def _output_layer(head: Any, embed: Any, fmt: str, dtype: torch.dtype, source: Any, names: dict[int, str]) -> Linear:
+    """The output layer: the GGUF file's own Q8_0 blocks or :func:`output_format`.
+
+    Under ``int4-weights`` the file's Q8_0 blocks are taken where it stores the layer so (tied to the embeddings, as
+    the default model's are) and slmstack's kernel runs.
+    """
+    if fmt == "int4-weights" and source is not None and dtype == torch.float32 and gguf_kernels() is not None:
+        name = names.get(id(embed if head.weight is embed.weight else head))
+        groups = source.int8_groups(name) if name else None
+        if groups is not None:
+            return Linear(head.weight.detach(), None, INT8_GROUPS, dtype, groups=groups)
+    return _cat([head], output_format(fmt), dtype)
 
 
 class EngineUnsupported(ConfigError):

@@ -36,6 +36,17 @@ def test_4bit_blocks_unpack_to_exactly_what_ggufs_own_dequantizer_gives(kind: st
     assert q.min() >= 0 and q.max() <= 15
 
 
+def test_q8_0_blocks_unpack_to_exactly_what_ggufs_own_dequantizer_gives() -> None:
+    from slmstack.gguf_source import unpack_8bit
+
+    values = np.random.default_rng(1).normal(size=(3, 64)).astype(np.float32)
+    blocks = _blocks("Q8_0", values)
+    q, scale = unpack_8bit(blocks)
+    reference = gguf.quants.dequantize(blocks.reshape(3, -1), gguf.GGMLQuantizationType.Q8_0).reshape(-1, 32)
+    np.testing.assert_array_equal(q.astype(np.float32) * scale[:, None], reference)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127  # each block's largest value sets its scale
+
+
 def test_q4_k_super_blocks_unpack_by_hand_and_as_ggufs_dequantizer_gives() -> None:
     from slmstack.gguf_source import unpack_4bit
 
@@ -106,11 +117,14 @@ def test_cpu_kernels_equal_the_float32_product_on_odd_shapes(rows: int, out: int
 class _Source:
     """A stand-in for a model's GGUF file: the given weights stored in 4-bit blocks, every other one wider."""
 
-    def __init__(self, groups: dict) -> None:
-        self.groups = groups
+    def __init__(self, groups: dict, groups8: dict | None = None) -> None:
+        self.groups, self.groups8 = groups, groups8 or {}
 
     def int4_groups(self, name: str):
         return self.groups.get(name)
+
+    def int8_groups(self, name: str):
+        return self.groups8.get(name)
 
 
 def _on_q4_1_blocks(model, names: list[str]) -> dict:
@@ -162,3 +176,25 @@ def test_auto_is_float32_for_a_model_without_a_gguf_file() -> None:
     model, tok = build_tiny_llama(), build_tokenizer()
     engine = Engine(model, tok, weights="auto")
     assert engine.exact and engine.weights.formats() == {"dense": 8}
+
+
+def test_the_output_layer_takes_the_files_q8_0_blocks_exactly_under_auto() -> None:
+    from slmstack.gguf_source import _SOURCES, unpack_8bit
+
+    _kernels()
+    # Prepare: every projection on Q4_1 blocks and the (untied) output layer on Q8_0 blocks, as a GGUF file holds them
+    model, tok = build_tiny_llama(), build_tokenizer()
+    names = [n for n, _ in model.named_parameters() if n.endswith("proj.weight")]
+    groups = _on_q4_1_blocks(model, names)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        q8, scale = unpack_8bit(_blocks("Q8_0", head.detach().numpy()))
+        q8, scale = torch.from_numpy(q8.reshape(head.shape[0], -1)), torch.from_numpy(scale.reshape(head.shape[0], -1))
+        head.copy_((q8.float().reshape(head.shape[0], -1, 32) * scale[..., None]).reshape(head.shape))
+    _SOURCES[model] = _Source(groups, {"lm_head.weight": (q8, scale)})
+    ids = tok(PROMPT)["input_ids"]
+    # Execute
+    auto, dense = Engine(model, tok, weights="auto"), Engine(model, tok)
+    # Assert: int4 projections, the Q8_0 output layer, and float32's logits up to the order of the sums
+    assert auto.weights.formats() == {"int4-weights": 8} and auto.weights.lm_head.fmt == "int8-groups"
+    torch.testing.assert_close(_logits(auto, ids, 64), _logits(dense, ids, 64), atol=1e-4, rtol=1e-4)

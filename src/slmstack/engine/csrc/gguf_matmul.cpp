@@ -42,7 +42,8 @@ inline void int4_block(const float* xr, const uint8_t* q, const float* scale, co
       const __m512i bytes =
           _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + row * (in / 2) + g * 16)));
       const __m512 table = grid(scale[row * groups + g], low[row * groups + g]);
-      const __m512 wl = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), table);
+      // a permute reads only the low 4 bits of each index: the byte itself picks by its low nibble
+      const __m512 wl = _mm512_permutexvar_ps(bytes, table);
       const __m512 wh = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
       acc[k] = _mm512_fmadd_ps(wl, xl, acc[k]);
       acc[k] = _mm512_fmadd_ps(wh, xh, acc[k]);
@@ -60,7 +61,7 @@ void int4_rows(const float* x, const uint8_t* q, const float* scale, const float
     float* yr = y + r * out;
     int64_t o = o0;
 #if defined(__AVX512F__)
-    for (; o + 4 <= o1; o += 4) int4_block<4>(xr, q, scale, low, yr, in, o);
+    for (; o + 8 <= o1; o += 8) int4_block<8>(xr, q, scale, low, yr, in, o);
     for (; o < o1; ++o) int4_block<1>(xr, q, scale, low, yr, in, o);
 #endif
     for (; o < o1; ++o) {
