@@ -29,9 +29,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # a format, or format+compile: decode steps through torch.compile (Engine(graphs="compile"), `engine: compiled`);
-# auto: what `run` and `serve` use by default (int4 on the GGUF's 4-bit blocks on a CPU)
-FORMATS = ["auto", "dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights", "dense+compile",
-           "int4-weights+compile"]  # fmt: skip
+# auto: what `run` and `serve` use by default (int4 on the GGUF's 4-bit blocks on a CPU); @torch: torch's int4
+# kernel in place of slmstack's (SLMSTACK_CPU_KERNELS=off)
+FORMATS = ["auto", "auto@torch", "dense", "float16-weights", "bfloat16-weights", "int8-weights", "int4-weights",
+           "dense+compile", "int4-weights+compile"]  # fmt: skip
 
 
 GREEDY_PROMPTS = [
@@ -55,18 +56,23 @@ def chat_ids(tokenizer, content: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def greedy_agreement(lm, fmt: str, tokens: int = 48) -> dict:
-    """Greedy text under ``fmt`` against float32's (the engine's dense format) on :data:`GREEDY_PROMPTS`."""
+def greedy_texts(lm, fmt: str, tokens: int = 48) -> list[str]:
+    """Greedy text of :data:`GREEDY_PROMPTS` under ``fmt``, all in one batch."""
     from slmstack.engine import Engine
     from slmstack.stack.config import GenerationSettings
 
+    engine = Engine(lm.model, lm.tokenizer, weights=fmt, max_batch=len(GREEDY_PROMPTS))
+    handles = [engine.submit(chat_ids(lm.tokenizer, p), None, GenerationSettings(max_new_tokens=tokens))
+               for p in GREEDY_PROMPTS]  # fmt: skip
+    engine.run()
+    return [h.generated().text for h in handles]
+
+
+def greedy_agreement(lm, fmt: str, tokens: int = 48) -> dict:
+    """Greedy text under ``fmt`` against float32's (the engine's dense format) on :data:`GREEDY_PROMPTS`."""
     texts = {}
     for name in (fmt, "dense"):
-        engine = Engine(lm.model, lm.tokenizer, weights=name, max_batch=len(GREEDY_PROMPTS))
-        handles = [engine.submit(chat_ids(lm.tokenizer, p), None, GenerationSettings(max_new_tokens=tokens))
-                   for p in GREEDY_PROMPTS]  # fmt: skip
-        engine.run()
-        texts[name] = [h.generated().text for h in handles]
+        texts[name] = greedy_texts(lm, name, tokens)
     same = sum(a == b for a, b in zip(texts[fmt], texts["dense"], strict=True))
     return {"prompts": len(GREEDY_PROMPTS), "tokens": tokens, "equal": same, "of": f"{same}/{len(GREEDY_PROMPTS)}"}
 
@@ -91,6 +97,9 @@ def _decode_rate(timed, tokens: int, repeats: int, batch: int = 1) -> dict:
 def child_engine(spec: str, tokens: int, repeats: int, threads: int, model: str = "default", batch: int = 1) -> dict:
     if "+compile" in spec:  # a cold compile: first_call_s is the start-up cost a user sees the first time
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="slmstack-inductor-")
+    spec, _, kernel = spec.partition("@")
+    if kernel == "torch":
+        os.environ["SLMSTACK_CPU_KERNELS"] = "off"
     import torch
 
     from slmstack.engine import Engine
@@ -119,8 +128,11 @@ def child_engine(spec: str, tokens: int, repeats: int, threads: int, model: str 
         out["logits_vs_float32"] = _teacher_forced(engine, Engine(lm.model, lm.tokenizer, max_batch=1), ids)
         if model == "default" and batch == 1:
             out["greedy_vs_float32"] = greedy_agreement(lm, fmt)
+    if fmt == "dense" and not compiled and model == "default" and batch == 1:
+        out["greedy_texts"] = greedy_texts(lm, "dense")  # what llama.cpp's text is held to
     out["weights"] = engine.weights.describe()
-    return {"engine": f"slmstack engine ({spec})", "batch": batch, "prompt_tokens": len(ids), **out, "text": text}
+    label = spec + (" @torch" if kernel else "")
+    return {"engine": f"slmstack engine ({label})", "batch": batch, "prompt_tokens": len(ids), **out, "text": text}
 
 
 def _teacher_forced(engine, dense, ids: list[int]) -> dict:
@@ -206,8 +218,16 @@ def child_llama_cpp(spec: str, tokens: int, repeats: int, threads: int) -> dict:
 
     import llama_cpp
 
+    texts = []
+    for prompt in spec.get("greedy", []):  # greedy text of each chat-formatted prompt, 48 tokens or to its EOS
+        out = []
+        for token in llm.generate(llm.tokenize(prompt.encode(), add_bos=False, special=True), temp=0.0, reset=True):
+            if token == llm.token_eos() or len(out) >= 48:
+                break
+            out.append(token)
+        texts.append(llm.detokenize(out).decode("utf-8", errors="replace").strip())
     return {"engine": f"llama.cpp {llama_cpp.__version__} (Q4_1 GGUF)", "prompt_tokens": len(ids),
-            **_decode_rate(timed, tokens, repeats)}  # fmt: skip
+            **_decode_rate(timed, tokens, repeats), "greedy_texts": texts}  # fmt: skip
 
 
 def child_lora(rows: int, threads: int, repeats: int) -> dict:
@@ -423,8 +443,13 @@ def main() -> None:
     from slmstack.models import default_gguf_path, load_model
 
     tok = load_model("default", device="cpu").tokenizer
-    spec = json.dumps({"gguf": str(default_gguf_path()), "text": tok.decode(prompt_ids(tok))})
+    greedy = [tok.decode(chat_ids(tok, p)) for p in GREEDY_PROMPTS]
+    spec = json.dumps({"gguf": str(default_gguf_path()), "text": tok.decode(prompt_ids(tok)), "greedy": greedy})
     decode["llama_cpp"] = run_child("llama_cpp", args, "--arg", spec, python=args.llama_cpp_python)
+    dense = (decode.get("engine_dense") or {}).get("greedy_texts")
+    if decode["llama_cpp"] and dense:  # llama.cpp's greedy text against the engine's float32 text
+        same = sum(a.strip() == b.strip() for a, b in zip(decode["llama_cpp"]["greedy_texts"], dense, strict=True))
+        decode["llama_cpp"]["greedy_vs_float32"] = {"prompts": len(dense), "equal": same, "of": f"{same}/{len(dense)}"}
     ref = decode["llama_cpp"]["decode_tokens_per_s"] if decode["llama_cpp"] else None
     hf = decode["hf_float32"]["decode_tokens_per_s"]
     for row in decode.values():

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["gguf_kernels", "pack_int4"]
 
 SOURCE = Path(__file__).with_name("csrc") / "gguf_matmul.cpp"
-OFF_ENV = "SLMSTACK_CPU_KERNELS"  # "off": torch's kernels only (how benchmarks/engine.py compares the two)
+OFF_ENV = "SLMSTACK_CPU_KERNELS"  # "off": torch's kernels only (checked in EngineOptions; benchmarks/engine.py)
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -46,7 +46,7 @@ def gguf_kernels() -> Any | None:
 
 def _build() -> Any | None:
     features = cpu_features()
-    if features.machine not in ("x86_64", "AMD64") or os.environ.get(OFF_ENV, "").lower() == "off":
+    if features.machine not in ("x86_64", "AMD64") or os.environ.get(OFF_ENV, "").strip().lower() == "off":
         return None
     source = SOURCE.read_text()
     key = hashlib.sha256(f"{source}{features}{torch.__version__}".encode()).hexdigest()[:12]

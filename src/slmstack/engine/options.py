@@ -21,6 +21,7 @@ GRAPHS = ("auto", "capture", "off", "static", "compile")
 DECODE_KERNELS = ("auto", "sdpa", "matmul")
 TRITON_KERNELS = ("lora", "rope")
 ENGINE_ENV = "SLMSTACK_ENGINE"  # hf: every stack of the process generates with transformers (the tests run both)
+CPU_KERNELS_ENV = "SLMSTACK_CPU_KERNELS"  # off: torch's int4 kernel rather than slmstack's (engine/cpu_kernels.py)
 NO_TRITON_ENV = "SLMSTACK_NO_TRITON"  # Triton kernels turned off: "lora", "rope" or "all", comma-separated
 
 
@@ -86,6 +87,10 @@ class EngineOptions:
                 raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")
         if self.mode == "compiled" and self.graphs == "auto":
             self.graphs = "compile"
+        kernels = os.environ.get(CPU_KERNELS_ENV, "on").strip().lower() or "on"
+        if kernels not in ("on", "off"):
+            raise ConfigError(f"{CPU_KERNELS_ENV}={kernels!r}: use on (slmstack's CPU kernels where they build, the "
+                              "default) or off (torch's int4 kernel)")  # fmt: skip
         unknown = set(self.no_triton) - set(TRITON_KERNELS)
         if unknown:
             raise ConfigError(f"{NO_TRITON_ENV}: {sorted(unknown)} are not kernels; use lora, rope or all")

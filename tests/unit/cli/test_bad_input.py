@@ -24,6 +24,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("run", "--stack {stack} --set model={truncated_gguf} q", "cannot read the GGUF model file"),
     ("run", "--stack {stack} --set model={rwkv_gguf} q", "a GGUF of architecture 'rwkv6', which transformers cannot"),
     ("run", "--stack {stack} --set stages.0.adapter={adapter_corrupt} q", "cannot read the adapter weights"),
+    ("run", "--stack {stack} env:SLMSTACK_CPU_KERNELS=maybe q", "SLMSTACK_CPU_KERNELS='maybe': use on"),
     ("run", "--stack {stack} --set stages.0.adapter={adapter_badjson} q", "adapter config is not valid JSON"),
     ("run", "--stack {stack} --set model={model_corrupt} q", "cannot read the model directory"),
     ("run", "--stack {stack} --input {questions} --output {dir}", "is a directory"),
@@ -230,6 +231,7 @@ ROWS: list[tuple[str, str, str]] = [
         "primary: give two different",
     ),
     ("study", "--config {study} --out {tmp}/s --set protocol=3", "protocol must be 1"),
+    ("study", "--config {study} --out {tmp}/s --set dtype=int3-weights", "dtype 'int3-weights' is not one of"),
     (
         "study",
         "--config {study} --out {tmp}/s --set train.token_budget=1000",
