@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -145,6 +146,29 @@ class Engine:
             self.scheduler.add(request)
             self._lock.notify_all()
         return handle
+
+    def warm_up(self, length: int = 512) -> float:
+        """Run a decode step of every batch-size bucket now (compiling or capturing it); seconds spent.
+
+        Compiled steps (``engine: compiled``) and CUDA graphs are built at the first step of each bucket and cache
+        length; ``serve`` calls this before it reports ready, so that no client's first request pays for it. The
+        cache is first grown to ``length`` tokens (capped at the context), the length the steps are built for;
+        a longer request grows it and builds them once more. Eager steps: nothing.
+        """
+        graphs = self.runner.graphs
+        if graphs is None:
+            return 0.0
+        start = time.perf_counter()
+        self.cache.ensure(min(length, self.max_length))
+        prompt = [next(iter(self.eos), 0)] * 2
+        for bucket in graphs.buckets:
+            handles = [self.submit(prompt, None, GenerationSettings(max_new_tokens=3)) for _ in range(bucket)]
+            for handle in handles:
+                handle.request.eos = frozenset()  # decode the full 3 tokens: steps of exactly ``bucket`` rows
+            self.run()
+        seconds = time.perf_counter() - start
+        logger.info("warmed up the decode steps of %d batch sizes in %.1fs", len(graphs.buckets), seconds)
+        return seconds
 
     def has_work(self) -> bool:
         """Whether any request is waiting or running."""

@@ -177,6 +177,7 @@ def int4_grid(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return q.reshape(out_features, in_features), scale, low, exact
 
 
+KERNEL_ROWS = 8  # up to this many rows a step, slmstack's CPU kernel; above, torch's float32 GEMM on the same values
 INT8_GROUPS = "int8-groups"  # not a dtype: the output layer under `auto` where the GGUF file stores it as Q8_0
 
 
@@ -251,11 +252,18 @@ class Linear:
         elif fmt == INT8_GROUPS:  # a GGUF file's Q8_0 blocks as they are (groups: q8, scale), slmstack's kernel
             kernels, (q8, scale8) = gguf_kernels(), groups
             q8, scale8 = q8.contiguous(), scale8.float().contiguous()
-            self._call = lambda x: self._with_bias(kernels.int8_matmul(x.contiguous(), q8, scale8))
+            self.weight = weight.to(dtype).contiguous()  # the same values, for many rows (see KERNEL_ROWS)
+            self._call = lambda x: (self._with_bias(kernels.int8_matmul(x.contiguous(), q8, scale8))
+                                    if x.shape[0] <= KERNEL_ROWS else F.linear(x, self.weight, self.bias))  # fmt: skip
         elif fmt == "int4-weights" and dtype == torch.float32 and (kernels := gguf_kernels()) is not None:
             q, scale, low = _int4_groups(weight, groups)  # float32 inputs, scales and sums (cpu_kernels.py)
             q4, scale, low = pack_int4(q), scale.contiguous(), low.contiguous()
-            self._call = lambda x: self._with_bias(kernels.int4_matmul(x.contiguous(), q4, scale, low))
+            # many rows at once (a batch, a prompt chunk) take the float32 product of the same values: the kernel
+            # unpacks the groups again for every row, torch's GEMM reads the weights once for all
+            self.weight = ((low[..., None] + q.reshape(q.shape[0], -1, INT4_GROUP) * scale[..., None])
+                           .reshape(weight.shape).to(dtype).contiguous())  # fmt: skip
+            self._call = lambda x: (self._with_bias(kernels.int4_matmul(x.contiguous(), q4, scale, low))
+                                    if x.shape[0] <= KERNEL_ROWS else F.linear(x, self.weight, self.bias))  # fmt: skip
         elif fmt == "int4-weights":
             packed4, scales_zeros = _int4_pack(weight, groups)
             self._call = lambda x: self._with_bias(

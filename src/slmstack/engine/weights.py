@@ -319,7 +319,15 @@ def _cat(modules: list[Any], fmt: str, dtype: torch.dtype, rows: Tensor | None =
         if groups is not None:
             groups = type(groups)(*(getattr(groups, k)[rows] for k in ("q", "scale", "low")))
     linear = Linear(weight, bias, fmt, dtype, groups=groups)
-    if fmt == "dense" and len(linears) > 1 and linear.weight.dtype == weights[0].dtype:
+    kept = getattr(linear, "weight", None)  # dense, and int4 with slmstack's kernel (its many-row path)
+    if kept is None or rows is not None or kept.dtype != weights[0].dtype:
+        return linear
+    if fmt != "dense":  # the values the groups hold: shared with the model only where they are its own weights
+        if not torch.equal(kept, weight):
+            return linear
+        if len(linears) == 1:
+            linear.weight = weights[0].contiguous()
+    if len(linears) > 1:
         start = 0
         for m in linears:
             m.weight.data = linear.weight[start : start + m.out_features]

@@ -74,6 +74,9 @@ def stack_configs(stack_files: list[str], models: list[str], dtype: str | None =
 def start_engines(stacks: dict[str, Any], settings: ServeSettings) -> None:
     """Build every in-process stack's generation engine now, so that options it cannot run with fail at start-up.
 
+    Engines with compiled decode steps (``--engine compiled``) or CUDA graphs also run a step of every batch size
+    they will use (:meth:`slmstack.engine.Engine.warm_up`), so the server reports ready only once they are built.
+
     Without this the engine would be built in the app's lifespan, where a failure is uvicorn's "Application
     startup failed" (exit status 0, after a traceback) instead of one line and exit status 2.
 
@@ -89,7 +92,9 @@ def start_engines(stacks: dict[str, Any], settings: ServeSettings) -> None:
             continue
         backend.max_batch = settings.max_batch_size  # rows per engine step
         try:
-            backend.engine  # noqa: B018  (the property builds the engine)
+            engine = backend.engine  # the property builds the engine
+            if engine is not None:
+                engine.warm_up()  # compiled steps / CUDA graphs built now, before the server reports ready
         except SlmstackError as exc:
             raise ConfigError(f"stack {name!r}: {exc}") from None
         except Exception as exc:  # noqa: BLE001  (any failure to build means these options cannot serve)
