@@ -53,7 +53,7 @@ def _build() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("building the engine's CPU kernels (once per machine)")
+        logger.info("loading the engine's CPU kernels (built once per machine: 25-35 s the first time)")
         # -fopenmp: at::parallel_for splits the rows over torch's own OpenMP threads (libgomp.so.1, which torch has
         # loaded); without it the loop runs on one thread
         module = load(name=f"slmstack_gguf_{key}", sources=[str(SOURCE)],

@@ -165,7 +165,9 @@ class TransferModel:
             from slmstack.stack.config import GenerationSettings
 
             if getattr(self, "_backend", None) is None or self._backend.model is not self.model:
-                self._backend = LocalBackend(self.model, self.tokenizer, engine=self.engine, max_batch=batch_size)
+                # job "score": transfer's generative tasks are evaluation (ROUGE, exact match), kept in float32
+                self._backend = LocalBackend(self.model, self.tokenizer, engine=self.engine, max_batch=batch_size,
+                                             job="score")  # fmt: skip
             adapter = self._backend.default_adapter()
             settings = GenerationSettings(max_new_tokens=max_new_tokens)
             rows = [Row("", p, adapter) for p in prompts]
