@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import stack_dict, write_yaml
 
 
-def test_serve_compiles_every_batch_size_before_it_is_ready(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_serve_compiles_every_batch_size_before_it_is_ready(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from slmstack.engine.runner import _can_compile
     from slmstack.serving.server import stack_configs, start_engines
     from slmstack.serving.settings import ServeSettings
@@ -17,6 +17,7 @@ def test_serve_compiles_every_batch_size_before_it_is_ready(tiny_model_dir: Path
 
     if not _can_compile():
         pytest.skip("torch.compile needs a C++ compiler here")
+    monkeypatch.delenv("SLMSTACK_ENGINE", raising=False)  # about the engine: on in CI's SLMSTACK_ENGINE=hf pass too
     stack = write_yaml(tmp_path / "s.yaml", stack_dict(tiny_model_dir, max_new=4))
     configs = stack_configs([str(stack)], [], engine="compiled")
     stacks = {c.name: s for c, s in zip(configs, Stack.sharing_bases(configs), strict=True)}

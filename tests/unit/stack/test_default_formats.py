@@ -13,6 +13,12 @@ from slmstack.formats import engine_weights
 from tests.conftest import stack_dict, write_yaml
 
 
+@pytest.fixture(autouse=True)
+def _engine_on(monkeypatch) -> None:
+    """These tests are about the engine's formats: on even in CI's pass with SLMSTACK_ENGINE=hf."""
+    monkeypatch.delenv("SLMSTACK_ENGINE", raising=False)
+
+
 @pytest.fixture()
 def built(monkeypatch) -> list[str]:
     """A spy on the engine: the weight format every engine built in the test was asked for."""
