@@ -14,6 +14,7 @@ engine safely).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -76,6 +77,8 @@ class Engine:
         self.cache = self.runner.cache
         self.scheduler = Scheduler(self.options.max_batch, self.options.tokens_per_step(self.device))
         self.eos = frozenset(eos_token_ids(model, tokenizer))
+        self.vocab_size = int(model.config.vocab_size)  # the width of a row of logits
+        self._grammars: dict[str, str] = {}  # response_format -> its compiled grammar
         self._handles: dict[Request, EngineRequest] = {}
         self._lock = threading.Condition()  # the queues and handles
         self._stepping = threading.RLock()  # one step at a time (re-entered by adapter changes in a callback)
@@ -138,14 +141,30 @@ class Engine:
                              f"exceeds the {self.max_length}-token context; shorten the prompt")  # fmt: skip
         params = SamplingParams(settings.do_sample, settings.temperature, settings.top_p, settings.top_k,
                                 settings.repetition_penalty, settings.seed)  # fmt: skip
+        constraint = self.constraint(settings.response_format) if settings.response_format else None
         request = Request(list(prompt), self.lora.id(adapter), settings.max_new_tokens, params, self.eos)
         handle = EngineRequest(self, request, self.tokenizer, list(settings.stop), len(prompt), truncated, on_text,
-                               on_done, params.generator(self.device))  # fmt: skip
+                               on_done, params.generator(self.device), constraint)  # fmt: skip
         with self._lock:
             self._handles[request] = handle
             self.scheduler.add(request)
             self._lock.notify_all()
         return handle
+
+    def constraint(self, response_format: dict[str, Any]) -> Any:
+        """A fresh :class:`slmstack.engine.grammar.Constraint` for one row (``response_format`` normalized).
+
+        Raises:
+            InputError: the schema cannot be enforced.
+        """
+        from slmstack.engine.grammar import Constraint, compile_response_format
+
+        key = json.dumps(response_format, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = compile_response_format(response_format, self.tokenizer, self.vocab_size)
+            self._grammars = {**dict(list(self._grammars.items())[-31:]), key: grammar}  # the last 32 kept
+        return Constraint(grammar, self.tokenizer, self.vocab_size)
 
     def warm_up(self, length: int = 512) -> float:
         """Run a decode step of every batch-size bucket now (compiling or capturing it); seconds spent.
@@ -198,6 +217,34 @@ class Engine:
         """
         from slmstack.engine.scoring import score_groups
 
+        return self._score(score_groups, groups, adapter, progress=progress)
+
+    def prompt_logprobs(self, sequences: list[list[int]], adapter: str | None = None,
+                        top: int = 1) -> list[list[Any]]:  # fmt: skip
+        """Each sequence's tokens scored as an OpenAI server's ``echo`` + ``logprobs`` reports them.
+
+        For a sequence of n tokens, n :class:`slmstack.engine.scoring.TokenScore`: tokens 1..n-1 given the ones
+        before (each with the ``top`` most likely tokens at its position), then the greedy next token after the
+        whole sequence (its id and log-probability are its top one's). The first token has no score. Runs on the
+        scoring steps (:func:`slmstack.engine.scoring.score_tokens`), so the values are :meth:`loglikelihoods`'.
+
+        Raises:
+            ConfigError: requests are in flight, or a sequence does not fit the context window.
+        """
+        from slmstack.engine.scoring import score_tokens
+
+        # the next token's distribution comes from one more scored position: any token id stands in for it
+        groups = [(seq[:1], [seq[1:] + [0]]) for seq in sequences]
+        scored = self._score(score_tokens, groups, adapter, top=max(top, 1))
+        out = []
+        for (tokens,) in scored:
+            last = tokens[-1]
+            tokens[-1] = type(last)(last.top[0][0], last.top[0][1], last.top)
+            out.append(tokens)
+        return out
+
+    def _score(self, scorer: Callable[..., Any], groups: list[tuple[list[int], list[list[int]]]],
+               adapter: str | None, **kwargs: Any) -> Any:  # fmt: skip
         longest = max((len(c) - 1 + max(map(len, conts)) for c, conts in groups), default=0)
         if longest > self.max_length:
             raise ConfigError(f"a scored sequence of {longest} tokens exceeds the {self.max_length}-token context")
@@ -207,8 +254,7 @@ class Engine:
             if self.scheduler.has_work():
                 raise ConfigError("the engine is generating; score when its requests have finished")
             rows = self.scheduler.max_rows  # slots 0..rows-1, and the spare slot after them
-            return score_groups(self.runner.decoder, self.cache, groups, self.lora.id(adapter), rows, rows,
-                                progress=progress)  # fmt: skip
+            return scorer(self.runner.decoder, self.cache, groups, self.lora.id(adapter), rows, rows, **kwargs)
 
     # ---- running
     def run(self, until: Callable[[], bool] | None = None) -> None:
@@ -263,13 +309,16 @@ class Engine:
         sampled = [row for row in plan.rows if row.sample]
         handles = [self._handles[row.request] for row in sampled]
         params = [r.request.params for r in sampled]
-        greedy = all(not p.do_sample and p.repetition_penalty == 1.0 for p in params)
+        constrained = [i for i, h in enumerate(handles) if h.constraint is not None]
+        greedy = not constrained and all(not p.do_sample and p.repetition_penalty == 1.0 for p in params)
         logits, best = self.runner.forward(plan)
         if best is not None and greedy:  # the static path's argmax: n token ids come back, not n rows of logits
             tokens = best.tolist()
         else:
             if best is not None:
-                logits = logits.clone()  # sampling edits it in place (a repetition penalty)
+                logits = logits.clone()  # sampling edits it in place (a repetition penalty, a grammar's mask)
+            for i in constrained:
+                handles[i].constraint.mask(logits[i])
             histories = [torch.tensor(row.request.prompt + row.request.output, device=self.device)
                          if row.request.params.repetition_penalty != 1.0 else None for row in sampled]  # fmt: skip
             tokens = choose_tokens(logits, params, [h.generator for h in handles], histories)

@@ -42,12 +42,14 @@ class EngineRequest(Handle):
 
     def __init__(self, engine: Any, request: Request, tokenizer: Any, stop: list[str], tokens_in: int,
                  truncated: bool, on_text: Callable[[str], None] | None,
-                 on_done: Callable[[EngineRequest], None] | None, generator: Any) -> None:  # fmt: skip
+                 on_done: Callable[[EngineRequest], None] | None, generator: Any,
+                 constraint: Any = None) -> None:  # fmt: skip
         self.engine, self.request, self.tokenizer = engine, request, tokenizer
         self.stop = [s for s in stop if s]
         self.tokens_in, self.truncated = tokens_in, truncated
         self.stream = TextStream(tokenizer, stop, on_text) if on_text is not None else None
         self.on_done, self.generator = on_done, generator
+        self.constraint = constraint  # a grammar the row's tokens must follow (slmstack.engine.grammar)
         self.cancelled = False
         self.error: BaseException | None = None  # the failure of the step it was in
         self.result: Generated | None = None
@@ -78,6 +80,8 @@ class EngineRequest(Handle):
             return "stop"
         if self.stream is not None:
             self.stream.add(token)
+        if self.constraint is not None and self.constraint.take(token):
+            return "stop"  # the document is complete
         if self.stop:
             text = tail_text(self.tokenizer, request.output, max(len(s) for s in self.stop) + 4)
             if any(s in text for s in self.stop):

@@ -48,8 +48,20 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     seed: int = field(default=0, metadata={"help": "torch seed set before sampling"})
     stop: list[str] = field(default_factory=list, metadata={"help": "strings that end generation"})
+    response_format: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "OpenAI's response_format: {type: json_object} or {type: json_schema, json_schema: {schema: ...}}"
+        },
+    )
 
     def __post_init__(self) -> None:
+        from slmstack.engine.grammar import normalize_response_format
+
+        try:
+            self.response_format = normalize_response_format(self.response_format)
+        except InputError as exc:
+            raise ConfigError(str(exc)) from None
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.temperature >= MIN_TEMPERATURE:

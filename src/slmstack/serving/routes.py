@@ -21,6 +21,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from slmstack.engine.text import GenerationCancelled
+from slmstack.serving.logprobs import (
+    answer_sequence,
+    chat_logprobs,
+    completion_logprobs,
+    score,
+    scoring_engine,
+    token_text,
+)
 from slmstack.serving.requests import ApiError, parse_chat, parse_completion
 from slmstack.serving.state import state_of, trace_of, usage_of
 
@@ -66,19 +74,51 @@ async def models(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Any:
-    """A completion of the prompt by the named stack (no streaming here)."""
+    """A completion of each prompt by the named stack (no streaming here); with ``echo``, the prompt scored."""
     state, start = state_of(request), time.perf_counter()
-    req = parse_completion(await state.read_json(request), state.settings.max_tokens)
-    name, stack = state.stack_for(req.model)
-    if req.stream:
-        raise ApiError(400, "'stream' is supported on /v1/chat/completions only", param="stream")
-    state.check_prompt(stack, req.text)
-    result = await state.answer(req, request)
+    reqs = parse_completion(await state.read_json(request), state.settings.max_tokens)
+    name, stack = state.stack_for(reqs[0].model)
+    for req in reqs:
+        state.check_prompt_ids(stack, req)
+        if not req.echo:
+            state.check_prompt(stack, req.text)
+            state.check_response_format(stack, name, req)
+    replies = await asyncio.gather(*(_complete(state, name, stack, req, request) for req in reqs))
     state.served("/v1/completions", start)
+    usage = {k: sum(u[k] for _, u, _ in replies) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    choices = [{"index": i, **choice} for i, (choice, _, _) in enumerate(replies)]
+    traces = [t for _, _, t in replies]
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": name, "choices": [{"index": 0, "text": result.answer, "finish_reason": "stop",
-                                        "logprobs": None}],
-            "usage": usage_of(result), "slmstack_trace": trace_of(result)}  # fmt: skip
+            "model": name, "choices": choices, "usage": usage,
+            "slmstack_trace": traces[0] if len(traces) == 1 else traces}  # fmt: skip
+
+
+async def _complete(state: Any, name: str, stack: Any, req: Any, request: Request) -> tuple[dict, dict, list]:
+    """One prompt's choice, usage and trace."""
+    tokenizer = stack.tokenizer if stack.model is not None else None
+    if req.echo:  # the prompt scored as raw text under the final stage's adapter, and its greedy next token
+        engine = scoring_engine(stack, name, "'echo'")
+        ids = req.prompt_ids or tokenizer(req.text)["input_ids"]
+        if len(ids) + 1 > engine.max_length:
+            raise ApiError(400, f"The prompt has {len(ids)} tokens; the limit is {engine.max_length - 1}",
+                           param="prompt", code="context_length_exceeded")  # fmt: skip
+        adapter = stack.adapter_for(stack.config.stages[-1].name)
+        (scored,) = await score(engine, [ids], adapter, req.top_logprobs)
+        extra = req.max_tokens or 0
+        text = (req.text if req.prompt_ids is None else tokenizer.decode(ids)) + "".join(
+            token_text(tokenizer, s.token) for s in scored[len(ids) - 1 :][:extra])  # fmt: skip
+        logprobs = completion_logprobs(tokenizer, ids, scored, 0, req.top_logprobs, extra) if req.logprobs else None
+        usage = {"prompt_tokens": len(ids), "completion_tokens": extra, "total_tokens": len(ids) + extra}
+        return {"text": text, "finish_reason": "length", "logprobs": logprobs}, usage, []
+    result = await state.answer(req, request)
+    logprobs = None
+    if req.logprobs:
+        engine = scoring_engine(stack, name, "'logprobs'")
+        ids, first = answer_sequence(stack, result)
+        (scored,) = await score(engine, [ids], stack.adapter_for(stack.config.stages[-1].name), req.top_logprobs)
+        logprobs = completion_logprobs(tokenizer, ids, scored, first, req.top_logprobs)
+    return ({"text": result.answer, "finish_reason": "stop", "logprobs": logprobs}, usage_of(result),
+            trace_of(result))  # fmt: skip
 
 
 @router.post("/v1/chat/completions")
@@ -88,13 +128,20 @@ async def chat(request: Request) -> Any:
     req = parse_chat(await state.read_json(request), state.settings.max_tokens)
     name, stack = state.stack_for(req.model)
     state.check_prompt(stack, req.text)
+    state.check_response_format(stack, name, req)
     created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     if not req.stream:
+        engine = scoring_engine(stack, name, "'logprobs'") if req.logprobs else None
         result = await state.answer(req, request)
+        logprobs = None
+        if engine is not None:
+            ids, first = answer_sequence(stack, result)
+            (scored,) = await score(engine, [ids], stack.adapter_for(stack.config.stages[-1].name), req.top_logprobs)
+            logprobs = chat_logprobs(stack.tokenizer, ids, scored, first, req.top_logprobs)
         state.served("/v1/chat/completions", start)
         return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
-                             "finish_reason": "stop"}],
+                             "finish_reason": "stop", "logprobs": logprobs}],
                 "usage": usage_of(result), "slmstack_trace": trace_of(result)}  # fmt: skip
     pending = await state.batchers[name].submit(stack, req.text, req.max_tokens, stream=True, overrides=req.overrides)
 

@@ -150,6 +150,39 @@ class ServerState:
             raise ApiError(400, f"The input has {n} tokens; the limit is {self.settings.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")  # fmt: skip
 
+    def check_prompt_ids(self, stack: Stack, req: CompletionRequest) -> None:
+        """A prompt given as token ids: ids of the model's vocabulary, decoded to the stack's input text."""
+        if req.prompt_ids is None:
+            return
+        if stack.model is None:
+            raise ApiError(400, "a prompt of token ids needs a model that runs in process; send text",
+                           param="prompt")  # fmt: skip
+        vocab = int(stack.model.config.vocab_size)
+        if max(req.prompt_ids) >= vocab:
+            raise ApiError(400, f"prompt holds token id {max(req.prompt_ids)}, outside the vocabulary of {vocab}",
+                           param="prompt")  # fmt: skip
+        if len(req.prompt_ids) > self.settings.max_prompt_tokens:
+            raise ApiError(400, f"The input has {len(req.prompt_ids)} tokens; the limit is "
+                           f"{self.settings.max_prompt_tokens}", param="prompt",
+                           code="context_length_exceeded")  # fmt: skip
+        req.text = stack.tokenizer.decode(req.prompt_ids)
+
+    def check_response_format(self, stack: Stack, name: str, req: CompletionRequest) -> None:
+        """A ``response_format`` the final stage can follow: compiled now, so that a bad schema is a 400."""
+        from slmstack.errors import InputError
+        from slmstack.stack.backends import RESPONSE_FORMAT_NEEDS_ENGINE, LocalBackend
+
+        fmt = req.overrides.get("response_format")
+        if fmt is None or not isinstance(stack.backend, LocalBackend):
+            return  # a remote backend enforces it itself
+        engine = stack.backend.engine
+        if engine is None:
+            raise ApiError(400, f"model '{name[:100]}': {RESPONSE_FORMAT_NEEDS_ENGINE}", param="response_format")
+        try:
+            engine.constraint(fmt)
+        except InputError as exc:
+            raise ApiError(400, str(exc), param="response_format") from None
+
     async def answer(self, req: CompletionRequest, request: Request) -> StackResult:
         """Run the request's chain and wait for it; a client that leaves frees its row."""
         pending = await self.batchers[req.model].submit(self.stacks[req.model], req.text, req.max_tokens,

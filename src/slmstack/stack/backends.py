@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "LocalBackend", "OpenAIBackend", "Row", "make_backend"]
 
+RESPONSE_FORMAT_NEEDS_ENGINE = (
+    "response_format needs slmstack's engine (engine: auto or native), which cannot run this model or was turned off"
+)
 OnText = Callable[[int, str], None]
 OnDone = Callable[[Any], None]
 
@@ -128,6 +131,7 @@ class LocalBackend(Backend):
         self.engine_mode, self.max_batch = self.options.mode, max_batch
         self._engine: Any = None
         self._scoring: Any = None
+        self.score_apart = False  # score on an engine of its own even where generation is exact (the server)
         self._hf: MicroBatchRunner | None = None
         self._converted = False
         self._lora_version: tuple = ()
@@ -169,10 +173,11 @@ class LocalBackend(Backend):
     def scoring_engine(self) -> Any:
         """The engine log-likelihoods are scored on: float32 whatever the generating engine's format.
 
-        Scores stay lm-eval's: where the generating engine is not exact, a second engine over the same weights.
+        Scores stay lm-eval's: where the generating engine is not exact, a second engine over the same weights
+        (with ``score_apart``, always a second one, so that scoring never waits for generation to finish).
         """
         engine = self.engine
-        if engine is None or engine.exact:
+        if engine is None or (engine.exact and not self.score_apart):
             return engine
         if self._scoring is None:
             from slmstack.engine import Engine
@@ -238,6 +243,8 @@ class LocalBackend(Backend):
         engine = self.engine  # once: it looks for adapters attached or trained since
         if engine is not None:
             return engine.submit(ids[0], row.adapter, settings, truncated=cut[0], on_text=on_text, on_done=on_done)
+        if settings.response_format is not None:
+            raise ConfigError(RESPONSE_FORMAT_NEEDS_ENGINE)
         return self._hf_runner().submit((text, row.adapter), _Key(settings, chat, max_input_tokens, on_overflow),
                                         on_text, on_done)  # fmt: skip
 
@@ -246,6 +253,7 @@ class LocalBackend(Backend):
         """One micro-batch through transformers' ``generate``, each row under its adapter."""
         if self.dtype in WEIGHT_FORMATS and self.dtype != FP16_WEIGHTS:
             raise ConfigError(f"dtype {self.dtype!r} needs the engine, which cannot run this model")
+
         if self.dtype == FP16_WEIGHTS and not self._converted:
             use_float16_weights(self.model)  # once every adapter is attached
             self._converted = True

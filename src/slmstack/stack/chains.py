@@ -93,6 +93,9 @@ def _advance(chain: Chain, row: Any, handle: Any) -> None:
         _end(chain, exc)
         return
     stage = chain.stages[chain.index]
+    request = getattr(handle, "request", None)  # an engine request: its token ids (the server's logprobs)
+    if request is not None and hasattr(request, "output"):
+        chain.result.token_ids = (list(request.prompt), [t for t in request.output if t not in request.eos])
     chain.values[stage.name] = out.text
     adapter = None if row.adapter == BASE_ADAPTER else row.adapter
     trace = StageTrace(stage.name, row.prompt, out.text, out.tokens_in, out.tokens_out,

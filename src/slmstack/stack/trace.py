@@ -33,6 +33,8 @@ class StackResult:
     input: str
     answer: str
     trace: list[StageTrace] = field(default_factory=list)
+    # the final stage's prompt and generated token ids (EOS left out), where it ran on the engine
+    token_ids: tuple[list[int], list[int]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready ``{"answer": ..., "trace": [...]}`` (plus the input)."""

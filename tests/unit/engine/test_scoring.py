@@ -93,3 +93,30 @@ def test_busy_engine_and_bad_requests_are_refused() -> None:
     busy = Scorer(model, tok, engine=engine).loglikelihood(PAIRS[:2])
     torch.testing.assert_close(torch.tensor([b[0] for b in busy]), torch.tensor([t[0] for t in _reference(model, tok,
                                PAIRS[:2])]))  # fmt: skip
+
+
+@pytest.mark.parametrize("adapter", ["__base__", "all"])
+def test_prompt_logprobs_equal_transformers_log_softmax(adapter: str | None) -> None:
+    # Prepare: two prompts of different lengths (one longer than a scoring step of 8 tokens)
+    model, tok = _peft_model(), build_tokenizer()
+    engine = Engine(model, tok, max_batch=2)
+    prompts = [tok("Question: red or blue?")["input_ids"], tok("hi")["input_ids"]]
+    # Execute
+    scored = engine.prompt_logprobs(prompts, adapter, top=3)
+    # Assert: each token's log-probability and the top 3 at its position are transformers' log-softmax; the last
+    # entry is the greedy next token after the whole prompt
+    from slmstack.engine.hf import only_adapter
+
+    for ids, tokens in zip(prompts, scored, strict=True):
+        assert len(tokens) == len(ids)
+        with only_adapter(model, adapter), torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        for j, t in enumerate(tokens):
+            row = logprobs[j]
+            expected = ids[j + 1] if j + 1 < len(ids) else int(row.argmax())
+            assert t.token == expected
+            torch.testing.assert_close(torch.tensor(t.logprob), row[expected], atol=1e-4, rtol=1e-5)
+            top = row.topk(3)
+            assert [i for i, _ in t.top] == top.indices.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in t.top]), top.values, atol=1e-4, rtol=1e-5)
+            assert t.top[0][1] >= t.logprob  # the greedy check lm-eval's client makes
