@@ -72,6 +72,44 @@ async def models(request: Request) -> dict[str, Any]:
                                        for n, st in state.stacks.items()]}  # fmt: skip
 
 
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request) -> Any:
+    """Serve a LoRA adapter on a served base model (vLLM's endpoint and body)."""
+    state = state_of(request)
+    message = await state.runtime.load_adapter(await state.read_json(request))
+    state.metrics.requests.labels("/v1/load_lora_adapter", "200").inc()
+    return PlainTextResponse(message)
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request) -> Any:
+    """Stop serving an adapter added with ``/v1/load_lora_adapter``."""
+    state = state_of(request)
+    message = await state.runtime.unload_adapter(await state.read_json(request))
+    state.metrics.requests.labels("/v1/unload_lora_adapter", "200").inc()
+    return PlainTextResponse(message)
+
+
+@router.post("/v1/stacks")
+async def add_stack(request: Request) -> dict[str, Any]:
+    """Serve a stack YAML (``{"path": ...}``) under its name."""
+    state = state_of(request)
+    name = await state.runtime.load_stack(await state.read_json(request))
+    state.metrics.requests.labels("/v1/stacks", "200").inc()
+    stages = [s.name for s in state.stacks[name].config.stages]
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "slmstack",
+            "slmstack_stages": stages}  # fmt: skip
+
+
+@router.delete("/v1/stacks/{name}")
+async def remove_stack(name: str, request: Request) -> dict[str, Any]:
+    """Stop serving a stack added with ``POST /v1/stacks``."""
+    state = state_of(request)
+    await state.runtime.remove(name)
+    state.metrics.requests.labels("/v1/stacks", "200").inc()
+    return {"id": name, "object": "model", "deleted": True}
+
+
 @router.post("/v1/completions")
 async def completions(request: Request) -> Any:
     """A completion of each prompt by the named stack (no streaming here); with ``echo``, the prompt scored."""

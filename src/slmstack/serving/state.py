@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from slmstack.serving.batcher import Batcher
 from slmstack.serving.requests import ApiError, CompletionRequest
+from slmstack.serving.runtime_models import RuntimeModels
 from slmstack.serving.settings import ServeSettings
 from slmstack.stack.runtime import Stack, StackResult
 
@@ -68,6 +69,10 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics.create)
     batchers: dict[str, Batcher] = field(default_factory=dict)  # model name -> the batcher of its backend
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM/SIGINT
+    runtime: RuntimeModels = field(init=False)  # models added and removed while serving
+
+    def __post_init__(self) -> None:
+        self.runtime = RuntimeModels(self)
 
     def on_batch(self, size: int, waits: list[float]) -> None:
         """A batcher's report: the rows of a step, and requests' queue waits."""
@@ -78,18 +83,21 @@ class ServerState:
 
     def start_batchers(self) -> None:
         """One batcher per backend (stacks on one base share its steps), stepping in its own thread."""
+        for name, stack in self.stacks.items():
+            self.start_batcher(name, stack)
+
+    def start_batcher(self, name: str, stack: Stack) -> None:
+        """Model ``name`` steps on its backend's batcher, started now if no served model has started it."""
         from slmstack.stack.backends import LocalBackend
 
-        by_backend: dict[int, Batcher] = {}
-        for name, stack in self.stacks.items():
-            if id(stack.backend) not in by_backend:
-                if not (isinstance(stack.backend, LocalBackend) and stack.backend._engine is not None):
-                    stack.backend.max_batch = self.settings.max_batch_size  # rows per step (a built engine keeps its)
-                batcher = Batcher(stack.backend, self.on_batch, stop=self.stopping,
-                                  max_wait_ms=self.settings.max_wait_ms)  # fmt: skip
-                batcher.start()
-                by_backend[id(stack.backend)] = batcher
-            self.batchers[name] = by_backend[id(stack.backend)]
+        shared = next((self.batchers[n] for n, s in self.stacks.items() if s.backend is stack.backend
+                       and n in self.batchers), None)  # fmt: skip
+        if shared is None:
+            if not (isinstance(stack.backend, LocalBackend) and stack.backend._engine is not None):
+                stack.backend.max_batch = self.settings.max_batch_size  # rows per step (a built engine keeps its)
+            shared = Batcher(stack.backend, self.on_batch, stop=self.stopping, max_wait_ms=self.settings.max_wait_ms)
+            shared.start()
+        self.batchers[name] = shared
 
     async def stop_batchers(self) -> None:
         """Stop every batcher; requests in flight end as cancelled."""
@@ -136,6 +144,8 @@ class ServerState:
 
     def stack_for(self, name: str) -> tuple[str, Stack]:
         """The stack served as model ``name``."""
+        if name in self.runtime.unloading:
+            raise ApiError(404, f"The model '{name[:100]}' is being unloaded", param="model", code="model_not_found")
         if name not in self.stacks:
             raise ApiError(404, f"The model '{name[:100]}' does not exist; GET /v1/models lists them",
                            param="model", code="model_not_found")  # fmt: skip
