@@ -14,9 +14,11 @@ the ``BACKENDS`` registry.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from slmstack.engine.hf import generate_batch
@@ -35,11 +37,21 @@ from slmstack.formats import FP16_WEIGHTS, WEIGHT_FORMATS, engine_weights
 from slmstack.fp16_weights import use_float16_weights
 from slmstack.registry import Registry
 from slmstack.stack.config import BackendConfig
-from slmstack.stack.openai_client import BackendError, OpenAIClient
+from slmstack.stack.openai_client import MAX_STOP, BackendError, OpenAIClient
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "LocalBackend", "OpenAIBackend", "Row", "make_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "LlamaCppBackend",
+    "LocalBackend",
+    "OpenAIBackend",
+    "Row",
+    "VLLMBackend",
+    "make_backend",
+]
 
 RESPONSE_FORMAT_NEEDS_ENGINE = (
     "response_format needs slmstack's engine (engine: auto or native), which cannot run this model or was turned off"
@@ -264,19 +276,34 @@ class LocalBackend(Backend):
         )  # fmt: skip
 
 
+@dataclass
+class _RemoteRow:
+    """A row sent to a remote server, and its own cancel flag (the client that asked for it left)."""
+
+    row: Row
+    cancelled: threading.Event
+
+
 class OpenAIBackend(Backend):
     """An OpenAI-compatible server: each row is one chat (or completion) request under its adapter's model name.
 
     The server batches concurrent requests itself (vLLM's continuous batching), so a micro-batch's rows are sent
-    concurrently, ``max_concurrency`` at a time. With ``on_text`` the requests stream and each row's
-    deltas are passed on as they arrive.
+    concurrently, ``max_concurrency`` at a time. Every request streams: each row's deltas are passed on as they
+    arrive, and a row whose caller has gone (a server's client disconnected) closes its connection, which vLLM
+    and llama.cpp's server take as an abort. Connection errors, timeouts, 429 and 5xx answers are retried
+    ``retries`` times with exponential backoff before the first token arrives. The ``openai`` kind sends what
+    OpenAI's API defines (at most 4 stop strings; more are cut, with a warning); :class:`VLLMBackend` and
+    :class:`LlamaCppBackend` add what their engines need.
     """
+
+    max_stop: int | None = MAX_STOP
 
     def __init__(self, config: BackendConfig, chat: bool) -> None:
         self.config, self.chat = config, chat
-        self.client = OpenAIClient(config.url, config.api_key_env, config.timeout_s)
+        self.client = OpenAIClient(config.url, config.api_key_env, config.timeout_s, retries=config.retries)
         self.max_batch = 4 * config.max_concurrency
         self._runner = MicroBatchRunner(self._batch, self.max_batch)
+        self._warned_stop = False
 
     @property
     def runner(self) -> MicroBatchRunner:
@@ -286,7 +313,16 @@ class OpenAIBackend(Backend):
     def submit(self, row: Row, settings: Any, chat: bool, max_input_tokens: int | None, on_overflow: str,
                on_text: Callable[[str], None] | None = None, on_done: OnDone | None = None) -> Any:  # fmt: skip
         """Queue one row for the next micro-batch (the remote engine applies its own input limit)."""
-        return self._runner.submit(row, _Key(settings, chat, None, "truncate"), on_text, on_done)
+        item = _RemoteRow(row, threading.Event())
+        handle = self._runner.submit(item, _Key(settings, chat, None, "truncate"), on_text, on_done)
+        plain_cancel = handle.cancel
+
+        def cancel() -> None:  # this row's request is closed at once, whatever its batch-mates do
+            item.cancelled.set()
+            plain_cancel()
+
+        handle.cancel = cancel
+        return handle
 
     def model_input(self, role: str, prompt: str, chat: bool) -> str:
         """What is sent: the prompt (the server applies its own chat template), or role and prompt as plain text."""
@@ -300,24 +336,121 @@ class OpenAIBackend(Backend):
         """The remote model name a stage's adapter is served under."""
         return self.config.base_model if adapter == BASE_ADAPTER else self.config.models.get(adapter, adapter)
 
-    def _batch(self, key: _Key, rows: list[Row], on_text: OnText | None, cancel: Any) -> list[Generated]:
-        """Send a micro-batch's rows concurrently and wait for all."""
-        workers = min(len(rows), self.config.max_concurrency)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slmstack-backend") as pool:
-            return list(pool.map(lambda i: self._one(i, rows[i], key.settings, on_text), range(len(rows))))
+    def request_fields(self, settings: Any, adapter: str) -> dict[str, Any]:
+        """Fields this kind of server needs beyond OpenAI's (merged into each request's body)."""
+        return {}
 
-    def _one(self, index: int, row: Row, settings: Any, on_text: OnText | None) -> Generated:
+    def _batch(self, key: _Key, items: list[_RemoteRow], on_text: OnText | None, cancel: Any) -> list[Generated]:
+        """Send a micro-batch's rows concurrently and wait for all."""
+        workers = min(len(items), self.config.max_concurrency)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="slmstack-backend") as pool:
+            return list(pool.map(lambda i: self._one(i, items[i], key.settings, on_text, cancel), range(len(items))))
+
+    def _one(self, index: int, item: _RemoteRow, settings: Any, on_text: OnText | None, cancel: Any) -> Generated:
+        row = item.row
         path, body = self.client.body(self.model_name(row.adapter), settings, row.role, row.prompt, self.chat,
-                                      stream=on_text is not None)  # fmt: skip
-        if on_text is None:
-            done = self.client.complete(path, body)
-        else:
-            for event in self.client.stream(path, body):
-                if isinstance(event, str):
+                                      stream=True)  # fmt: skip
+        stops = list(settings.stop)
+        if self.max_stop is not None and len(stops) > self.max_stop and not self._warned_stop:
+            logger.warning("backend %s takes %d stop strings; the rest are not sent", self.config.url, self.max_stop)
+            self._warned_stop = True
+        if stops:
+            body["stop"] = stops if self.max_stop is None else stops[: self.max_stop]
+        if settings.response_format is not None:
+            body["response_format"] = settings.response_format
+        body.update(self.request_fields(settings, row.adapter))
+        done = None
+        for event in self.client.stream(path, body, cancelled=lambda: item.cancelled.is_set() or cancel.is_set()):
+            if isinstance(event, str):
+                if on_text is not None:
                     on_text(index, event)
-                else:
-                    done = event
+            else:
+                done = event
+        if done is None:  # the stream was closed because the row was cancelled
+            raise GenerationCancelled("generation was cancelled")
         return Generated(done.text, done.prompt_tokens, done.completion_tokens)
+
+
+class VLLMBackend(OpenAIBackend):
+    """vLLM's OpenAI server (``vllm serve BASE --enable-lora --lora-modules NAME=PATH ...``).
+
+    At start-up ``/v1/models`` must list the base model and every adapter name the stack maps a stage to; the
+    missing ones are named in one line. Each request carries ``top_k`` and every stop string.
+    """
+
+    max_stop = None
+
+    def __init__(self, config: BackendConfig, chat: bool) -> None:
+        super().__init__(config, chat)
+        served = self.client.model_ids()
+        wanted = [config.base_model, *config.models.values()]
+        missing = [m for m in dict.fromkeys(wanted) if m not in served]
+        if missing:
+            raise ConfigError(
+                f"backend {config.url}: vLLM does not serve {', '.join(map(repr, missing))} (it serves "
+                f"{', '.join(map(repr, served)) or 'nothing'}); start it with --enable-lora --lora-modules "
+                "NAME=PATH, or fix backend.base_model / backend.models"
+            )  # fmt: skip
+
+    def request_fields(self, settings: Any, adapter: str) -> dict[str, Any]:
+        """``top_k`` (vLLM's -1 for none) and the repetition penalty under vLLM's name."""
+        fields: dict[str, Any] = {"top_k": settings.top_k or -1}
+        if settings.repetition_penalty != 1.0:
+            fields["repetition_penalty"] = settings.repetition_penalty
+        return fields
+
+
+class LlamaCppBackend(OpenAIBackend):
+    """llama.cpp's ``llama-server``, with LoRA adapters loaded by ``--lora FILE``.
+
+    ``slmstack export --format gguf-lora`` writes the files and the command line.
+    llama-server applies every loaded adapter to every request at its global scale unless the request carries a
+    ``lora`` list, so each request sends one: the stage's adapter at scale 1 and every other at 0 (all zeros for a
+    bare stage). ``backend.models`` maps a stage to its adapter file (the path llama-server lists at
+    ``/lora-adapters``, or its file name). Sampling is pinned so that a stage's settings mean what they mean on
+    slmstack's engine: ``top_k`` (0: none), ``min_p`` 0 and ``typical_p`` 1 (llama.cpp's defaults are 40, 0.05
+    and 1), and the repetition penalty as ``repeat_penalty`` over the whole sequence (``repeat_last_n`` -1), as
+    transformers applies it.
+    """
+
+    max_stop = None
+
+    def __init__(self, config: BackendConfig, chat: bool) -> None:
+        super().__init__(config, chat)
+        root = config.url.rstrip("/").removesuffix("/v1")
+        listed = self.client.get_json(f"{root}/lora-adapters")
+        if not isinstance(listed, list):
+            raise ConfigError(f"backend {config.url}: /lora-adapters did not answer a list; is this llama-server?")
+        self.lora_ids: dict[str, int] = {}
+        for entry in listed:
+            path = str(entry.get("path", ""))
+            for alias in (path, Path(path).name, Path(path).stem):
+                self.lora_ids.setdefault(alias, int(entry["id"]))
+        self.all_ids = sorted({int(e["id"]) for e in listed})
+        missing = [m for m in dict.fromkeys(config.models.values()) if m not in self.lora_ids]
+        if missing:
+            loaded = ", ".join(repr(str(e.get("path"))) for e in listed) or "none"
+            names = ", ".join(map(repr, missing))
+            raise ConfigError(f"backend {config.url}: llama-server has no LoRA adapter {names} (loaded: {loaded}); "
+                              "start it with --lora FILE for each, or fix backend.models")  # fmt: skip
+
+    def model_name(self, adapter: str) -> str:
+        """llama-server serves one model; the adapter goes in the ``lora`` field."""
+        return self.config.base_model
+
+    def request_fields(self, settings: Any, adapter: str) -> dict[str, Any]:
+        """The ``lora`` scales and llama.cpp's names for the sampling settings."""
+        file = None if adapter == BASE_ADAPTER else self.config.models.get(adapter, adapter)
+        mine = self.lora_ids.get(file) if file is not None else None
+        if file is not None and mine is None:
+            raise ConfigError(f"backend {self.config.url}: no llama-server adapter for stage adapter {adapter!r}; "
+                              "map it in backend.models")  # fmt: skip
+        fields: dict[str, Any] = {
+            "lora": [{"id": i, "scale": 1.0 if i == mine else 0.0} for i in self.all_ids],
+            "top_k": settings.top_k, "min_p": 0.0, "typical_p": 1.0, "top_p": settings.top_p,
+            "repeat_penalty": settings.repetition_penalty, "repeat_last_n": -1, "seed": settings.seed,
+        }  # fmt: skip
+        return fields
 
 
 _LORA_PARAMS = "_slmstack_lora_params"  # on the peft model: (its adapters' identity, their LoRA parameters)
@@ -350,6 +483,8 @@ def _lora_version(model: Any) -> tuple:
 
 BACKENDS: Registry[Callable[[BackendConfig, bool], Any]] = Registry("backend")
 BACKENDS.add("openai", OpenAIBackend)
+BACKENDS.add("vllm", VLLMBackend)
+BACKENDS.add("llamacpp", LlamaCppBackend)
 
 
 def make_backend(config: BackendConfig, chat: bool) -> Any:

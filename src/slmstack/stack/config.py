@@ -49,15 +49,17 @@ class BackendConfig:
           models: {recall: recall, answer: answer}
     """
 
-    type: str = field(default="openai", metadata={"help": "backend kind (openai)"})
+    type: str = field(default="openai", metadata={"help": "backend kind: openai, vllm or llamacpp"})
     url: str = field(metadata={"help": "the server's base URL, ending in /v1"})
     base_model: str = field(metadata={"help": "model name of the bare base model there"})
     models: dict[str, str] = field(default_factory=dict, metadata={"help": "stage -> model name of its adapter"})
     api_key_env: str | None = field(default=None, metadata={"help": "environment variable holding the API key"})
     timeout_s: float = 300.0
     max_concurrency: int = field(default=16, metadata={"help": "rows sent at once"})
+    retries: int = field(default=2, metadata={"help": "extra tries after a connection error, a timeout, 429 or 5xx"})
 
     def __post_init__(self) -> None:
+        check_range(self, "retries", 0, 10, prefix="backend.")
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"backend.url: {self.url!r} is not an http(s) URL; e.g. http://127.0.0.1:8001/v1")
         check_range(self, "timeout_s", 0, low_open=True, prefix="backend.")

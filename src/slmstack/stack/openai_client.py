@@ -29,6 +29,10 @@ class BackendError(SlmstackError, RuntimeError):
     """A remote OpenAI-compatible server did not answer, or answered with an error."""
 
 
+class _Transient(Exception):
+    """A failure worth retrying (429, a 5xx)."""
+
+
 @dataclass
 class Completion:
     """One answer: its text, why it ended (``stop``, ``length``, ...), and the server's token counts."""
@@ -69,8 +73,6 @@ class OpenAIClient:
             body.update(top_p=settings.top_p, seed=settings.seed)
         if settings.stop:
             body["stop"] = list(settings.stop)[:MAX_STOP]
-        if settings.repetition_penalty != 1.0:
-            body["repetition_penalty"] = settings.repetition_penalty  # vLLM and llama.cpp accept it
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         if chat:
@@ -92,32 +94,79 @@ class OpenAIClient:
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise BackendError(f"{self.url} ({body['model']}): malformed answer ({exc})") from None
 
-    def stream(self, path: str, body: dict[str, Any]) -> Iterator[str | Completion]:
-        """Send one streaming request: each piece of text as it arrives, then the whole :class:`Completion`."""
+    def stream(self, path: str, body: dict[str, Any],
+               cancelled: Any = None) -> Iterator[str | Completion]:  # fmt: skip
+        """Send one streaming request: each piece of text as it arrives, then the whole :class:`Completion`.
+
+        ``cancelled()`` is asked before each piece: when true the connection is closed (the server aborts the
+        request) and nothing more is yielded. A transient failure before the first piece is retried.
+        """
         import httpx
 
         pieces, usage, reason = [], {}, None
-        try:
-            with self.http.stream("POST", path, json=body) as response:
-                self._raise_for(response, body["model"])
-                for line in response.iter_lines():
-                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                        continue
-                    data = json.loads(line[5:])
-                    usage = data.get("usage") or usage
-                    for choice in data.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        piece = delta.get("content") if "messages" in body else choice.get("text")
-                        reason = choice.get("finish_reason") or reason
-                        if piece:
-                            pieces.append(piece)
-                            yield piece
-        except httpx.HTTPError as exc:
-            raise BackendError(f"{self.url} ({body['model']}): {exc}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BackendError(f"{self.url} ({body['model']}): malformed answer ({exc})") from None
+        for attempt in range(self.retries + 1):
+            try:
+                with self.http.stream("POST", path, json=body) as response:
+                    if response.status_code >= 500 or response.status_code == 429:
+                        response.read()
+                        raise _Transient(f"answered {response.status_code}")
+                    self._raise_for(response, body["model"])
+                    for line in response.iter_lines():
+                        if cancelled is not None and cancelled():
+                            return  # leaving the block closes the connection
+                        if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                            continue
+                        data = json.loads(line[5:])
+                        usage = data.get("usage") or usage
+                        for choice in data.get("choices") or []:
+                            delta = choice.get("delta") or {}
+                            piece = delta.get("content") if "messages" in body else choice.get("text")
+                            reason = choice.get("finish_reason") or reason
+                            if piece:
+                                pieces.append(piece)
+                                yield piece
+                break
+            except (_Transient, httpx.TransportError) as exc:
+                if pieces or attempt == self.retries:
+                    raise BackendError(f"{self.url} ({body['model']}) failed after {attempt + 1} tries "
+                                       f"({exc})") from None  # fmt: skip
+                delay = self.backoff_s * 2**attempt
+                logger.warning("%s failed (%s); retry %d in %.1fs", self.url, exc, attempt + 1, delay)
+                time.sleep(delay)
+            except httpx.HTTPError as exc:
+                raise BackendError(f"{self.url} ({body['model']}): {exc}") from None
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise BackendError(f"{self.url} ({body['model']}): malformed answer ({exc})") from None
         yield Completion("".join(pieces).strip(), reason, int(usage.get("prompt_tokens", 0)),
                          int(usage.get("completion_tokens", 0)))  # fmt: skip
+
+    def get_json(self, url: str) -> Any:
+        """GET a JSON document (``url`` absolute, or relative to the base URL).
+
+        Raises:
+            ConfigError: the server cannot be reached or does not answer JSON (a start-up check's one line).
+        """
+        import httpx
+
+        from slmstack.errors import ConfigError
+
+        try:
+            response = self.http.get(url)
+            response.raise_for_status()
+            return response.json()
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"backend {self.url}: {url} did not answer ({type(exc).__name__}: {str(exc)[:120]}); "
+                              "is the server running there?") from None  # fmt: skip
+
+    def model_ids(self) -> list[str]:
+        """The model names ``/models`` lists."""
+        data = self.get_json("/models")
+        try:
+            return [str(m["id"]) for m in data["data"]]
+        except (KeyError, TypeError) as exc:
+            from slmstack.errors import ConfigError
+
+            raise ConfigError(f"backend {self.url}: /models answered no model list ({exc})") from None
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         import httpx
