@@ -38,6 +38,7 @@ __all__ = [
     "GGUFSource",
     "Int4Groups",
     "attach_gguf_source",
+    "gguf_arch",
     "gguf_source",
     "unpack_4bit",
     "unpack_8bit",
@@ -109,6 +110,25 @@ def unpack_8bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 BLOCKS_FILE = "gguf-groups.safetensors"  # beside the dequantized weights in the model cache
 
 
+def gguf_arch(config: Any) -> tuple[Any, str]:
+    """The gguf package's architecture enum and name for a transformers config.
+
+    Raises:
+        ConfigError: llama.cpp has no such architecture.
+    """
+    from gguf import MODEL_ARCH_NAMES
+
+    from slmstack.errors import ConfigError
+
+    name = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}.get(
+        config.model_type, config.model_type
+    )
+    arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == name), None)
+    if arch is None:
+        raise ConfigError(f"llama.cpp has no architecture {name!r}")
+    return arch, name
+
+
 def _read_gguf(path: Path, model: Any) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Each of ``model``'s weights' block type in ``path``, and its 4-bit blocks as packed int4 groups.
 
@@ -118,14 +138,11 @@ def _read_gguf(path: Path, model: Any) -> tuple[dict[str, str], dict[str, torch.
     ``{name}.scale`` and ``{name}.low`` (out, in / 32) float32; Q8_0 groups as ``{name}.q8`` (out, in) int8 and
     ``{name}.scale``.
     """
-    from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, get_tensor_name_map
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, get_tensor_name_map
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     config = model.config
-    arch_name = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}.get(
-        config.model_type, config.model_type
-    )
-    arch = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch_name)
+    arch, arch_name = gguf_arch(config)
     table = get_tensor_name_map(arch, config.num_hidden_layers)
     processor = TENSOR_PROCESSORS.get(arch_name, TensorProcessor)(config={
         "num_attention_heads": config.num_attention_heads,

@@ -44,6 +44,7 @@ __all__ = [
     "LoadedModel",
     "PackagedModel",
     "ResolvedRef",
+    "model_folder",
     "cache_root",
     "default_gguf_path",
     "list_cached_models",
@@ -236,6 +237,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     )
     return "bf16" if native else "fp32"
+
+
+def model_folder(ref: str | Path) -> Path | None:
+    """The Hugging Face model folder a reference loads from (None for a hub id: it loads from the hub).
+
+    A GGUF's dequantized cache (made now if needed), or a local folder itself.
+    """
+    resolved = resolve_model_ref(ref)
+    if resolved.kind == "gguf":
+        return _gguf_cache_dir(Path(resolved.location))
+    return Path(resolved.location) if resolved.kind == "dir" else None
 
 
 def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -11,7 +11,19 @@ import logging
 import sys
 from typing import NoReturn
 
-from slmstack.cli import attribute, evaluate, federate, index, prune, run, serve, study, train, transfer  # noqa: F401
+from slmstack.cli import (  # noqa: F401
+    attribute,
+    evaluate,
+    export,
+    federate,
+    index,
+    prune,
+    run,
+    serve,
+    study,
+    train,
+    transfer,
+)
 from slmstack.cli.common import VERBS
 from slmstack.errors import SlmstackError
 

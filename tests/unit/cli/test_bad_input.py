@@ -63,6 +63,16 @@ ROWS: list[tuple[str, str, str]] = [
     ("index", "--corpus {corpus_ok} --out {foreign_dir}", "not written by slmstack index"),
     ("index", "--corpus {corpus_ok} --out {tmp}/i --kind dense", "unknown retriever 'dense'"),
     ("index", "--corpus {corpus_dup} --out {tmp}/i", "id 'a' is used twice"),
+    # ---- export
+    ("export", "--stack {stack} --format gguf-lora --out {tmp}/x", "has no stage with an adapter"),
+    ("export", "--stack {stack} --format vllm --out {tmp}/x", "has no stage with an adapter"),
+    ("export", "--stack {stack_adapted} --format onnx --out {tmp}/x", "invalid choice: 'onnx'"),
+    ("export", "--stack {stack_adapted} --format merged --out {file}", "exists and is not a directory"),
+    ("export", "--stack {stack_adapted} --format merged --out {foreign_dir}", "not written by slmstack export"),
+    ("export", "--stack {remote_ok} --format merged --out {tmp}/x", "runs on a remote backend"),
+    ("export", "--stack {stack_adapter_corrupt} --format gguf-lora --out {tmp}/x", "cannot read the adapter weights"),
+    ("export", "--stack {tmp}/none.yaml --format merged --out {tmp}/x", "none.yaml"),
+    ("export", "--stack {dir} --format merged --out {tmp}/x", "is a directory"),
     # ---- models
     ("models", "--nope", "unrecognized arguments"),
     ("models", "extra", "unrecognized arguments: extra"),
@@ -350,6 +360,9 @@ def _build_bad_files(root: Path, model: Path) -> dict[str, str]:
             weights if isinstance(weights, bytes) else weights.read_bytes()
         )
     f["stack"] = write_yaml(root / "stack.yaml", stack_dict(model, max_new=4))
+    f["stack_adapted"] = write_yaml(root / "stack_adapted.yaml", stack_dict(model, {"first": good_adapter}, 4))
+    f["stack_adapter_corrupt"] = write_yaml(root / "stack_adapter_corrupt.yaml",
+                                            stack_dict(model, {"first": f["adapter_corrupt"]}, 4))  # fmt: skip
     f["questions"] = root / "q.jsonl"
     f["questions"].write_text('{"input": "hi"}\n')
     f["bad_jsonl"] = root / "bad.jsonl"
@@ -693,6 +706,7 @@ OWNED: list[tuple[str, str, str]] = [  # (verb, argv template with {own}, what {
     ("study", "--config {study_ok} --out {own}", "dir"),
     ("attribute", "--stack {stack} --tasks {task_gold_text} --out {own}", "dir"),
     ("index", "--corpus {corpus_ok} --out {own}", "dir"),
+    ("export", "--stack {stack_adapted} --format merged --out {own}", "dir"),
 ]
 WRITES_NOTHING = {"models": "prints what is cached", "serve": "answers requests; writes no file"}
 
