@@ -63,10 +63,17 @@ def _run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- models
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--folder", metavar="REF", help="print only the Hugging Face folder REF loads from (a GGUF's "
+                   "dequantized copy, made now if needed): the tokenizer to give lm-eval or vLLM")  # fmt: skip
 
 
 def _models(args: argparse.Namespace) -> int:
-    from slmstack.models import DEFAULT_GGUF_NAME, cache_root, default_gguf_path, list_cached_models
+    from slmstack.models import DEFAULT_GGUF_NAME, cache_root, default_gguf_path, list_cached_models, model_folder
+
+    if args.folder is not None:
+        folder = model_folder(args.folder)
+        print(folder if folder is not None else args.folder)  # a hub id is its own name
+        return 0
 
     try:
         default: Any = str(default_gguf_path())

@@ -409,8 +409,8 @@ class LlamaCppBackend(OpenAIBackend):
     bare stage). ``backend.models`` maps a stage to its adapter file (the path llama-server lists at
     ``/lora-adapters``, or its file name). Sampling is pinned so that a stage's settings mean what they mean on
     slmstack's engine: ``top_k`` (0: none), ``min_p`` 0 and ``typical_p`` 1 (llama.cpp's defaults are 40, 0.05
-    and 1), and the repetition penalty as ``repeat_penalty`` over the whole sequence (``repeat_last_n`` -1), as
-    transformers applies it.
+    and 1), and the repetition penalty as ``repeat_penalty`` over the whole context (``repeat_last_n``: the server's
+    context size, read from ``/props``), as transformers applies it.
     """
 
     max_stop = None
@@ -427,6 +427,9 @@ class LlamaCppBackend(OpenAIBackend):
             for alias in (path, Path(path).name, Path(path).stem):
                 self.lora_ids.setdefault(alias, int(entry["id"]))
         self.all_ids = sorted({int(e["id"]) for e in listed})
+        props = self.client.get_json(f"{root}/props")  # the context size: the repetition penalty's window
+        settings = props.get("default_generation_settings", {}) if isinstance(props, dict) else {}
+        self.context = int(settings.get("n_ctx") or props.get("n_ctx") or 4096)
         missing = [m for m in dict.fromkeys(config.models.values()) if m not in self.lora_ids]
         if missing:
             loaded = ", ".join(repr(str(e.get("path"))) for e in listed) or "none"
@@ -448,7 +451,7 @@ class LlamaCppBackend(OpenAIBackend):
         fields: dict[str, Any] = {
             "lora": [{"id": i, "scale": 1.0 if i == mine else 0.0} for i in self.all_ids],
             "top_k": settings.top_k, "min_p": 0.0, "typical_p": 1.0, "top_p": settings.top_p,
-            "repeat_penalty": settings.repetition_penalty, "repeat_last_n": -1, "seed": settings.seed,
+            "repeat_penalty": settings.repetition_penalty, "repeat_last_n": self.context, "seed": settings.seed,
         }  # fmt: skip
         return fields
 

@@ -78,6 +78,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("models", "extra", "unrecognized arguments: extra"),
     ("models", "--json=yes", "ignored explicit argument"),
     ("models", "env:SLMSTACK_CACHE={file}", "is not a directory"),
+    ("models", "--folder {tmp}/nowhere", "does not exist"),
+    ("models", "--folder {corrupt_gguf}", "not a GGUF file"),
     ("models", "env:SLMSTACK_CACHE={cache_badmarker}", "cache entry marker is not valid JSON"),
     ("models", "env:SLMSTACK_CACHE={cache_listmarker}", "cache entry marker is not a JSON object"),
     # ---- distill

@@ -32,6 +32,10 @@ class Fake:
         async def models():
             return {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
 
+        @app.get("/props")
+        async def props():
+            return {"default_generation_settings": {"n_ctx": 2048}}
+
         @app.get("/lora-adapters")
         async def loras():
             return [{"id": i, "path": p, "scale": 1.0} for i, p in enumerate(self.loras)]
@@ -129,7 +133,7 @@ def test_llamacpp_sends_each_stages_lora_scales_and_pins_its_samplers() -> None:
                      [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}],  # second, a bare stage: none
                      [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]]  # fmt: skip
     body = fake.calls[0]
-    assert body["repeat_penalty"] == 1.3 and "repetition_penalty" not in body and body["repeat_last_n"] == -1
+    assert body["repeat_penalty"] == 1.3 and "repetition_penalty" not in body and body["repeat_last_n"] == 2048
     assert body["top_k"] == 7 and body["min_p"] == 0.0 and body["typical_p"] == 1.0 and body["stop"] == STOPS
 
 
