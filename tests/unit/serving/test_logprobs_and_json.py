@@ -160,3 +160,21 @@ def test_bad_logprobs_echo_and_format_fields_get_a_400(served, path, extra, frag
                                  {"prompt": "x"}), **extra}  # fmt: skip
     reply = httpx.post(f"{base}/v1/{'chat/completions' if path == 'chat' else 'completions'}", json=body)
     assert reply.status_code == 400 and fragment in reply.json()["error"]["message"], reply.text
+
+
+def test_lm_evals_local_chat_completions_client_generates_through_the_server(served) -> None:
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.api_models import JsonChatStr
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    base, _ = served
+    client = LocalChatCompletion(base_url=f"{base}/v1/chat/completions", model="plain", max_retries=1)
+    messages = [{"role": "user", "content": f"say {w}"} for w in ("red", "blue")]
+    requests = [Instance("generate_until", {}, (JsonChatStr(json.dumps([m])), {"until": ["\n\n"], "max_gen_toks": 8}),
+                         i) for i, m in enumerate(messages)]  # fmt: skip
+    theirs = client.generate_until(requests, disable_tqdm=True)
+    ours = [openai.OpenAI(base_url=f"{base}/v1", api_key="x").chat.completions.create(
+        model="plain", messages=[m], max_tokens=8, stop=["\n\n"], temperature=0).choices[0].message.content
+        for m in messages]  # fmt: skip
+    assert theirs == ours and all(theirs)
