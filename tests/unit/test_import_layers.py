@@ -28,7 +28,8 @@ ALLOWED = {
     "transfer": {CORE, "engine", "evaluation", "stack", "training"},
     "study": {CORE, "engine", "evaluation", "retrieval", "stack", "training"},
     "serving": {CORE, "engine", "stack"},
-    "cli": {CORE, "engine", "evaluation", "federated", "pruning", "retrieval", "serving", "stack", "study",
+    "export": {CORE, "stack"},
+    "cli": {CORE, "engine", "evaluation", "export", "federated", "pruning", "retrieval", "serving", "stack", "study",
             "training", "transfer"},
 }  # fmt: skip
 ROOT = "slmstack"

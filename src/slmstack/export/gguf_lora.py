@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slmstack.export import EXPORTERS
+from slmstack.export.base import EXPORTERS
 from slmstack.export.common import adapter_stages, backend_stack, write_launch
 
 __all__ = ["llama_cpp_rows", "write_adapter_gguf", "write_gguf_lora"]

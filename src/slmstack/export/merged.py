@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slmstack.export import EXPORTERS
+from slmstack.export.base import EXPORTERS
 
 __all__ = ["write_merged"]
 

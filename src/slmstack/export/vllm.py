@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from slmstack.export import EXPORTERS
+from slmstack.export.base import EXPORTERS
 from slmstack.export.common import adapter_stages, backend_stack, max_rank, write_launch
 
 __all__ = ["write_vllm"]
