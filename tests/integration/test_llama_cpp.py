@@ -38,8 +38,21 @@ def _start(gguf: str, loras: list[Path]) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     # --no-cache-prompt: every request computes its whole prompt, so two requests with one prompt get one text (with
     # the cache on, a prompt whose prefix is cached is computed in other chunks, which moves near-ties)
-    argv = [SERVER, "-m", gguf, "--port", str(port), "-c", "2048", "-t", "2", "--no-webui", "-np", "1",
-            "--no-cache-prompt"]
+    argv = [
+        SERVER,
+        "-m",
+        gguf,
+        "--port",
+        str(port),
+        "-c",
+        "2048",
+        "-t",
+        "2",
+        "--no-webui",
+        "-np",
+        "1",
+        "--no-cache-prompt",
+    ]
     for lora in loras:
         argv += ["--lora", str(lora)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

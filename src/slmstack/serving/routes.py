@@ -75,18 +75,20 @@ async def models(request: Request) -> dict[str, Any]:
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(request: Request) -> Any:
     """Serve a LoRA adapter on a served base model (vLLM's endpoint and body)."""
-    state = state_of(request)
-    message = await state.runtime.load_adapter(await state.read_json(request))
-    state.metrics.requests.labels("/v1/load_lora_adapter", "200").inc()
-    return PlainTextResponse(message)
+    return await _adapter_change(request, "load")
 
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(request: Request) -> Any:
     """Stop serving an adapter added with ``/v1/load_lora_adapter``."""
+    return await _adapter_change(request, "unload")
+
+
+async def _adapter_change(request: Request, action: str) -> Any:
     state = state_of(request)
-    message = await state.runtime.unload_adapter(await state.read_json(request))
-    state.metrics.requests.labels("/v1/unload_lora_adapter", "200").inc()
+    change = state.runtime.load_adapter if action == "load" else state.runtime.unload_adapter
+    message = await change(await state.read_json(request))
+    state.metrics.requests.labels(request.url.path, "200").inc()
     return PlainTextResponse(message)
 
 

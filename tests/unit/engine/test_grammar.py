@@ -36,10 +36,10 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHE
 
 
 def test_constrained_rows_validate_and_share_a_batch_with_free_rows() -> None:
-    # Prepare: a random tiny model (it would never write JSON on its own), 20 prompts, 4 of them unconstrained
+    # Prepare: a random tiny model (it would never write JSON on its own), 20 constrained prompts and 5 free ones
     model, tok = build_tiny_llama(), build_tokenizer()
-    engine = Engine(model, tok, max_batch=24)
-    prompts = [tok(f"item {i}:")["input_ids"] for i in range(20)]
+    engine = Engine(model, tok, max_batch=25)
+    prompts = [tok(f"item {i}:")["input_ids"] for i in range(25)]
     constrained = GenerationSettings(max_new_tokens=160, response_format=FORMAT)
     free = GenerationSettings(max_new_tokens=12)
     # Execute: every row in one engine run, then the free rows alone
@@ -47,10 +47,11 @@ def test_constrained_rows_validate_and_share_a_batch_with_free_rows() -> None:
     engine.run()
     alone = [engine.submit(p, settings=free) for i, p in enumerate(prompts) if i % 5 == 0]
     engine.run()
-    # Assert: every constrained reply parses and validates; the free rows are what they are without company
-    for i, h in enumerate(handles):
-        if i % 5:
-            jsonschema.validate(json.loads(h.generated().text), SCHEMA)
+    # Assert: every constrained reply (20) parses and validates; the free rows are what they are without company
+    constrained_rows = [h for i, h in enumerate(handles) if i % 5]
+    assert len(constrained_rows) == 20
+    for h in constrained_rows:
+        jsonschema.validate(json.loads(h.generated().text), SCHEMA)
     assert [h.generated().text for i, h in enumerate(handles) if i % 5 == 0] == [h.generated().text for h in alone]
     assert not any(_parses(h.generated().text) for h in alone)  # the model alone writes no JSON
 

@@ -25,7 +25,9 @@ def served(tiny_model_dir: Path):
     from slmstack.serving.server import load_stacks
     from slmstack.serving.settings import ServeSettings
 
-    stacks = load_stacks([], [f"plain={tiny_model_dir}"])
+    with pytest.MonkeyPatch.context() as mp:  # these features are the engine's: on in CI's SLMSTACK_ENGINE=hf pass
+        mp.delenv("SLMSTACK_ENGINE", raising=False)
+        stacks = load_stacks([], [f"plain={tiny_model_dir}"])
     settings = ServeSettings(port=free_port(), max_batch_size=8, max_tokens=96)
     server, thread, _ = start_server(stacks, settings)
     yield f"http://127.0.0.1:{settings.port}", stacks["plain"]
@@ -178,3 +180,28 @@ def test_lm_evals_local_chat_completions_client_generates_through_the_server(ser
         model="plain", messages=[m], max_tokens=8, stop=["\n\n"], temperature=0).choices[0].message.content
         for m in messages]  # fmt: skip
     assert theirs == ours and all(theirs)
+
+
+def test_on_transformers_logprobs_echo_and_response_format_are_a_clear_400(tiny_model_dir: Path, monkeypatch) -> None:
+    from slmstack.serving.server import load_stacks
+    from slmstack.serving.settings import ServeSettings
+
+    monkeypatch.setenv("SLMSTACK_ENGINE", "hf")
+    stacks = load_stacks([], [f"plain={tiny_model_dir}"])
+    settings = ServeSettings(port=free_port())
+    server, thread, _ = start_server(stacks, settings)
+    base = f"http://127.0.0.1:{settings.port}"
+    chat = {"model": "plain", "messages": [{"role": "user", "content": "x"}]}
+    try:
+        for path, extra, fragment in [
+            ("chat/completions", {"logprobs": True}, "runs on transformers"),
+            ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format needs slmstack's"),
+            ("completions", {"prompt": "x", "echo": True, "max_tokens": 1}, "runs on transformers"),
+        ]:
+            body = {**({"model": "plain"} if path == "completions" else chat), **extra}
+            reply = httpx.post(f"{base}/v1/{path}", json=body)
+            assert reply.status_code == 400 and fragment in reply.json()["error"]["message"], reply.text
+        assert httpx.post(f"{base}/v1/chat/completions", json=chat).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -22,9 +22,10 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture
-def served(tiny_model_dir: Path):
+def served(tiny_model_dir: Path, monkeypatch):
     from slmstack.serving.server import load_stacks
 
+    monkeypatch.delenv("SLMSTACK_ENGINE", raising=False)  # adapters at runtime are the engine's: on in the hf pass
     stacks = load_stacks([], [f"plain={tiny_model_dir}"])
     settings = ServeSettings(port=free_port(), max_batch_size=8, max_tokens=64, api_key=KEY)
     server, thread, app = start_server(stacks, settings)
@@ -136,12 +137,31 @@ def test_a_bad_adapter_is_a_400_and_the_server_is_unchanged(served, tiny_adapter
     elif body.get("lora_path") == "A":
         body["lora_path"] = str(tiny_adapters["first"])
     before = _ask(base, "plain").json()["choices"][0]["message"]["content"]
-    reply = httpx.post(f"{base}/v1/load_lora_adapter", headers=AUTH, json=body)
+    with ThreadPoolExecutor(4) as pool:  # requests to the base in flight while the bad load is refused
+        traffic = [pool.submit(_ask, base, "plain") for _ in range(4)]
+        reply = httpx.post(f"{base}/v1/load_lora_adapter", headers=AUTH, json=body)
+        assert all(t.result().json()["choices"][0]["message"]["content"] == before for t in traffic)
     assert reply.status_code == 400 and fragment in reply.json()["error"]["message"], reply.text
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
     assert list(app.state.slm.stacks) == ["plain"]
     assert not getattr(app.state.slm.stacks["plain"].model, "peft_config", {})
     assert _ask(base, "plain").json()["choices"][0]["message"]["content"] == before
+
+
+def test_on_transformers_adding_an_adapter_is_a_clear_400(tiny_model_dir, tiny_adapters, monkeypatch) -> None:
+    from slmstack.serving.server import load_stacks
+
+    monkeypatch.setenv("SLMSTACK_ENGINE", "hf")
+    settings = ServeSettings(port=free_port())
+    server, thread, app = start_server(load_stacks([], [f"plain={tiny_model_dir}"]), settings)
+    try:
+        reply = httpx.post(f"http://127.0.0.1:{settings.port}/v1/load_lora_adapter",
+                           json={"lora_name": "red", "lora_path": str(tiny_adapters["first"])})  # fmt: skip
+        assert reply.status_code == 400 and "needs slmstack's engine" in reply.json()["error"]["message"]
+        assert list(app.state.slm.stacks) == ["plain"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_runtime_endpoints_need_the_api_key_and_unknown_models_are_404(served, tiny_adapters) -> None:
