@@ -78,7 +78,7 @@ def _build(plan: Plan, index: int) -> _Client:
     from slmstack.training.train_data import tokenize_example
 
     spec = plan.clients[index]
-    loaded = load_model(spec["model"], device="cpu", dtype="float32")
+    loaded = load_model(spec["model"], device=plan.device, dtype="float32")
     masks = load_masks(Path(spec["masks"])) if spec.get("masks") else None
     model = get_peft_model(loaded.model, plan.lora_config(loaded.model))
     tok = loaded.tokenizer

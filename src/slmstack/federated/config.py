@@ -12,6 +12,7 @@ Example (``recipes/federate_smoke.yaml``)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -130,6 +131,9 @@ class FederateConfig:
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     round_timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for client replies"})
     seed: int = 0
+    device: str = field(
+        default="auto", metadata={"help": "where clients train: auto (a GPU where there is one), cpu or cuda"}
+    )
     source: Path | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +141,8 @@ class FederateConfig:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         check_range(self, "round_timeout", 0, low_open=True)
         check_range(self, "seed", 0)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device {self.device!r} is not valid. Use auto, cpu, cuda or cuda:N.")
         if self.strategy not in STRATEGY_NAMES:
             hint = did_you_mean(self.strategy, STRATEGY_NAMES)
             raise ConfigError(

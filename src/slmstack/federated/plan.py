@@ -37,6 +37,7 @@ class Plan:
     privacy: dict[str, Any]
     column: str = "category"  # the label column: a block's loss on its own labels and on the others
     secure: dict[str, Any] = field(default_factory=dict)  # SecAgg+ settings; {} or enabled False: off
+    device: str = "cpu"  # where clients load their block and train (a plan written before the field: the CPU)
 
     def partition(self, index: int) -> list[dict[str, Any]]:
         """Client ``index``'s private records."""

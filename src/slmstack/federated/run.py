@@ -126,9 +126,26 @@ def prepare(cfg: FederateConfig, out: str | Path, resume: bool = False) -> Plan:
                 train=asdict(cfg.train), strategy=cfg.strategy, rank_return=cfg.rank_return, rounds=cfg.rounds,
                 min_clients=cfg.min_clients, seed=cfg.seed, round_timeout=cfg.round_timeout,
                 privacy=asdict(cfg.privacy), column=data.column,
-                secure=asdict(cfg.secure_aggregation))  # fmt: skip
+                secure=asdict(cfg.secure_aggregation), device=cfg.device)  # fmt: skip
     save_plan(plan, out)
     return plan
+
+
+def simulation_backend(plan: Plan) -> dict[str, Any]:
+    """Flower's simulation resources: a CPU per client, and a share of the GPUs when clients train on CUDA.
+
+    Clients on CUDA ask for ``1 / clients`` of a GPU each, so every client of a round fits on one GPU at once (Ray
+    spreads them over several GPUs where there are more).
+    """
+    import torch
+
+    cuda = plan.device.startswith("cuda") or (plan.device == "auto" and torch.cuda.is_available())
+    gpus = round(1.0 / len(plan.clients), 4) if cuda else 0.0
+    init: dict[str, Any] = {"num_cpus": max(1, min(len(plan.clients), os.cpu_count() or 1)),
+                            "include_dashboard": False, "log_to_driver": False}  # fmt: skip
+    if cuda:
+        init["num_gpus"] = max(1, torch.cuda.device_count())
+    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init}
 
 
 def federate(cfg: FederateConfig, out: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -153,9 +170,7 @@ def federate(cfg: FederateConfig, out: str | Path, resume: bool = False) -> dict
     out = Path(out)
     plan = prepare(cfg, out, resume)
     run_dir = str(out.resolve())
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": max(1, min(len(plan.clients), os.cpu_count() or 1)),
-                             "include_dashboard": False, "log_to_driver": False}}  # fmt: skip
+    backend = simulation_backend(plan)
     run_simulation(server_app=build_server_app(run_dir), client_app=build_client_app(run_dir),
                    num_supernodes=len(plan.clients), backend_config=backend)  # fmt: skip
     metrics = out / "metrics.json"

@@ -87,6 +87,11 @@ class Study(StudyData, CellGrid):
         """Where one adapter of an arm and seed lives."""
         return self.out / "adapters" / f"{cell.arm}-{name}-s{cell.seed}"
 
+    @property
+    def device(self) -> str:  # type: ignore[override]
+        """The config's device: where cells load models, and whether a Ray task asks for a GPU."""
+        return self.cfg.device
+
     def ensure_adapters(self, cell: StudyCell) -> dict[str, Path]:
         """Every adapter of the cell's arm, trained now if not cached (a plan's ``after`` first)."""
         arm = ARMS[cell.arm]

@@ -79,6 +79,11 @@ class Grid(CellGrid):
         self.cells = [Cell(s.name, m, i, seed, k) for s in splits for m in cfg.modes for i in cfg.instructions
                       for seed in cfg.seeds for k in [0] + [k for k in cfg.few_shot if m in few_modes]]  # fmt: skip
 
+    @property
+    def device(self) -> str:  # type: ignore[override]
+        """The config's device: where cells load models, and whether a Ray task asks for a GPU."""
+        return self.cfg.device
+
     # ---- checkpoints
     def checkpoint_key(self, split: str, mode: str, instructions: bool, seed: int) -> str | None:
         """The hash naming a multi-task checkpoint (None for off-the-shelf)."""
