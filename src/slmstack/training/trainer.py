@@ -38,6 +38,7 @@ from slmstack.models import load_model, resolve_precision
 from slmstack.ownership import LEGACY, check_dir_ours, claim_dir
 from slmstack.stack.config import StackConfig, StageConfig, save_stack_config
 from slmstack.training.checkpoint import load_latest, restore_rng, save_checkpoint
+from slmstack.training.distributed import Processes, processes
 from slmstack.training.train_data import collate, load_stage_records, make_batches, tokenize_example
 
 logger = logging.getLogger(__name__)
@@ -272,8 +273,10 @@ def _checkpoint_step(stage_dir: Path) -> int | None:
 class _StageTrainer:
     """Trains one stage's adapter; split out so :func:`train_stack` reads top to bottom."""
 
-    def __init__(self, model: Any, tokenizer: Any, stage: StageConfig, cfg: TrainConfig, out: Path, chat: bool):
+    def __init__(self, model: Any, tokenizer: Any, stage: StageConfig, cfg: TrainConfig, out: Path, chat: bool,
+                 procs: Processes | None = None) -> None:  # fmt: skip
         self.model, self.tok, self.stage, self.cfg, self.out, self.chat = model, tokenizer, stage, cfg, out, chat
+        self.procs = procs or Processes()
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(cfg.precision, self.device)
 
@@ -287,7 +290,7 @@ class _StageTrainer:
         return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
     def evaluate(self, examples: list) -> float | None:
-        if not examples:
+        if not examples or not self.procs.main:  # rank 0 alone evaluates (and writes)
             return None
         loss = eval_loss(self.model, examples, self.tok.pad_token_id, self.cfg.batch_size, self.precision)
         self.model.train()
@@ -317,12 +320,13 @@ class _StageTrainer:
             restore_rng(ckpt.rng)
             start, tokens, elapsed = ckpt.step, ckpt.extra["tokens"], ckpt.extra["seconds"]
             logger.info("stage %s: resuming at step %d of %d", self.stage.name, start, total)
-        metrics = _Metrics(stage_dir, start)
-        if start == 0 and evals:  # the untrained adapter's eval loss, so the curve shows the gain
+        procs = self.procs
+        metrics = _Metrics(stage_dir, start, write=procs.main)
+        if start == 0 and evals and procs.main:  # the untrained adapter's eval loss, so the curve shows the gain
             metrics.log({"step": 0, "eval_loss": self.evaluate(evals)})
         epoch_cache: dict[int, list[list[int]]] = {}
         peft.train()
-        bar = tqdm(total=total, initial=start, desc=f"train {self.stage.name}", unit="step")
+        bar = tqdm(total=total, initial=start, desc=f"train {self.stage.name}", unit="step", disable=not procs.main)
         for step in range(start, total):
             t0 = time.perf_counter()
             step_loss = 0.0
@@ -330,13 +334,16 @@ class _StageTrainer:
                 epoch, pos = divmod(step * cfg.grad_accum + micro, n_batches)
                 if epoch not in epoch_cache:
                     epoch_cache = {epoch: make_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)}
-                rows = [train[i] for i in epoch_cache[epoch][pos]]
+                rows = procs.shard([train[i] for i in epoch_cache[epoch][pos]])
                 batch = {k: v.to(self.device) for k, v in collate(rows, self.tok.pad_token_id).items()}
-                loss, _ = _masked_loss(peft, batch, self.precision)
+                loss, n = _masked_loss(peft, batch, self.precision)
                 check_finite(loss, f"stage {self.stage.name!r}", step + 1, self.precision, stage_dir)
-                (loss / cfg.grad_accum).backward()
-                step_loss += float(loss.detach()) / cfg.grad_accum
-                tokens += int(batch["attention_mask"].sum())
+                # this process's share of the whole batch's mean: its tokens' loss over every process's tokens
+                share = n / max(1, int(procs.sum(torch.tensor(float(n), device=self.device))))
+                (loss * share / cfg.grad_accum).backward()
+                step_loss += float(procs.sum(loss.detach() * share)) / cfg.grad_accum
+                tokens += int(procs.sum(batch["attention_mask"].sum()))
+            procs.sum_gradients(params)
             norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             check_finite(norm, f"stage {self.stage.name!r}", step + 1, self.precision, stage_dir, "gradient")
             lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -351,7 +358,7 @@ class _StageTrainer:
             metrics.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            if procs.main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
                 save_checkpoint(stage_dir / "checkpoints", step + 1, get_peft_model_state_dict(peft), optimizer,
                                 scheduler, {"tokens": tokens, "seconds": elapsed})  # fmt: skip
             if on_step is not None:
@@ -359,13 +366,16 @@ class _StageTrainer:
         bar.close()
         eval_loss = self.evaluate(evals)
         metrics.log({"step": total, "eval_loss": eval_loss, "final": True})
-        peft.save_pretrained(stage_dir / "adapter", safe_serialization=True)
+        if procs.main:
+            peft.save_pretrained(stage_dir / "adapter", safe_serialization=True)
         metrics.plot(self.stage.name)
         summary = {"stage": self.stage.name, "steps": total, "precision": self.precision, "train_examples": len(train),
                    "eval_examples": len(evals), "final_loss": metrics.last_loss, "eval_loss": eval_loss,
                    "tokens": tokens, "train_seconds": round(elapsed, 2),
                    "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None}  # fmt: skip
-        atomic_write_json(stage_dir / "done.json", summary)
+        if procs.main:
+            atomic_write_json(stage_dir / "done.json", summary)
+        procs.barrier()  # the others go on once rank 0 has written the stage
         self.model = peft.unload()  # drop the LoRA layers; the clean base serves the next stage
         return summary
 
@@ -373,10 +383,13 @@ class _StageTrainer:
 class _Metrics:
     """metrics.jsonl (rewritten up to the resume step, then appended), TensorBoard if installed, loss PNG."""
 
-    def __init__(self, stage_dir: Path, start: int) -> None:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        self.path = stage_dir / "metrics.jsonl"
+    def __init__(self, stage_dir: Path, start: int, write: bool = True) -> None:
+        self.path, self.write = stage_dir / "metrics.jsonl", write
         self.rows = []
+        self.writer = None
+        if not write:  # a training process other than rank 0: rows kept in memory only
+            return
+        stage_dir.mkdir(parents=True, exist_ok=True)
         if self.path.is_file() and start:
             fix = "The metrics log is damaged: rerun with --overwrite to start over."
             with guard_read(self.path, "training metrics log", fix):
@@ -392,6 +405,8 @@ class _Metrics:
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.writer is not None:
@@ -400,6 +415,8 @@ class _Metrics:
                     self.writer.add_scalar(key, row[key], row["step"])
 
     def plot(self, name: str) -> None:
+        if not self.write:
+            return
         try:
             import matplotlib
 
@@ -467,9 +484,13 @@ def train_stack(
     for f in files:
         load_stage_records(f, skip_bad=cfg.skip_bad)  # fail on bad data before loading the model
     check_output_dir(out, "training output (--out)")
-    loaded = load_model(stack.model, device=stack.device, dtype="float32" if stack.dtype == "auto" else stack.dtype)
+    procs = processes(stack.device)
+    loaded = load_model(stack.model, device=procs.device(stack.device),
+                        dtype="float32" if stack.dtype == "auto" else stack.dtype)  # fmt: skip
     check_target_modules(loaded.model, cfg.target_modules, "train.target_modules")
-    _claim_out_dir(out, run, resume, overwrite)
+    if procs.main:
+        _claim_out_dir(out, run, resume, overwrite)
+    procs.barrier()
     chat = stack.chat_template and bool(getattr(loaded.tokenizer, "chat_template", None))
     model = loaded.model
     summaries = []
@@ -481,10 +502,15 @@ def train_stack(
                 read_json(done, "stage summary", "Delete it to retrain the stage.", expect={"stage": str})
             )
             continue
-        trainer = _StageTrainer(model, loaded.tokenizer, stage, replace(cfg, seed=cfg.seed + i), out, chat)
+        trainer = _StageTrainer(model, loaded.tokenizer, stage, replace(cfg, seed=cfg.seed + i), out, chat, procs)
         summaries.append(trainer.run(data_dir, resume, on_step))
         model = trainer.model
-    return _write_trained_stack(stack, out, [s.name for s in chosen], summaries)
+    if not procs.main:
+        procs.barrier()
+        return out / "trained_stack.yaml"
+    path = _write_trained_stack(stack, out, [s.name for s in chosen], summaries)
+    procs.barrier()
+    return path
 
 
 def _write_trained_stack(stack: StackConfig, out: Path, trained: list[str], summaries: list[dict]) -> Path:
