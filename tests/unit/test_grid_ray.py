@@ -13,16 +13,16 @@ from slmstack.grid import RESOURCES_ENV, CellGrid, GridError, pack_folder, ray_o
 from slmstack.io import atomic_write_json
 
 
-@dataclass(frozen=True)
-class Cell:
-    id: str
-
-
 def toy_grid(out: Path, marks: Path, fail: str | None = None) -> CellGrid:
     """Cells that read a shared folder built by a prerequisite; every run and build leaves a mark in ``marks``.
 
-    Defined in a function so that Ray ships the class by value to its workers.
+    Defined in a function so that Ray ships the classes by value to its workers (no test module to import there).
+    Each result names the Ray node that ran it.
     """
+
+    @dataclass(frozen=True)
+    class Cell:
+        id: str
 
     class Toy(CellGrid):
         kind = "toy"
@@ -54,7 +54,15 @@ def toy_grid(out: Path, marks: Path, fail: str | None = None) -> CellGrid:
             self._mark(f"run-{cell.id}")
             if cell.id == self.fail:
                 raise RuntimeError(f"cell {cell.id} broke")
-            result = {"cell": {"id": cell.id}, "value": (self.ensure_shared() / "words.txt").read_text() + cell.id}
+            node = None
+            try:
+                import ray
+
+                node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+            except ImportError:
+                pass
+            result = {"cell": {"id": cell.id}, "value": (self.ensure_shared() / "words.txt").read_text() + cell.id,
+                      "node": node}  # fmt: skip
             atomic_write_json(path, result)
             return result
 
@@ -79,6 +87,7 @@ def test_results_and_shared_folders_come_back_through_ray(ray_apart, tmp_path: P
     results = grid.run("ray")
     # every result is on the driver's disk, though the workers wrote into their own "run" folder
     assert [r["value"] for r in results] == [f"shared-c{i}" for i in range(4)]
+    assert all(r["node"] for r in results)  # each ran in a Ray task
     assert all((tmp_path / "run" / "cells" / f"c{i}.json").is_file() for i in range(4))
     assert (tmp_path / "run" / "shared" / "words" / "words.txt").read_text() == "shared-"  # unpacked here too
     marks = sorted(p.name.split(".")[0] for p in worker_marks.iterdir())

@@ -97,6 +97,9 @@ ROWS: list[tuple[str, str, str]] = [
     ("distill", "--teacher {model} --data {gsm} --out {train_marked}", "holds the output of slmstack train"),
     # ---- train
     ("train", "--stack {stack} --data {tmp}/missing --out {tmp}/t", "--data does not exist"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first env:WORLD_SIZE=two",
+     "WORLD_SIZE, RANK and LOCAL_RANK must be integers"),
+    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first env:RANK=5", "not a place among"),
     ("train", "--stack {stack} --data {file} --out {tmp}/t", "--data is a file"),
     ("train", "--stack {stack} --data {train_bad} --out {tmp}/t", "first.jsonl:2: not valid JSON"),
     ("train", "--stack {stack} --data {train_ok} --out {file}", "exists and is not a directory"),
@@ -272,6 +275,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("federate", "--config {fed} --out {tmp}/f --set strategy=legoo", "Did you mean 'lego'"),
     ("federate", "--config {fed} --out {tmp}/f --set clients.1.sparsity=1.0", "sparsity must be in [0, 1)"),
     ("federate", "--config {fed} --out {tmp}/f --set min_clients=3", "min_clients is 3 but there are 2 clients"),
+    ("federate", "--config {fed} --out {tmp}/f --set device=gpu", "device 'gpu' is not valid"),
     (
         "federate",
         "--config {fed} --out {tmp}/f --set data.partition=dirichlet --set data.column=topic",
