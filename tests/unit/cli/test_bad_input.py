@@ -97,8 +97,11 @@ ROWS: list[tuple[str, str, str]] = [
     ("distill", "--teacher {model} --data {gsm} --out {train_marked}", "holds the output of slmstack train"),
     # ---- train
     ("train", "--stack {stack} --data {tmp}/missing --out {tmp}/t", "--data does not exist"),
-    ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first env:WORLD_SIZE=two",
-     "WORLD_SIZE, RANK and LOCAL_RANK must be integers"),
+    (
+        "train",
+        "--stack {stack} --data {train_ok} --out {tmp}/t --stages first env:WORLD_SIZE=two",
+        "WORLD_SIZE, RANK and LOCAL_RANK must be integers",
+    ),
     ("train", "--stack {stack} --data {train_ok} --out {tmp}/t --stages first env:RANK=5", "not a place among"),
     ("train", "--stack {stack} --data {file} --out {tmp}/t", "--data is a file"),
     ("train", "--stack {stack} --data {train_bad} --out {tmp}/t", "first.jsonl:2: not valid JSON"),
