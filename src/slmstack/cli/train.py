@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,8 @@ def train_cmd(args: argparse.Namespace) -> int:
             raise ConfigError(f"--stages: unknown stage {unknown[0]!r}; stages are "
                               f"{', '.join(s.name for s in stack.stages)}")  # fmt: skip
     path = train_stack(stack, args.data, args.out, train_config_from_args(args), stages, args.resume, args.overwrite)
-    print(f'trained stack: {path}\nrun it with: slmstack run --stack {path} "your question"')
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(f'trained stack: {path}\nrun it with: slmstack run --stack {path} "your question"')
     return 0
 
 
