@@ -97,3 +97,18 @@ def test_a_schema_llguidance_cannot_enforce_is_an_input_error() -> None:
     with pytest.raises(InputError, match="cannot be enforced"):
         engine.submit([1, 2], settings=GenerationSettings(response_format=bad))
     assert not engine.has_work()
+
+
+def test_a_stage_sets_response_format_in_its_yaml(tiny_model_dir, tmp_path) -> None:
+    from slmstack.stack.config import load_stack_config
+    from slmstack.stack.runtime import Stack
+    from tests.conftest import stack_dict, write_yaml
+
+    body = stack_dict(tiny_model_dir, max_new=160)
+    body["stages"][2]["generation"] = {**body["stages"][2]["generation"], "response_format": FORMAT}  # the last one
+    stack = Stack(load_stack_config(write_yaml(tmp_path / "s.yaml", body)))
+    if not stack.on_engine:
+        pytest.skip("response_format runs on the engine (this pass turned it off)")
+    for result in stack.run_batch(["red?", "a long question about blue things"]):
+        jsonschema.validate(json.loads(result.answer), SCHEMA)
+        assert not _parses(result.trace[0].output)  # the other stages stay free text
