@@ -41,27 +41,37 @@ def _port() -> int:
 
 @pytest.mark.skipif(RAY is None or not _can_unshare(), reason="needs the ray CLI and root for unshare --mount")
 def test_cells_run_on_a_node_without_the_drivers_disk_and_come_back_once(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
     from slmstack.grid import RESOURCES_ENV
     from tests.unit.test_grid_ray import toy_grid
 
     runs = tmp_path / "runs"  # the driver's output folder; a private tmpfs on the second node
     runs.mkdir()
+    # the cluster's own temp dir (short: Ray's socket paths must fit 107 bytes): nothing is left in /tmp/ray, where
+    # a ray_current_cluster file would make every later ray.init() in this machine try to join a dead cluster
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     port = _port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus", "1", "--include-dashboard", "false", "--block", "--disable-usage-stats"]
     head = subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                             *common, "--resources", json.dumps({"head": 1})], env=env, start_new_session=True,
+                             "--temp-dir", str(ray_tmp), *common, "--resources", json.dumps({"head": 1})], env=env,
+                            start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     node2 = None
     try:
-        time.sleep(8)
         second = " ".join([RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
                            *[c for c in common if c != "--include-dashboard" and c != "false"],
                            "--resources", "'" + json.dumps({"node2": 4}) + "'"])  # fmt: skip
         node2 = subprocess.Popen(["unshare", "--mount", "sh", "-c", f"mount -t tmpfs tmpfs {runs} && exec {second}"],
                                  env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)  # fmt: skip
-        ray.init(address=f"127.0.0.1:{port}", include_dashboard=False, log_to_driver=False)
+        for _ in range(60):  # the head takes a few seconds to listen
+            try:
+                ray.init(address=f"127.0.0.1:{port}", include_dashboard=False, log_to_driver=False)
+                break
+            except (ConnectionError, RuntimeError):
+                time.sleep(0.5)
         deadline = time.monotonic() + 60
         while ray.cluster_resources().get("node2", 0) < 4 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -96,6 +106,7 @@ def test_cells_run_on_a_node_without_the_drivers_disk_and_come_back_once(tmp_pat
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     # Assert: every result is on the driver's disk; the driver itself ran nothing; each cell ran once, there
     assert [r["value"] for r in results] == [f"shared-c{i}" for i in range(4)]
     assert sorted(p.name for p in (out / "cells").iterdir()) == [f"c{i}.json" for i in range(4)]

@@ -70,12 +70,12 @@ def toy_grid(out: Path, marks: Path, fail: str | None = None) -> CellGrid:
 
 
 @pytest.fixture
-def ray_apart(tmp_path: Path):
+def ray_apart(tmp_path_factory: pytest.TempPathFactory):
     """A local Ray whose workers run in a folder of their own: a relative ``out`` is then another disk there."""
     ray = pytest.importorskip("ray")
-    empty = tmp_path / "worker-dir"
-    empty.mkdir()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"working_dir": str(empty)})
+    empty = tmp_path_factory.mktemp("worker-dir")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"working_dir": str(empty)})  # fmt: skip
     yield ray
     ray.shutdown()
 

@@ -70,7 +70,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_adapter(tiny_model_dir: Pa
     data.mkdir()
     rows = [{"prompt": f"say {w}", "completion": f"{w} " * (1 + i % 4) + "."} for i, w in enumerate(WORDS)]
     (data / "first.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["train", "--stack", str(stack), "--data", str(data), "--stages", "first", "--max-steps", "40",
+    common = ["train", "--stack", str(stack), "--data", str(data), "--stages", "first", "--max-steps", "24",
               "--batch-size", "4", "--lr", "1e-2", "--dropout", "0", "--eval-fraction", "0", "--precision", "fp32",
               "--checkpoint-every", "2"]  # fmt: skip
     whole = _train([*common, "--out", str(tmp_path / "whole")], 2)
@@ -87,7 +87,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_adapter(tiny_model_dir: Pa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = int(latest.read_text().strip().split("-")[1])
-    assert killed_at < 40 and not (tmp_path / "cut" / "first" / "adapter").exists(), "the run ended before the kill"
+    assert killed_at < 24 and not (tmp_path / "cut" / "first" / "adapter").exists(), "the run ended before the kill"
     again = _train([*common, "--out", str(tmp_path / "cut"), "--resume"], 2)
     assert again.returncode == 0, again.stderr[-2000:]
     a = load_file(str(tmp_path / "whole" / "first" / "adapter" / "adapter_model.safetensors"))
@@ -96,12 +96,10 @@ def test_a_killed_two_process_run_resumes_to_the_same_adapter(tiny_model_dir: Pa
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
 
 
-def test_a_batch_smaller_than_the_processes_is_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
-    stack = write_yaml(tmp_path / "stack.yaml", stack_dict(tiny_model_dir))
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "first.jsonl").write_text("".join(json.dumps({"prompt": w, "completion": w}) + "\n" for w in WORDS))
-    run = _train(["train", "--stack", str(stack), "--data", str(data), "--stages", "first", "--max-steps", "1",
-                  "--batch-size", "1", "--out", str(tmp_path / "o")], 2)  # fmt: skip
-    assert run.returncode != 0
-    assert "cannot be split over 2 processes; raise batch_size to at least 2" in run.stderr
+def test_a_batch_smaller_than_the_processes_is_one_line() -> None:
+    from slmstack.errors import ConfigError
+    from slmstack.training.distributed import Processes
+
+    assert Processes(1, 2, 1).shard([10, 11, 12, 13, 14]) == [11, 13]  # rows rank::world
+    with pytest.raises(ConfigError, match="cannot be split over 2 processes; raise batch_size to at least 2"):
+        Processes(0, 2, 0).shard([10])

@@ -128,7 +128,7 @@ def test_the_ray_executor_runs_the_same_cells(tiny_model_dir, collection, tmp_pa
     study = _study(tmp_path, tiny_model_dir, collection, modes=["general", "general_in_domain"], instructions=[True],
                    few_shot=[])  # fmt: skip
     cfg = load_transfer_config(study)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = transfer(cfg, tmp_path / "ray", executor="ray")
     finally:
