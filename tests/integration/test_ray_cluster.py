@@ -92,19 +92,11 @@ def test_cells_run_on_a_node_without_the_drivers_disk_and_come_back_once(tmp_pat
         print("cell placement:", placement)
     finally:
         ray.shutdown()
-        for proc in (node2, head):
-            if proc is not None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        _signal([node2, head], signal.SIGTERM)
         time.sleep(2)
+        _signal([node2, head], signal.SIGKILL)
         for proc in (node2, head):
             if proc is not None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait(timeout=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     # Assert: every result is on the driver's disk; the driver itself ran nothing; each cell ran once, there
@@ -114,3 +106,13 @@ def test_cells_run_on_a_node_without_the_drivers_disk_and_come_back_once(tmp_pat
     assert not marks.exists()  # no mark on the driver's disk: nothing ran here
     assert seen_there == ["build", "run-c0", "run-c1", "run-c2", "run-c3"]
     assert set(placement.values()) == {"second"}
+
+
+def _signal(procs: list, sig: int) -> None:
+    """Send ``sig`` to each started process's group (a node and everything it started)."""
+    for proc in procs:
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass

@@ -28,16 +28,21 @@ def _train(argv: list[str], procs: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_two_processes_train_the_adapter_one_process_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Prepare: 12 rows of rows of different lengths (each process's share of a batch has its own token count)
-    stack = write_yaml(tmp_path / "stack.yaml", stack_dict(tiny_model_dir))
+def _setup(tmp_path: Path, model: Path, steps: int) -> list[str]:
+    """A one-stage training run's argv (no --out): 12 rows of different lengths, so each process's share of a batch
+    has its own token count."""
+    stack = write_yaml(tmp_path / "stack.yaml", stack_dict(model))
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"prompt": f"say {w}", "completion": f"{w} " * (1 + i % 4) + "."} for i, w in enumerate(WORDS)]
     (data / "first.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["train", "--stack", str(stack), "--data", str(data), "--stages", "first", "--max-steps", "4",
-              "--batch-size", "4", "--lr", "1e-2", "--dropout", "0", "--eval-fraction", "0", "--precision", "fp32",
-              "--checkpoint-every", "2"]  # fmt: skip
+    return ["train", "--stack", str(stack), "--data", str(data), "--stages", "first", "--max-steps", str(steps),
+            "--batch-size", "4", "--lr", "1e-2", "--dropout", "0", "--eval-fraction", "0", "--precision", "fp32",
+            "--checkpoint-every", "2"]  # fmt: skip
+
+
+def test_two_processes_train_the_adapter_one_process_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    common = _setup(tmp_path, tiny_model_dir, 4)
     # Execute: one process, then two under torchrun, at the same global batch
     one = _train([*common, "--out", str(tmp_path / "one")], 1)
     two = _train([*common, "--out", str(tmp_path / "two")], 2)
@@ -65,14 +70,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_adapter(tiny_model_dir: Pa
     import signal
     import time
 
-    stack = write_yaml(tmp_path / "stack.yaml", stack_dict(tiny_model_dir))
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"prompt": f"say {w}", "completion": f"{w} " * (1 + i % 4) + "."} for i, w in enumerate(WORDS)]
-    (data / "first.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["train", "--stack", str(stack), "--data", str(data), "--stages", "first", "--max-steps", "24",
-              "--batch-size", "4", "--lr", "1e-2", "--dropout", "0", "--eval-fraction", "0", "--precision", "fp32",
-              "--checkpoint-every", "2"]  # fmt: skip
+    common = _setup(tmp_path, tiny_model_dir, 24)
     whole = _train([*common, "--out", str(tmp_path / "whole")], 2)
     assert whole.returncode == 0, whole.stderr[-2000:]
     # the same run, killed (every process) once its first checkpoint is written, then resumed
